@@ -1,0 +1,149 @@
+"""The Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM.
+
+RMSNorm, SwiGLU, rotary embeddings (so only whole heads move, no within-head Q/K
+permutation), grouped-query attention, optional Q/K/V biases (Qwen2) and tied or untied head.
+Names follow the stock checkpoints: `model.layers.{i}.self_attn.q_proj.weight`, ...
+"""
+
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from shared.errors import CheckpointError
+from shared.families.base import (
+    CloudOutput,
+    Config,
+    Family,
+    Piece,
+    cols,
+    config_get,
+    expect_shape,
+    layer_match,
+    rows,
+)
+from shared.keys import DeveloperKey, ModelDims
+
+EMBED = "model.embed_tokens.weight"
+HEAD = "lm_head.weight"
+
+
+class LlamaFamily(Family):
+    name = "llama"
+    architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    model_types = ("llama", "mistral", "qwen2")
+
+    def dims(self, config: Config) -> ModelDims:
+        d = config_get(config, "hidden_size")
+        n_heads = config_get(config, "num_attention_heads")
+        n_kv = config_get(config, "num_key_value_heads", default=n_heads)
+        if n_heads % n_kv:
+            raise CheckpointError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+        return ModelDims(
+            family=self.name,
+            d_model=d,
+            d_out=config_get(config, "vocab_size"),
+            n_layers=config_get(config, "num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=config_get(config, "head_dim", default=d // n_heads),
+            d_ff=config_get(config, "intermediate_size"),
+            rope=True,
+        )
+
+    def cloud_config(self, config: Config) -> Config:
+        return dict(config, tie_word_embeddings=False)
+
+    def embedding_names(self, config: Config) -> tuple[str, ...]:
+        return (EMBED,)
+
+    def transform(self, name: str, tensor: torch.Tensor, key: DeveloperKey, config: Config) -> list[Piece]:
+        dims = key.dims
+        d, pi, pi_c = dims.d_model, key.pi, key.pi_c
+        tied = bool(config.get("tie_word_embeddings", False))
+        if name.endswith("rotary_emb.inv_freq"):
+            return []  # a buffer the stock class recomputes
+        if name.endswith("embed_tokens.weight"):
+            expect_shape(name, tensor, (dims.d_out, d))
+            pieces = [Piece("user", EMBED, tensor)]
+            if tied:  # the cloud gets an untied, transformed head: W_c' = πᵀ W_c π_c
+                pieces.append(Piece("cloud", HEAD, cols(rows(tensor, pi_c), pi)))
+            return pieces
+        if name == HEAD:
+            if tied:
+                return []  # a stored copy of the tied table: the head comes from embed_tokens
+            expect_shape(name, tensor, (dims.d_out, d))
+            return [Piece("cloud", HEAD, cols(rows(tensor, pi_c), pi))]
+        if name.endswith("norm.weight") and layer_match("layers", name) is None:
+            expect_shape(name, tensor, (d,))
+            return [Piece("cloud", "model.norm.weight", rows(tensor, pi))]
+        m = layer_match("layers", name)
+        if m is None or m[0] >= dims.n_layers:
+            raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
+        i, rest = m
+        lk = key.layers[i]
+        hd = dims.head_dim
+        q, kk, v, o = lk.q_rows(dims), lk.k_rows(dims), lk.v_rows(dims), lk.o_cols(dims)
+        ffn = lk.ffn
+        # (rest, expected shape, transform)
+        table: dict[str, tuple[tuple[int, ...], Any]] = {
+            "self_attn.q_proj.weight": ((dims.n_heads * hd, d), lambda t: cols(rows(t, q), pi)),
+            "self_attn.k_proj.weight": ((dims.n_kv_heads * hd, d), lambda t: cols(rows(t, kk), pi)),
+            "self_attn.v_proj.weight": ((dims.n_kv_heads * hd, d), lambda t: cols(rows(t, v), pi)),
+            "self_attn.q_proj.bias": ((dims.n_heads * hd,), lambda t: rows(t, q)),
+            "self_attn.k_proj.bias": ((dims.n_kv_heads * hd,), lambda t: rows(t, kk)),
+            "self_attn.v_proj.bias": ((dims.n_kv_heads * hd,), lambda t: rows(t, v)),
+            "self_attn.o_proj.weight": ((d, dims.n_heads * hd), lambda t: cols(rows(t, pi), o)),
+            "self_attn.o_proj.bias": ((d,), lambda t: rows(t, pi)),
+            "mlp.gate_proj.weight": ((dims.d_ff, d), lambda t: cols(rows(t, ffn), pi)),
+            "mlp.up_proj.weight": ((dims.d_ff, d), lambda t: cols(rows(t, ffn), pi)),
+            "mlp.gate_proj.bias": ((dims.d_ff,), lambda t: rows(t, ffn)),
+            "mlp.up_proj.bias": ((dims.d_ff,), lambda t: rows(t, ffn)),
+            "mlp.down_proj.weight": ((d, dims.d_ff), lambda t: cols(rows(t, pi), ffn)),
+            "mlp.down_proj.bias": ((d,), lambda t: rows(t, pi)),
+            "input_layernorm.weight": ((d,), lambda t: rows(t, pi)),
+            "post_attention_layernorm.weight": ((d,), lambda t: rows(t, pi)),
+        }
+        if rest not in table:
+            raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
+        shape, fn = table[rest]
+        expect_shape(name, tensor, shape)
+        return [Piece("cloud", f"model.layers.{i}.{rest}", fn(tensor))]
+
+    def embed(
+        self,
+        embedding: dict[str, torch.Tensor],
+        config: Config,
+        input_ids: torch.Tensor,
+        *,
+        position_offset: int = 0,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # RoPE positions are applied by P2 from its cache length; nothing positional here.
+        return nn.functional.embedding(input_ids, embedding[EMBED])
+
+    def build_cloud_model(self, config: Config) -> nn.Module:
+        cfg = transformers.AutoConfig.for_model(**self.cloud_config(config))
+        return transformers.AutoModelForCausalLM.from_config(cfg)
+
+    def cloud_forward(
+        self,
+        model: nn.Module,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Any = None,
+    ) -> CloudOutput:
+        position_ids = None
+        if attention_mask is not None:
+            # As generate() does for padded batches: positions count the real tokens only.
+            full = attention_mask.long()
+            position_ids = (full.cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+        out = model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        )
+        return CloudOutput(output=out.logits, cache=out.cache)
