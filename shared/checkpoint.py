@@ -1,0 +1,243 @@
+"""Checkpoint I/O: read a Hugging Face model directory and write the transformed one, streaming.
+
+`transform_model_dir` reads the original checkpoint tensor by tensor (single
+`model.safetensors` or a sharded index), applies the family transform, and writes
+
+    OUT/cloud/      config.json + safetensors shards: θ′, loadable by the stock class (P2)
+    OUT/user/       key.safetensors (π, π_c), embedding.safetensors, config.json,
+                    tokenizer and pooling files, stip.json (P3's bundle)
+    OUT/developer/  key.safetensors, every permutation, mode 0600 (stays with P1)
+
+Peak memory is about one output shard plus the embedding module, not the model. The
+directory appears only when complete: work happens in a sibling temporary directory.
+"""
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from shared.errors import CheckpointError
+from shared.families import Config, Family, detect_family
+from shared.keys import DeveloperKey, draw_key
+
+log = logging.getLogger("stip.checkpoint")
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt", ".gguf")
+INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 2 << 30
+BUNDLE_FORMAT = "1"
+
+
+def read_config(model_dir: Path) -> Config:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return config
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model directory, in order; every shard must exist."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{index} is malformed: {e}") from None
+        files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
+    elif (model_dir / "model.safetensors").is_file():
+        files = [model_dir / "model.safetensors"]
+    else:
+        raise CheckpointError(f"{model_dir} has neither model.safetensors nor {INDEX}")
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{model_dir} lacks the shards {missing}")
+    return files
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time; a truncated or corrupt file raises CheckpointError."""
+    for path in files:
+        try:
+            with safe_open(str(path), "pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, f.get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot read {path.name}: {e}") from None
+
+
+def count_tensors(files: list[Path]) -> int:
+    total = 0
+    for path in files:
+        try:
+            with safe_open(str(path), "pt") as f:
+                total += len(list(f.keys()))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {path.name}: {e}") from None
+    return total
+
+
+class _ShardWriter:
+    """Collects cloud tensors and writes a shard whenever the buffer passes `shard_bytes`."""
+
+    def __init__(self, out: Path, shard_bytes: int) -> None:
+        self.out, self.shard_bytes = out, shard_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.buffer or any(name in names for _, names in self.shards):
+            raise CheckpointError(f"two tensors map to {name!r}")
+        self.buffer[name] = tensor.contiguous()
+        self.size += tensor.numel() * tensor.element_size()
+        if self.size >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        path = self.out / f"shard-{len(self.shards):05d}.safetensors"
+        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.buffer)))
+        self.buffer, self.size = {}, 0
+
+    def finish(self) -> list[Path]:
+        """Name the shards as Hugging Face does and write the index when there are several."""
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            final = self.out / "model.safetensors"
+            self.shards[0][0].rename(final)
+            return [final]
+        weight_map: dict[str, str] = {}
+        files = []
+        for i, (path, names) in enumerate(self.shards):
+            final = self.out / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(final)
+            files.append(final)
+            weight_map.update(dict.fromkeys(names, final.name))
+        total = sum(f.stat().st_size for f in files)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.out / INDEX).write_text(json.dumps(index, indent=2))
+        return files
+
+
+@dataclass(frozen=True)
+class TransformResult:
+    out_dir: Path
+    family: str
+    key: DeveloperKey
+    cloud_files: list[Path]
+
+
+def transform_model_dir(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    key: DeveloperKey | None = None,
+    key_version: int = 1,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> TransformResult:
+    """Transform a local model directory into OUT/{cloud,user,developer}; see the module doc."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = read_config(model_dir)
+    family = detect_family(config)
+    files = checkpoint_files(model_dir)
+    if key is None:
+        key = draw_key(family.dims(config), key_version=key_version)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out_dir} exists and is not empty")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        cloud_files = _write(model_dir, tmp, family, config, key, files, shard_bytes, progress)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    cloud_files = [out_dir / "cloud" / f.name for f in cloud_files]
+    log.info("transformed %s (%s) into %s", model_dir, family.name, out_dir)
+    return TransformResult(out_dir=out_dir, family=family.name, key=key, cloud_files=cloud_files)
+
+
+def _write(
+    model_dir: Path,
+    out: Path,
+    family: Family,
+    config: Config,
+    key: DeveloperKey,
+    files: list[Path],
+    shard_bytes: int,
+    progress: bool,
+) -> list[Path]:
+    cloud_dir, user_dir, dev_dir = out / "cloud", out / "user", out / "developer"
+    for d in (cloud_dir, user_dir, dev_dir):
+        d.mkdir()
+    os.chmod(dev_dir, 0o700)
+    writer = _ShardWriter(cloud_dir, shard_bytes)
+    user: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=count_tensors(files), desc="transform", unit="tensor", disable=not progress)
+    with bar:
+        for name, tensor in iter_tensors(files):
+            for piece in family.transform(name, tensor, key, config):
+                if piece.side == "cloud":
+                    writer.add(piece.name, piece.tensor)
+                else:
+                    user[piece.name] = piece.tensor.contiguous()
+            bar.update()
+    for piece in family.extra_cloud_tensors(key, config):
+        writer.add(piece.name, piece.tensor)
+    missing = [n for n in family.embedding_names(config) if n not in user]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks the embedding tensors {missing}")
+    cloud_files = writer.finish()
+    (cloud_dir / "config.json").write_text(json.dumps(family.cloud_config(config), indent=2))
+
+    save_file(user, str(user_dir / "embedding.safetensors"))
+    key.user.save(user_dir / "key.safetensors")
+    _copy_side_files(model_dir, user_dir)
+    bundle = {
+        "format": BUNDLE_FORMAT,
+        "family": family.name,
+        "key_version": key.user.key_version,
+        "fingerprint": key.user.fingerprint,
+    }
+    (user_dir / "stip.json").write_text(json.dumps(bundle, indent=2))
+    key.save(dev_dir / "key.safetensors")
+    return cloud_files
+
+
+def _copy_side_files(model_dir: Path, user_dir: Path) -> None:
+    """Copy config, tokenizer and pooling files (everything that is not weights) to the bundle."""
+    for src in model_dir.rglob("*"):
+        rel = src.relative_to(model_dir)
+        if not src.is_file() or src.name.endswith(WEIGHT_SUFFIXES) or src.name == INDEX:
+            continue
+        if any(part.startswith(".") for part in rel.parts) or src.name.lower() == "readme.md":
+            continue
+        dst = user_dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
