@@ -35,6 +35,9 @@ class ModelDims:
     head_dim: int
     d_ff: int
     rope: bool  # with rotary embeddings only whole heads move
+    # Encoders return the residual stream itself (d_out == d_model), so the output
+    # permutation is π: draw_key sets π_c = π. Defaulted so older key files still load.
+    encoder: bool = False
 
     @property
     def group_size(self) -> int:
@@ -207,10 +210,21 @@ class DeveloperKey:
 
 
 def draw_key(dims: ModelDims, *, key_version: int = 1) -> DeveloperKey:
-    """Draw a fresh key set for a model of these dims from the OS CSPRNG."""
+    """Draw a fresh key set for a model of these dims from the OS CSPRNG.
+
+    For an encoder (`dims.encoder`) the output is the permuted residual stream, so π_c is a
+    copy of π (a copy, not a view: safetensors refuses to save tensors that share memory).
+    """
+    pi = random_permutation(dims.d_model)
+    if dims.encoder:
+        if dims.d_out != dims.d_model:
+            raise ValueError(f"an encoder has d_out == d_model, got {dims.d_out} != {dims.d_model}")
+        pi_c = pi.clone()
+    else:
+        pi_c = random_permutation(dims.d_out)
     user = UserKey(
-        pi=random_permutation(dims.d_model),
-        pi_c=random_permutation(dims.d_out),
+        pi=pi,
+        pi_c=pi_c,
         family=dims.family,
         key_version=key_version,
     )

@@ -2,9 +2,12 @@
 
 from shared.errors import UnsupportedModel
 from shared.families.base import CloudOutput, Config, Family, Piece
+from shared.families.bert import BertFamily
+from shared.families.gpt2 import GPT2Family
 from shared.families.llama import LlamaFamily
+from shared.families.paper import PaperFamily
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LlamaFamily(),)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2Family(), LlamaFamily(), BertFamily(), PaperFamily())}
 
 
 def get_family(name: str) -> Family:

@@ -1,0 +1,159 @@
+"""The HTTP contract between P1, P2 and P3: paths, headers, metadata keys, JSON schemas.
+
+Both services and the SDK import these names, so a route, a header or a field is spelled
+in one place. Bodies that carry tensors are safetensors (shared.wire); everything else is
+JSON with the models below. Every error is `{"error": {"code", "message"}}`.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+# --- headers -----------------------------------------------------------------------------
+KEY_VERSION_HEADER = "X-Stip-Key-Version"  # the key version a client's tensors are permuted with
+DIGEST_HEADER = "X-Stip-Sha256"  # hex SHA-256 of a weight push body
+FINGERPRINT_HEADER = "X-Stip-Fingerprint"  # SHA-256 fingerprint of the user key in a bundle
+
+# --- safetensors __metadata__ keys of a weight push (P1 -> P2) ----------------------------
+PUSH_DEPLOYMENT = "stip.deployment_id"
+PUSH_FAMILY = "stip.family"
+PUSH_CONFIG = "stip.config"  # the cloud config.json, as JSON text
+PUSH_KEY_VERSION = "stip.key_version"
+PUSH_VERIFY_KEY = "stip.verify_key"  # P1's Ed25519 public key, base64url: verifies user credentials
+
+# --- tensor names of forward (P3 <-> P2) ------------------------------------------------------
+INPUTS_EMBEDS = "inputs_embeds"  # (B, S, d) permuted by π
+ATTENTION_MASK = "attention_mask"  # (B, S) 1 = token, 0 = padding
+LOGITS = "logits"  # (B, S', V) permuted by π_c
+TOPK_VALUES = "topk_values"  # (B, S', k)
+TOPK_INDICES = "topk_indices"  # (B, S', k) int64, indices in the permuted space: token = pi_c[index]
+HIDDEN_STATES = "hidden_states"  # (B, S, d) permuted by π (encoders)
+POOLED = "pooled"  # (B, d) permuted by π (encoders with a pooler)
+# response metadata keys
+META_DEPLOYMENT = "deployment_id"
+META_KEY_VERSION = "key_version"
+META_SESSION_LENGTH = "session_length"
+
+OutputMode = Literal["last", "all", "topk"]
+
+# --- error codes (stable; the SDK maps them to exceptions) -------------------------------
+E_UNAUTHORIZED = "unauthorized"  # 401: missing or invalid credential
+E_FORBIDDEN = "forbidden"  # 403: valid credential, wrong scope or deployment
+E_NOT_FOUND = "not_found"  # 404
+E_KEY_OUTDATED = "key_outdated"  # 409: tensors permuted with a key version P2 no longer serves
+E_CONFLICT = "conflict"  # 409
+E_SESSION_EXPIRED = "session_expired"  # 410
+E_TOO_LARGE = "payload_too_large"  # 413
+E_BAD_INPUT = "bad_input"  # 400 / 422
+E_TOO_MANY_SESSIONS = "too_many_sessions"  # 429
+E_NOT_READY = "not_ready"  # 503
+E_INTERNAL = "internal"  # 500
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# --- P2, cloud service ------------------------------------------------------------------
+
+
+class DeploymentInfo(BaseModel):
+    """Public facts about a deployment on P2: no secret, no permutation."""
+
+    deployment_id: str
+    family: str
+    d_model: int
+    d_out: int
+    n_layers: int
+    key_version: int
+    status: Literal["active"]
+    device: str
+    dtype: str
+    max_positions: int | None = None
+
+
+class PushResult(BaseModel):
+    deployment_id: str
+    key_version: int
+    status: Literal["active"]
+    sha256: str
+
+
+class SessionCreated(BaseModel):
+    session_id: str
+    deployment_id: str
+    key_version: int
+    idle_ttl_s: int
+
+
+# --- P1, developer service --------------------------------------------------------------
+
+
+class RegisterModel(BaseModel):
+    path: str = Field(description="local Hugging Face model directory on P1's machine")
+    name: str | None = None
+
+
+class ModelInfo(BaseModel):
+    model_id: str
+    name: str
+    path: str
+    family: str
+    architectures: list[str]
+    d_model: int
+    d_out: int
+    n_layers: int
+
+
+class CreateDeployment(BaseModel):
+    model_id: str
+    cloud_url: str
+
+
+class Progress(BaseModel):
+    stage: Literal["queued", "transforming", "pushing", "done", "failed"]
+    done: int = 0
+    total: int = 0
+
+
+class DeploymentStatus(BaseModel):
+    deployment_id: str
+    model_id: str
+    family: str
+    cloud_url: str
+    status: Literal["pending", "active", "rotating", "failed"]
+    key_version: int | None = Field(None, description="the version users get (active on P2)")
+    pending_key_version: int | None = None
+    progress: Progress
+    error: str | None = None
+
+
+class IssueCredential(BaseModel):
+    name: str = "user"
+    ttl_s: int | None = Field(None, gt=0, description="lifetime; the service default when omitted")
+
+
+class CredentialIssued(BaseModel):
+    user_id: str
+    deployment_id: str
+    credential: str
+    expires_at: int
+
+
+# --- the user bundle (GET /v1/deployments/{id}/user-key: a tar of the user/ directory) ---
+
+
+class BundleManifest(BaseModel):
+    """`stip.json` inside the user bundle."""
+
+    format: str
+    family: str
+    key_version: int
+    fingerprint: str
+    deployment_id: str | None = None
+    cloud_url: str | None = None

@@ -1,0 +1,197 @@
+"""The BERT encoder family: `BertModel` (model_type "bert").
+
+Post-LN blocks, GELU, learned absolute positions and token types, an embedding LayerNorm,
+a bidirectional attention mask and a pooler. No rotary embeddings, so Q and K also get a
+within-head permutation.
+
+Who holds what:
+- P3 (user) holds the embedding module (word, position and token-type tables and the
+  embedding LayerNorm) under the canonical names `embeddings.*`, and π. It computes
+  `x = LayerNorm(word + position + token_type)` and sends `x·π`.
+- P2 (cloud) holds θ′: every encoder layer and the pooler, under the stock `BertModel`
+  names (`encoder.layer.{i}.…`, `pooler.dense.…`), and feeds `x·π` straight into the
+  stock `model.encoder`. Its `model.embeddings` is never loaded nor used.
+- The output is the residual stream, so π_c = π (ModelDims.encoder): the hidden states
+  (B, S, d) and the pooled output (B, d) come back permuted by π; P3 applies πᵀ.
+
+Checkpoint names are accepted with or without the `bert.` prefix (task models such as
+`BertForMaskedLM` store the encoder under it). The buffers `embeddings.position_ids` and
+`embeddings.token_type_ids` are dropped, and so are the pretraining heads `cls.*`, which
+the stock `BertModel` ignores too; any other name is a CheckpointError.
+"""
+
+import re
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
+
+from shared.errors import BadTensor, CheckpointError, UnsupportedModel
+from shared.families.base import (
+    CloudOutput,
+    Config,
+    Family,
+    Piece,
+    cols,
+    config_get,
+    expect_shape,
+    rows,
+)
+from shared.keys import DeveloperKey, ModelDims
+
+WORD = "embeddings.word_embeddings.weight"
+POSITION = "embeddings.position_embeddings.weight"
+TOKEN_TYPE = "embeddings.token_type_embeddings.weight"
+EMB_NORM_W = "embeddings.LayerNorm.weight"
+EMB_NORM_B = "embeddings.LayerNorm.bias"
+EMBEDDING_NAMES = (WORD, POSITION, TOKEN_TYPE, EMB_NORM_W, EMB_NORM_B)
+
+_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+_LAYER = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
+
+
+class BertFamily(Family):
+    name = "bert"
+    architectures = ("BertModel",)
+    model_types = ("bert",)
+    is_encoder = True
+
+    def dims(self, config: Config) -> ModelDims:
+        if config.get("is_decoder") or config.get("add_cross_attention"):
+            raise UnsupportedModel("BERT as a decoder (is_decoder / add_cross_attention) is not supported")
+        position_type = config.get("position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise UnsupportedModel(f"BERT position_embedding_type {position_type!r} is not supported")
+        d = config_get(config, "hidden_size")
+        n_heads = config_get(config, "num_attention_heads")
+        if d % n_heads:
+            raise CheckpointError(f"hidden_size={d} is not a multiple of num_attention_heads={n_heads}")
+        return ModelDims(
+            family=self.name,
+            d_model=d,
+            d_out=d,  # the output is the residual stream: π_c = π
+            n_layers=config_get(config, "num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=n_heads,
+            head_dim=d // n_heads,
+            d_ff=config_get(config, "intermediate_size"),
+            rope=False,
+            encoder=True,
+        )
+
+    def embedding_names(self, config: Config) -> tuple[str, ...]:
+        return EMBEDDING_NAMES
+
+    def transform(self, name: str, tensor: torch.Tensor, key: DeveloperKey, config: Config) -> list[Piece]:
+        dims = key.dims
+        d, pi = dims.d_model, key.pi
+        local = name.removeprefix("bert.")
+        if local in _BUFFERS or local.startswith("cls."):
+            return []  # buffers the stock class recomputes; pretraining heads BertModel ignores
+        embedding_shapes = {
+            WORD: (config_get(config, "vocab_size"), d),
+            POSITION: (config_get(config, "max_position_embeddings"), d),
+            TOKEN_TYPE: (config_get(config, "type_vocab_size", default=2), d),
+            EMB_NORM_W: (d,),
+            EMB_NORM_B: (d,),
+        }
+        if local in embedding_shapes:  # the embedding module: user side only, never to P2
+            expect_shape(name, tensor, embedding_shapes[local])
+            return [Piece("user", local, tensor)]
+        if local == "pooler.dense.weight":  # reads the permuted stream, writes a π-permuted output
+            expect_shape(name, tensor, (d, d))
+            return [Piece("cloud", local, cols(rows(tensor, pi), pi))]
+        if local == "pooler.dense.bias":
+            expect_shape(name, tensor, (d,))
+            return [Piece("cloud", local, rows(tensor, pi))]
+        m = _LAYER.fullmatch(local)
+        if m is None or int(m.group(1)) >= dims.n_layers:
+            raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
+        i, rest = int(m.group(1)), m.group(2)
+        lk = key.layers[i]
+        hd = dims.n_heads * dims.head_dim
+        q, k, v, o = lk.q_rows(dims), lk.k_rows(dims), lk.v_rows(dims), lk.o_cols(dims)
+        ffn = lk.ffn
+        # rest -> (expected shape, transform)
+        table: dict[str, tuple[tuple[int, ...], Any]] = {
+            "attention.self.query.weight": ((hd, d), lambda t: cols(rows(t, q), pi)),
+            "attention.self.key.weight": ((hd, d), lambda t: cols(rows(t, k), pi)),
+            "attention.self.value.weight": ((hd, d), lambda t: cols(rows(t, v), pi)),
+            "attention.self.query.bias": ((hd,), lambda t: rows(t, q)),
+            "attention.self.key.bias": ((hd,), lambda t: rows(t, k)),
+            "attention.self.value.bias": ((hd,), lambda t: rows(t, v)),
+            "attention.output.dense.weight": ((d, hd), lambda t: cols(rows(t, pi), o)),
+            "attention.output.dense.bias": ((d,), lambda t: rows(t, pi)),
+            "attention.output.LayerNorm.weight": ((d,), lambda t: rows(t, pi)),
+            "attention.output.LayerNorm.bias": ((d,), lambda t: rows(t, pi)),
+            "intermediate.dense.weight": ((dims.d_ff, d), lambda t: cols(rows(t, ffn), pi)),
+            "intermediate.dense.bias": ((dims.d_ff,), lambda t: rows(t, ffn)),
+            "output.dense.weight": ((d, dims.d_ff), lambda t: cols(rows(t, pi), ffn)),
+            "output.dense.bias": ((d,), lambda t: rows(t, pi)),
+            "output.LayerNorm.weight": ((d,), lambda t: rows(t, pi)),
+            "output.LayerNorm.bias": ((d,), lambda t: rows(t, pi)),
+        }
+        if rest not in table:
+            raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
+        shape, fn = table[rest]
+        expect_shape(name, tensor, shape)
+        return [Piece("cloud", f"encoder.layer.{i}.{rest}", fn(tensor))]
+
+    def embed(
+        self,
+        embedding: dict[str, torch.Tensor],
+        config: Config,
+        input_ids: torch.Tensor,
+        *,
+        position_offset: int = 0,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """User side, exactly `BertEmbeddings` in eval mode: LayerNorm(word + token_type + position)."""
+        seq = input_ids.shape[1]
+        n_positions = embedding[POSITION].shape[0]
+        if position_offset < 0 or position_offset + seq > n_positions:
+            raise BadTensor(
+                f"positions {position_offset}..{position_offset + seq - 1} exceed the model's {n_positions} positions"
+            )
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        positions = torch.arange(position_offset, position_offset + seq, device=input_ids.device)
+        x = nn.functional.embedding(input_ids, embedding[WORD])  # (B, S, d)
+        x = x + nn.functional.embedding(token_type_ids, embedding[TOKEN_TYPE])
+        x = x + nn.functional.embedding(positions, embedding[POSITION])[None]
+        d = x.shape[-1]
+        eps = float(config.get("layer_norm_eps", 1e-12))
+        return nn.functional.layer_norm(x, (d,), embedding[EMB_NORM_W], embedding[EMB_NORM_B], eps)
+
+    def build_cloud_model(self, config: Config) -> nn.Module:
+        """The stock `BertModel`, in eval mode (no dropout). With a pooler unless the config
+        says `"add_pooling_layer": false`; its `embeddings` submodule stays unloaded and unused."""
+        cfg = transformers.AutoConfig.for_model(**self.cloud_config(config))
+        pooler = bool(config.get("add_pooling_layer", True))
+        return transformers.BertModel(cfg, add_pooling_layer=pooler).eval()
+
+    def cloud_forward(
+        self,
+        model: nn.Module,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Any = None,
+    ) -> CloudOutput:
+        """x·π (B, S, d) -> hidden states (B, S, d) and pooled (B, d), both permuted by π.
+
+        Feeds the stock encoder stack directly, with the mask built as `BertModel.forward`
+        builds it (`create_bidirectional_mask` for the configured attention implementation).
+        An encoder has no KV cache: `cache` must be None and None is returned.
+        """
+        if cache is not None:
+            raise ValueError("an encoder has no KV cache")
+        if not isinstance(model, transformers.BertModel):
+            raise TypeError(f"expected a BertModel, got {type(model).__name__}")
+        mask = create_bidirectional_mask(
+            config=model.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+        )
+        hidden = model.encoder(inputs_embeds, attention_mask=mask).last_hidden_state  # (B, S, d) by π
+        pooled = model.pooler(hidden) if model.pooler is not None else None  # (B, d) by π
+        return CloudOutput(output=hidden, cache=None, pooled=pooled)

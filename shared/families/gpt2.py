@@ -1,0 +1,204 @@
+"""The GPT-2 family: GPT2LMHeadModel.
+
+What differs from Llama: `Conv1D` stores weights as [in, out] (y = x W + b), so a weight
+that reads the permuted residual stream permutes its ROWS by π and one that writes to it
+permutes its COLUMNS by π; Q, K and V are fused in `attn.c_attn` (columns Q | K | V, each
+n_heads * head_dim); no rotary embeddings, so Q/K also get the within-head permutation;
+LayerNorm weights and biases; learned absolute positions; head tied to `wte`.
+
+Who holds what:
+- P3 (user): the embedding module `transformer.wte.weight` and `transformer.wpe.weight`;
+  `embed` adds the token and position embeddings before P3 permutes by π.
+- P2 (cloud): every block, `ln_f`, an untied head `lm_head.weight = πᵀ W_wte π_c`, and an
+  all-zero `transformer.wpe.weight`, so the stock class adds nothing positional. It never
+  receives `wte`.
+
+Checkpoint names are accepted with or without the `transformer.` prefix (hub GPT-2
+checkpoints use bare `h.0.attn.c_attn.weight`); the cloud names are the canonical
+`transformer.`-prefixed ones of the stock class.
+"""
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from shared.errors import CheckpointError
+from shared.families.base import (
+    CloudOutput,
+    Config,
+    Family,
+    Piece,
+    cols,
+    config_get,
+    expect_shape,
+    layer_match,
+    rows,
+)
+from shared.keys import DeveloperKey, ModelDims
+
+PREFIX = "transformer."
+WTE = "transformer.wte.weight"
+WPE = "transformer.wpe.weight"
+HEAD = "lm_head.weight"
+# Non-parameter buffers that old checkpoints carry (the causal mask); the stock class rebuilds them.
+BUFFERS = ("attn.bias", "attn.masked_bias", "crossattention.bias", "crossattention.masked_bias")
+
+
+class GPT2Family(Family):
+    name = "gpt2"
+    architectures = ("GPT2LMHeadModel",)
+    model_types = ("gpt2",)
+
+    def dims(self, config: Config) -> ModelDims:
+        d = config_get(config, "n_embd", "hidden_size")
+        n_heads = config_get(config, "n_head", "num_attention_heads")
+        if d % n_heads:
+            raise CheckpointError(f"n_embd={d} is not a multiple of n_head={n_heads}")
+        return ModelDims(
+            family=self.name,
+            d_model=d,
+            d_out=config_get(config, "vocab_size"),
+            n_layers=config_get(config, "n_layer", "num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=n_heads,
+            head_dim=d // n_heads,
+            d_ff=config_get(config, "n_inner", default=4 * d),
+            rope=False,
+        )
+
+    def cloud_config(self, config: Config) -> Config:
+        return dict(config, tie_word_embeddings=False)
+
+    def embedding_names(self, config: Config) -> tuple[str, ...]:
+        return (WTE, WPE)
+
+    def transform(
+        self, name: str, tensor: torch.Tensor, key: DeveloperKey, config: Config
+    ) -> list[Piece]:
+        dims = key.dims
+        d, pi, pi_c = dims.d_model, key.pi, key.pi_c
+        tied = _tied(config)
+        canon = name if name.startswith(PREFIX) or name == HEAD else PREFIX + name
+        if canon == WTE:
+            expect_shape(name, tensor, (dims.d_out, d))
+            pieces = [Piece("user", WTE, tensor)]
+            if tied:  # the cloud gets an untied, transformed head: W_c' = πᵀ W_c π_c
+                pieces.append(Piece("cloud", HEAD, cols(rows(tensor, pi_c), pi)))
+            return pieces
+        if canon == WPE:
+            expect_shape(name, tensor, (_n_positions(config), d))
+            return [Piece("user", WPE, tensor)]  # the cloud's table is zero: extra_cloud_tensors
+        if canon == HEAD:
+            if tied:
+                return []  # a stored copy of the tied table: the head comes from wte
+            expect_shape(name, tensor, (dims.d_out, d))
+            return [Piece("cloud", HEAD, cols(rows(tensor, pi_c), pi))]
+        if canon in ("transformer.ln_f.weight", "transformer.ln_f.bias"):
+            expect_shape(name, tensor, (d,))
+            return [Piece("cloud", canon, rows(tensor, pi))]
+        m = layer_match(r"transformer\.h", canon)
+        if m is None or m[0] >= dims.n_layers:
+            raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
+        i, rest = m
+        if rest in BUFFERS:
+            return []
+        lk = key.layers[i]
+        hd, n_heads = dims.head_dim, dims.n_heads
+        # Conv1D is [in, out]: the roles of rows and columns are those of nn.Linear swapped.
+        # c_attn output columns: Q | K | V, each (n_heads * head_dim), in the transformed layout.
+        qkv = torch.cat([lk.q_rows(dims), d + lk.k_rows(dims), 2 * d + lk.v_rows(dims)])
+        o, ffn = lk.o_cols(dims), lk.ffn
+        # (rest, expected shape, transform)
+        table: dict[str, tuple[tuple[int, ...], Any]] = {
+            "ln_1.weight": ((d,), lambda t: rows(t, pi)),
+            "ln_1.bias": ((d,), lambda t: rows(t, pi)),
+            "attn.c_attn.weight": ((d, 3 * n_heads * hd), lambda t: cols(rows(t, pi), qkv)),
+            "attn.c_attn.bias": ((3 * n_heads * hd,), lambda t: rows(t, qkv)),
+            "attn.c_proj.weight": ((n_heads * hd, d), lambda t: cols(rows(t, o), pi)),
+            "attn.c_proj.bias": ((d,), lambda t: rows(t, pi)),
+            "ln_2.weight": ((d,), lambda t: rows(t, pi)),
+            "ln_2.bias": ((d,), lambda t: rows(t, pi)),
+            "mlp.c_fc.weight": ((d, dims.d_ff), lambda t: cols(rows(t, pi), ffn)),
+            "mlp.c_fc.bias": ((dims.d_ff,), lambda t: rows(t, ffn)),
+            "mlp.c_proj.weight": ((dims.d_ff, d), lambda t: cols(rows(t, ffn), pi)),
+            "mlp.c_proj.bias": ((d,), lambda t: rows(t, pi)),
+        }
+        if rest not in table:
+            raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
+        shape, fn = table[rest]
+        expect_shape(name, tensor, shape)
+        return [Piece("cloud", f"transformer.h.{i}.{rest}", fn(tensor))]
+
+    def extra_cloud_tensors(self, key: DeveloperKey, config: Config) -> Iterator[Piece]:
+        # Positions are added on the user side; the stock class adds this all-zero table.
+        zeros = torch.zeros(_n_positions(config), key.dims.d_model, dtype=_dtype(config))
+        yield Piece("cloud", WPE, zeros)
+
+    def embed(
+        self,
+        embedding: dict[str, torch.Tensor],
+        config: Config,
+        input_ids: torch.Tensor,
+        *,
+        position_offset: int | torch.Tensor = 0,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """User side: wte[ids] + wpe[position_offset + arange(S)], (B, S) -> (B, S, d), unpermuted.
+
+        `position_offset` is the number of tokens of the sequence already sent (the session's
+        length), the same for every row. For a left-padded batch, the positions of each row
+        are the caller's concern, as in `generate()` (positions count the real tokens only):
+        pass a (B,) tensor of per-row offsets, `past_length - n_pad[b]`; positions that come
+        out negative (the padding itself, which the attention mask hides) are clamped to 0.
+        """
+        wte, wpe = embedding[WTE], embedding[WPE]
+        seq = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        if isinstance(position_offset, torch.Tensor):
+            offset = position_offset.to(device=input_ids.device, dtype=torch.long).reshape(-1, 1)
+            positions = (offset + seq).clamp(min=0)  # (B, S)
+        else:
+            positions = (position_offset + seq).clamp(min=0).expand_as(input_ids)  # (B, S)
+        if positions.numel() and int(positions.max()) >= wpe.shape[0]:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond the model's {wpe.shape[0]} positions"
+            )
+        return nn.functional.embedding(input_ids, wte) + nn.functional.embedding(positions, wpe)
+
+    def build_cloud_model(self, config: Config) -> nn.Module:
+        cfg = transformers.AutoConfig.for_model(**self.cloud_config(config))
+        return transformers.AutoModelForCausalLM.from_config(cfg)
+
+    def cloud_forward(
+        self,
+        model: nn.Module,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Any = None,
+    ) -> CloudOutput:
+        # inputs_embeds (B, S, d) permuted by π, positions already added by P3; the stock
+        # class adds its zero position table. attention_mask (B, past + S) as in HF.
+        out = model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=True,
+        )
+        return CloudOutput(output=out.logits, cache=out.cache)  # (B, S, V) permuted by π_c
+
+
+def _tied(config: Config) -> bool:
+    # GPT2Config ties the head by default; hub config.json files often leave the key out.
+    return bool(config.get("tie_word_embeddings", True))
+
+
+def _n_positions(config: Config) -> int:
+    return int(config_get(config, "n_positions", "max_position_embeddings"))
+
+
+def _dtype(config: Config) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
