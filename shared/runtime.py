@@ -67,7 +67,9 @@ def load_cloud_model(
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(n for n in state if n in expected and tuple(expected[n].shape) != tuple(state[n].shape))
     if unexpected or wrong:
-        raise CheckpointError(f"cloud checkpoint does not fit the {fam.name} model: unexpected {unexpected}, wrong shape {wrong}")
+        raise CheckpointError(
+            f"cloud checkpoint does not fit the {fam.name} model: unexpected {unexpected}, wrong shape {wrong}"
+        )
     model.load_state_dict(state, strict=False, assign=True)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if any(not _is_placeholder(n) for n in missing):
@@ -94,7 +96,7 @@ def _parameters_on_meta() -> Iterator[None]:
             meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
             module._parameters[name] = meta
 
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
@@ -102,8 +104,19 @@ def _parameters_on_meta() -> Iterator[None]:
 
 
 def _is_placeholder(name: str) -> bool:
-    return any(k in name for k in ("embed_tokens", "wte", "word_embeddings", "position_embeddings",
-                                    "token_type_embeddings", "embeddings.LayerNorm", "tok_emb", "pos_emb"))
+    return any(
+        k in name
+        for k in (
+            "embed_tokens",
+            "wte",
+            "word_embeddings",
+            "position_embeddings",
+            "token_type_embeddings",
+            "embeddings.LayerNorm",
+            "tok_emb",
+            "pos_emb",
+        )
+    )
 
 
 def _set_param(model: nn.Module, name: str, value: nn.Parameter) -> None:

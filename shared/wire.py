@@ -50,9 +50,9 @@ def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = N
     return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
 
 
-def parse_header(head: bytes, *, body_size: int | None = None, max_header: int = DEFAULT_MAX_HEADER) -> tuple[
-    dict[str, TensorInfo], dict[str, str], int
-]:
+def parse_header(
+    head: bytes, *, body_size: int | None = None, max_header: int = DEFAULT_MAX_HEADER
+) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     """Parse and check a safetensors header. Returns (tensors, metadata, data offset).
 
     `head` must hold at least the 8-byte length and the header itself. With `body_size`,

@@ -148,7 +148,7 @@ class BertFamily(Family):
         position_offset: int = 0,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """User side, exactly `BertEmbeddings` in eval mode: LayerNorm(word + token_type + position)."""
+        """User side, exactly `BertEmbeddings` in eval mode: LN(word + token_type + position)."""
         seq = input_ids.shape[1]
         n_positions = embedding[POSITION].shape[0]
         if position_offset < 0 or position_offset + seq > n_positions:
@@ -168,7 +168,7 @@ class BertFamily(Family):
     def build_cloud_model(self, config: Config) -> nn.Module:
         """The stock `BertModel`, in eval mode (no dropout). With a pooler unless the config
         says `"add_pooling_layer": false`; its `embeddings` submodule stays unloaded and unused."""
-        cfg = transformers.AutoConfig.for_model(**self.cloud_config(config))
+        cfg = transformers.BertConfig(**self.cloud_config(config))
         pooler = bool(config.get("add_pooling_layer", True))
         return transformers.BertModel(cfg, add_pooling_layer=pooler).eval()
 

@@ -18,6 +18,7 @@ checkpoints use bare `h.0.attn.c_attn.weight`); the cloud names are the canonica
 `transformer.`-prefixed ones of the stock class.
 """
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,7 +35,6 @@ from shared.families.base import (
     cols,
     config_get,
     expect_shape,
-    layer_match,
     rows,
 )
 from shared.keys import DeveloperKey, ModelDims
@@ -75,9 +75,7 @@ class GPT2Family(Family):
     def embedding_names(self, config: Config) -> tuple[str, ...]:
         return (WTE, WPE)
 
-    def transform(
-        self, name: str, tensor: torch.Tensor, key: DeveloperKey, config: Config
-    ) -> list[Piece]:
+    def transform(self, name: str, tensor: torch.Tensor, key: DeveloperKey, config: Config) -> list[Piece]:
         dims = key.dims
         d, pi, pi_c = dims.d_model, key.pi, key.pi_c
         tied = _tied(config)
@@ -99,25 +97,26 @@ class GPT2Family(Family):
         if canon in ("transformer.ln_f.weight", "transformer.ln_f.bias"):
             expect_shape(name, tensor, (d,))
             return [Piece("cloud", canon, rows(tensor, pi))]
-        m = layer_match(r"transformer\.h", canon)
-        if m is None or m[0] >= dims.n_layers:
+        m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", canon)
+        if m is None or int(m[1]) >= dims.n_layers:
             raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
-        i, rest = m
+        i, rest = int(m[1]), m[2]
         if rest in BUFFERS:
             return []
         lk = key.layers[i]
         hd, n_heads = dims.head_dim, dims.n_heads
+        hid = n_heads * hd  # == d for GPT-2
         # Conv1D is [in, out]: the roles of rows and columns are those of nn.Linear swapped.
         # c_attn output columns: Q | K | V, each (n_heads * head_dim), in the transformed layout.
-        qkv = torch.cat([lk.q_rows(dims), d + lk.k_rows(dims), 2 * d + lk.v_rows(dims)])
+        qkv = torch.cat([lk.q_rows(dims), hid + lk.k_rows(dims), 2 * hid + lk.v_rows(dims)])
         o, ffn = lk.o_cols(dims), lk.ffn
         # (rest, expected shape, transform)
         table: dict[str, tuple[tuple[int, ...], Any]] = {
             "ln_1.weight": ((d,), lambda t: rows(t, pi)),
             "ln_1.bias": ((d,), lambda t: rows(t, pi)),
-            "attn.c_attn.weight": ((d, 3 * n_heads * hd), lambda t: cols(rows(t, pi), qkv)),
-            "attn.c_attn.bias": ((3 * n_heads * hd,), lambda t: rows(t, qkv)),
-            "attn.c_proj.weight": ((n_heads * hd, d), lambda t: cols(rows(t, o), pi)),
+            "attn.c_attn.weight": ((d, 3 * hid), lambda t: cols(rows(t, pi), qkv)),
+            "attn.c_attn.bias": ((3 * hid,), lambda t: rows(t, qkv)),
+            "attn.c_proj.weight": ((hid, d), lambda t: cols(rows(t, o), pi)),
             "attn.c_proj.bias": ((d,), lambda t: rows(t, pi)),
             "ln_2.weight": ((d,), lambda t: rows(t, pi)),
             "ln_2.bias": ((d,), lambda t: rows(t, pi)),
@@ -162,9 +161,7 @@ class GPT2Family(Family):
         else:
             positions = (position_offset + seq).clamp(min=0).expand_as(input_ids)  # (B, S)
         if positions.numel() and int(positions.max()) >= wpe.shape[0]:
-            raise ValueError(
-                f"position {int(positions.max())} is beyond the model's {wpe.shape[0]} positions"
-            )
+            raise ValueError(f"position {int(positions.max())} is beyond the model's {wpe.shape[0]} positions")
         return nn.functional.embedding(input_ids, wte) + nn.functional.embedding(positions, wpe)
 
     def build_cloud_model(self, config: Config) -> nn.Module:

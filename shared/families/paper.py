@@ -98,7 +98,10 @@ class PaperConfig:
 
 
 def paper_embed(
-    embed_tokens: torch.Tensor, embed_positions: torch.Tensor, input_ids: torch.Tensor, position_offset: int = 0
+    embed_tokens: torch.Tensor,
+    embed_positions: torch.Tensor,
+    input_ids: torch.Tensor,
+    position_offset: int = 0,
 ) -> torch.Tensor:
     """Token ids (B, S) -> x (B, S, d): token embedding plus learned position embedding."""
     seq = input_ids.shape[1]
@@ -111,8 +114,10 @@ def paper_embed(
     return nn.functional.embedding(input_ids, embed_tokens) + nn.functional.embedding(positions, embed_positions)[None]
 
 
-def attention_mask_4d(attention_mask: torch.Tensor | None, batch: int, seq: int, causal: bool, device: torch.device) -> torch.Tensor:
-    """(B, S) padding mask (1 = token, 0 = padding) -> boolean (B, 1, S, S), True where a query may attend."""
+def attention_mask_4d(
+    attention_mask: torch.Tensor | None, batch: int, seq: int, causal: bool, device: torch.device
+) -> torch.Tensor:
+    """(B, S) padding mask (1 = token, 0 = padding) -> bool (B, 1, S, S), True: may attend."""
     allowed = torch.ones(batch, 1, seq, seq, dtype=torch.bool, device=device)
     if attention_mask is not None:
         allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]

@@ -145,15 +145,16 @@ def _identity_key(key: DeveloperKey, layer: int | None, part: str) -> DeveloperK
 
 
 # which tensors of the layer each inner permutation moves
+_Q = {"attention.self.query.weight", "attention.self.query.bias"}
+_K = {"attention.self.key.weight", "attention.self.key.bias"}
+_V = {"attention.self.value.weight", "attention.self.value.bias"}
+_O = {"attention.output.dense.weight"}
 _MOVES = {
-    "head": {"attention.self.query.weight", "attention.self.query.bias", "attention.self.key.weight",
-             "attention.self.key.bias", "attention.self.value.weight", "attention.self.value.bias",
-             "attention.output.dense.weight"},
-    "qk": {"attention.self.query.weight", "attention.self.query.bias", "attention.self.key.weight",
-           "attention.self.key.bias"},
-    "v": {"attention.self.value.weight", "attention.self.value.bias", "attention.output.dense.weight"},
+    "head": _Q | _K | _V | _O,
+    "qk": _Q | _K,
+    "v": _V | _O,
     "ffn": {"intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight"},
-}  # fmt: skip
+}
 
 
 def test_every_permutation_moves_the_cloud_weights() -> None:

@@ -52,8 +52,12 @@ def test_layout_and_exactness(model_dir, tmp_path: Path) -> None:
     cloud_files = sorted((out / "cloud").glob("*.safetensors"))
     assert len(cloud_files) > 1 and (out / "cloud" / checkpoint.INDEX).exists()
     assert sorted(p.name for p in (out / "user").iterdir()) == [
-        "config.json", "embedding.safetensors", "generation_config.json", "key.safetensors",
-        "stip.json", "tokenizer_config.json",
+        "config.json",
+        "embedding.safetensors",
+        "generation_config.json",
+        "key.safetensors",
+        "stip.json",
+        "tokenizer_config.json",
     ]
     dev_key = out / "developer" / "key.safetensors"
     assert stat.S_IMODE(os.stat(dev_key).st_mode) == 0o600

@@ -29,7 +29,7 @@ def test_refusals() -> None:
     forged_payload = payload[:-2] + ("A" if payload[-2] != "A" else "B") + payload[-1]
     with pytest.raises(CredentialError):
         verify(f"{head}.{forged_payload}.{sig}", signer.public_key, deployment_id="dep-1", now=1001)
-    for garbage in ("", "stip1", "stip1.a.b", "Bearer x", "stip1.." , "x.y.z"):
+    for garbage in ("", "stip1", "stip1.a.b", "Bearer x", "stip1..", "x.y.z"):
         with pytest.raises(CredentialError):
             verify(garbage, signer.public_key, deployment_id="dep-1", now=1001)
 

@@ -63,7 +63,10 @@ def original_model(config: transformers.PretrainedConfig, seed: int = 0) -> torc
 def deploy(
     model: torch.nn.Module, key: DeveloperKey | None = None
 ) -> tuple[dict, DeveloperKey, torch.nn.Module, dict[str, torch.Tensor]]:
-    """P1 transforms, P2 loads θ′ into the stock class; returns (config, key, cloud model, user module)."""
+    """P1 transforms, P2 loads θ′ into the stock class.
+
+    Returns (config, key, cloud model, user embedding module).
+    """
     config = model.config.to_dict()
     key = key or draw_key(FAMILY.dims(config))
     cloud, user = transform_state_dict(FAMILY, model.state_dict(), key, config)
@@ -187,14 +190,10 @@ def test_kv_cache_matches_full_forward(padded: bool) -> None:
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=generate_positions(mask)).logits
     prefill = 5
-    logits, cache = cloud_logits(
-        config, key, cloud_model, user, ids[:, :prefill], mask[:, :prefill]
-    )
+    logits, cache = cloud_logits(config, key, cloud_model, user, ids[:, :prefill], mask[:, :prefill])
     steps = [logits]
     for t in range(prefill, ids.shape[1]):  # one new row per step; P2 keeps the cache
-        logits, cache = cloud_logits(
-            config, key, cloud_model, user, ids[:, t : t + 1], mask[:, : t + 1], cache
-        )
+        logits, cache = cloud_logits(config, key, cloud_model, user, ids[:, t : t + 1], mask[:, : t + 1], cache)
         steps.append(logits)
     got = torch.cat(steps, dim=1)
     real = mask.bool()
@@ -208,9 +207,7 @@ def test_greedy_generation_matches_generate(variant: str) -> None:
     config, key, cloud_model, user = deploy(model)
     ids, mask = left_padded(2, 6)
     with torch.no_grad():
-        ref = model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8, pad_token_id=0
-        )
+        ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8, pad_token_id=0)
     got = cloud_greedy(config, key, cloud_model, user, ids, mask, 8)
     assert got.shape == (2, 14)
     assert torch.equal(ref, got)
@@ -300,7 +297,10 @@ def _without(key: DeveloperKey, part: str) -> DeveloperKey:
             lk = replace(lk, kv_head=torch.arange(dims.n_kv_heads))
             lk = replace(lk, head=lk.kv_head.repeat_interleave(g) * g + within)
         elif part == "group":  # keep the KV heads moved, the queries within a group in place
-            lk = replace(lk, head=lk.kv_head.repeat_interleave(g) * g + torch.arange(g).repeat(dims.n_kv_heads))
+            lk = replace(
+                lk,
+                head=lk.kv_head.repeat_interleave(g) * g + torch.arange(g).repeat(dims.n_kv_heads),
+            )
         elif part == "v":
             lk = replace(lk, v=torch.arange(dims.head_dim).expand(dims.n_kv_heads, -1).clone())
         elif part == "ffn":
@@ -313,31 +313,45 @@ def _without(key: DeveloperKey, part: str) -> DeveloperKey:
 
 ATTN = "self_attn."
 AFFECTED = {  # which cloud tensors of a layer each permutation must change
-    "kv_head": {"q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias", "o_proj.weight"},
+    "kv_head": {
+        "q_proj.weight",
+        "q_proj.bias",
+        "k_proj.weight",
+        "k_proj.bias",
+        "v_proj.weight",
+        "v_proj.bias",
+        "o_proj.weight",
+    },
     "group": {"q_proj.weight", "q_proj.bias", "o_proj.weight"},
     "v": {"v_proj.weight", "v_proj.bias", "o_proj.weight"},
-    "ffn": {"gate_proj.weight", "up_proj.weight", "down_proj.weight", "gate_proj.bias", "up_proj.bias"},
+    "ffn": {
+        "gate_proj.weight",
+        "up_proj.weight",
+        "down_proj.weight",
+        "gate_proj.bias",
+        "up_proj.bias",
+    },
 }
 
 
 @pytest.mark.parametrize("part", ["pi", "pi_c", *AFFECTED])
 def test_each_permutation_changes_the_cloud_weights(part: str) -> None:
     """Would fail if the family skipped a permutation, or applied it where it does not belong."""
-    model = original_model(
-        make_config("llama", num_key_value_heads=2, attention_bias=True, mlp_bias=True)
-    )
+    model = original_model(make_config("llama", num_key_value_heads=2, attention_bias=True, mlp_bias=True))
     config = model.config.to_dict()
     key = _nonidentity_key(FAMILY.dims(config))
     cloud, _ = transform_state_dict(FAMILY, model.state_dict(), key, config)
     other, _ = transform_state_dict(FAMILY, model.state_dict(), _without(key, part), config)
     changed = {n for n in cloud if not torch.equal(cloud[n], other[n])}
     if part == "pi":
-        expected = set(cloud)  # every cloud tensor reads or writes the residual stream
+        # every tensor that reads or writes the residual stream; biases of inner units do not
+        inner = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "gate_proj.bias", "up_proj.bias")
+        expected = {n for n in cloud if not n.endswith(inner)}
     elif part == "pi_c":
         expected = {HEAD}
     else:
         expected = {n for n in cloud if n.split(".", 4)[-1] in AFFECTED[part]}
-    assert len(expected) >= 2
+    assert expected  # the test checks something
     assert changed == expected
 
 
@@ -372,7 +386,11 @@ def test_wrong_shape_and_unknown_names_are_refused() -> None:
         transform_state_dict(FAMILY, bad_shape, key, config)
     with pytest.raises(CheckpointError, match="shape"):
         FAMILY.transform(EMBED, state[EMBED].T, key, config)
-    for name in ("model.layers.0.self_attn.rotary.weight", "model.layers.9.mlp.up_proj.weight", "foo.bar"):
+    for name in (
+        "model.layers.0.self_attn.rotary.weight",
+        "model.layers.9.mlp.up_proj.weight",
+        "foo.bar",
+    ):
         with pytest.raises(CheckpointError, match="unexpected"):
             FAMILY.transform(name, torch.zeros(3), key, config)
     no_embedding = {n: t for n, t in state.items() if n != EMBED}

@@ -1,0 +1,81 @@
+"""The three commands the containers run, started as separate processes on loopback.
+
+`docker-compose.yml` runs exactly these commands (tests/test_deploy_files.py checks it); the
+end-to-end tests start them here with loopback ports and temporary data directories.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+# argument templates; {placeholders} are filled per run
+CLOUD = ["stip-cloud", "serve", "--host", "{host}", "--port", "{port}", "--data-dir", "{data_dir}"]
+DEVELOPER = ["stip-developer", "serve", "--host", "{host}", "--port", "{port}", "--data-dir", "{data_dir}"]
+USER = [
+    "stip",
+    "demo",
+    "--developer-url",
+    "{developer_url}",
+    "--cloud-url",
+    "{cloud_url}",
+    "--models-dir",
+    "{models_dir}",
+]
+VALUE_FLAGS = ("--host", "--port", "--data-dir", "--developer-url", "--cloud-url", "--models-dir")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fill(template: Sequence[str], **values: object) -> list[str]:
+    return [str(BIN / template[0])] + [arg.format(**values) for arg in template[1:]]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+@contextmanager
+def service(template: Sequence[str], env: dict[str, str], log: Path, **values: object) -> Iterator[subprocess.Popen]:
+    """Run one service until the block ends; SIGTERM then SIGKILL on the way out."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            fill(template, **values), env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,81 @@
+"""docker-compose.yml and the Dockerfile: valid, and running what the end-to-end test runs."""
+
+import copy
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.e2e.processes import CLOUD, DEVELOPER, USER, VALUE_FLAGS
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = json.loads((ROOT / "tests" / "fixtures" / "compose-spec.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _shape(command: list[str]) -> list[str]:
+    """A command with the values of host, port, directory and URL flags blanked out."""
+    out = list(command)
+    for i, arg in enumerate(out[:-1]):
+        if arg in VALUE_FLAGS:
+            out[i + 1] = "<value>"
+    return out
+
+
+def test_compose_file_follows_the_compose_schema(compose: dict) -> None:
+    jsonschema.validate(compose, SCHEMA)
+
+
+def test_schema_check_would_catch_a_broken_file(compose: dict) -> None:
+    broken = copy.deepcopy(compose)
+    broken["services"]["cloud-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] = ["one"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, SCHEMA)
+    broken = copy.deepcopy(compose)
+    broken["services"]["developer"]["healthchek"] = {}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, SCHEMA)
+
+
+def test_containers_run_the_commands_the_end_to_end_test_starts(compose: dict) -> None:
+    services = compose["services"]
+    assert _shape(services["cloud-gpu"]["command"]) == _shape(CLOUD)
+    assert _shape(services["cloud-cpu"]["command"]) == _shape(CLOUD)
+    assert _shape(services["developer"]["command"]) == _shape(DEVELOPER)
+    assert _shape(services["user"]["command"]) == _shape(USER)
+
+
+def test_gpu_reservation_cpu_fallback_health_and_secrets(compose: dict) -> None:
+    services = compose["services"]
+    devices = services["cloud-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert "deploy" not in services["cloud-cpu"] and services["cloud-cpu"]["environment"]["STIP_CLOUD_DEVICE"] == "cpu"
+    for name in ("cloud-gpu", "cloud-cpu", "developer"):
+        assert "/health/ready" in " ".join(services[name]["healthcheck"]["test"])
+    # every secret a service uses is declared, and tokens arrive only as files
+    for name, svc in services.items():
+        for secret in svc.get("secrets", []):
+            assert secret in compose["secrets"], (name, secret)
+        for var, value in svc.get("environment", {}).items():
+            if "TOKEN" in var:
+                assert var.endswith("_FILE") and str(value).startswith("/run/secrets/"), (name, var)
+    # both cloud variants answer to the name the others use
+    for name in ("cloud-gpu", "cloud-cpu"):
+        assert "cloud" in services[name]["networks"]["default"]["aliases"]
+        assert "--port" in services[name]["command"]
+    assert "http://cloud:8002" in services["user"]["command"]
+    # named volumes for state
+    assert set(compose["volumes"]) >= {"cloud-data", "developer-data"}
+
+
+def test_dockerfile_pins_torch_and_installs_the_package() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert "torch==2.13.0" in text and "pip install ." in text
+    for package in ("shared", "developer_service", "cloud_service", "user_client"):
+        assert f"COPY {package} ./{package}" in text
