@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,9 +157,14 @@ def transform_model_dir(
     key_version: int = 1,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
 ) -> TransformResult:
-    """Transform a local model directory into OUT/{cloud,user,developer}; see the module doc."""
+    """Transform a local model directory into OUT/{cloud,user,developer}; see the module doc.
+
+    `progress` draws a tqdm bar; `on_progress(done, total)` is called after each tensor (a
+    service reports it as job status; raising from it aborts the transform cleanly).
+    """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = read_config(model_dir)
     family = detect_family(config)
@@ -171,7 +176,7 @@ def transform_model_dir(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        cloud_files = _write(model_dir, tmp, family, config, key, files, shard_bytes, progress)
+        cloud_files = _write(model_dir, tmp, family, config, key, files, shard_bytes, progress, on_progress)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -192,6 +197,7 @@ def _write(
     files: list[Path],
     shard_bytes: int,
     progress: bool,
+    on_progress: Callable[[int, int], None] | None,
 ) -> list[Path]:
     cloud_dir, user_dir, dev_dir = out / "cloud", out / "user", out / "developer"
     for d in (cloud_dir, user_dir, dev_dir):
@@ -199,15 +205,20 @@ def _write(
     os.chmod(dev_dir, 0o700)
     writer = _ShardWriter(cloud_dir, shard_bytes)
     user: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=count_tensors(files), desc="transform", unit="tensor", disable=not progress)
+    total = count_tensors(files)
+    bar = tqdm(total=total, desc="transform", unit="tensor", disable=not progress)
+    if on_progress is not None:
+        on_progress(0, total)
     with bar:
-        for name, tensor in iter_tensors(files):
+        for done, (name, tensor) in enumerate(iter_tensors(files), start=1):
             for piece in family.transform(name, tensor, key, config):
                 if piece.side == "cloud":
                     writer.add(piece.name, piece.tensor)
                 else:
                     user[piece.name] = piece.tensor.contiguous()
             bar.update()
+            if on_progress is not None:
+                on_progress(done, total)
     for piece in family.extra_cloud_tensors(key, config):
         writer.add(piece.name, piece.tensor)
     missing = [n for n in family.embedding_names(config) if n not in user]

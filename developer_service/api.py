@@ -1,0 +1,254 @@
+"""P1's HTTP routes (PROTOCOL.md section 4), and the one table mapping errors to statuses.
+
+Routes are plain `def`: FastAPI runs them in its thread pool, so file I/O never blocks
+the event loop; transforms and pushes run in the service's own job threads.
+"""
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from developer_service import errors
+from developer_service.bundle import MEDIA_TYPE
+from developer_service.metrics import CONTENT_TYPE_LATEST
+from developer_service.schemas import (
+    CreateDeployment,
+    CredentialInfo,
+    CredentialIssued,
+    DeploymentStatus,
+    ErrorResponse,
+    Health,
+    IssueCredential,
+    ModelInfo,
+    RegisterModel,
+)
+from developer_service.service import DeveloperService
+from shared import api as contract
+from shared.credentials import Claims
+from shared.errors import CheckpointError, CredentialError, StipCoreError, UnsupportedModel
+
+log = logging.getLogger("stip.developer.api")
+
+# --- errors: the one place that maps exceptions to HTTP ----------------------------------
+
+ERROR_TABLE: list[tuple[type[Exception], int, str]] = [  # first match along the class wins
+    (errors.InvalidModel, 400, contract.E_BAD_INPUT),
+    (errors.BadRequest, 400, contract.E_BAD_INPUT),
+    (CheckpointError, 400, contract.E_BAD_INPUT),
+    (UnsupportedModel, 422, contract.E_BAD_INPUT),
+    (errors.Unauthorized, 401, contract.E_UNAUTHORIZED),
+    (CredentialError, 401, contract.E_UNAUTHORIZED),
+    (errors.Forbidden, 403, contract.E_FORBIDDEN),
+    (errors.NotFound, 404, contract.E_NOT_FOUND),
+    (errors.Conflict, 409, contract.E_CONFLICT),
+    (errors.NotConfigured, 503, contract.E_NOT_READY),
+]
+
+
+def error_response(status_code: int, code: str, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status_code == 401 else None
+    body = ErrorResponse.model_validate({"error": {"code": code, "message": message}})
+    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
+
+
+def _classify(exc: Exception) -> tuple[int, str]:
+    for cls, status_code, code in ERROR_TABLE:
+        if isinstance(exc, cls):
+            return status_code, code
+    return 500, contract.E_INTERNAL
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    status_code, code = _classify(exc)
+    if status_code >= 500 and code == contract.E_INTERNAL:
+        log.error("%s %s failed: %s", request.method, request.url.path, type(exc).__name__)
+        return error_response(500, code, "internal error; see P1's log")
+    return error_response(status_code, code, str(exc))
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    problems = []
+    for e in exc.errors() if isinstance(exc, RequestValidationError) else ():
+        where = ".".join(str(part) for part in e.get("loc", ()) if part != "body")
+        problems.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return error_response(422, contract.E_BAD_INPUT, "invalid request: " + "; ".join(problems))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, StarletteHTTPException):
+        return await _unexpected_error(request, exc)
+    code = {401: contract.E_UNAUTHORIZED, 403: contract.E_FORBIDDEN, 404: contract.E_NOT_FOUND}.get(
+        exc.status_code, contract.E_BAD_INPUT if exc.status_code < 500 else contract.E_INTERNAL
+    )
+    return error_response(exc.status_code, code, str(exc.detail))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("%s %s: unexpected error", request.method, request.url.path)
+    return error_response(500, contract.E_INTERNAL, "internal error; see P1's log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(errors.DeveloperError, _domain_error)
+    app.add_exception_handler(StipCoreError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+
+# --- dependencies --------------------------------------------------------------------------
+
+
+def get_service(request: Request) -> DeveloperService:
+    service: DeveloperService = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[DeveloperService, Depends(get_service)]
+
+
+def bearer_token(authorization: Annotated[str | None, Header()] = None) -> str | None:
+    """The token of `Authorization: Bearer <token>`, or None when absent."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise errors.Unauthorized("the Authorization header must read 'Bearer <token>'")
+    return token.strip()
+
+
+TokenDep = Annotated[str | None, Depends(bearer_token)]
+
+
+def require_admin(service: ServiceDep, token: TokenDep) -> None:
+    service.authenticate_admin(token)
+
+
+def require_user(deployment_id: str, service: ServiceDep, token: TokenDep) -> Claims:
+    return service.authenticate_user(deployment_id, token)
+
+
+AdminDep = Annotated[None, Depends(require_admin)]
+UserDep = Annotated[Claims, Depends(require_user)]
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422, 503)
+}
+
+router = APIRouter(responses=ERRORS)
+
+# --- models --------------------------------------------------------------------------------
+
+
+@router.post("/v1/models", status_code=status.HTTP_201_CREATED, tags=["models"])
+def register_model(body: RegisterModel, service: ServiceDep, _: AdminDep, response: Response) -> ModelInfo:
+    """Register a local Hugging Face model directory (idempotent on path and name)."""
+    info, created = service.register_model(body)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return info
+
+
+@router.get("/v1/models", tags=["models"])
+def list_models(service: ServiceDep, _: AdminDep) -> list[ModelInfo]:
+    return service.models()
+
+
+@router.get("/v1/models/{model_id}", tags=["models"])
+def get_model(model_id: str, service: ServiceDep, _: AdminDep) -> ModelInfo:
+    return service.model(model_id)
+
+
+# --- deployments ---------------------------------------------------------------------------
+
+
+@router.post("/v1/deployments", status_code=status.HTTP_202_ACCEPTED, tags=["deployments"])
+def create_deployment(body: CreateDeployment, service: ServiceDep, _: AdminDep, response: Response) -> DeploymentStatus:
+    """Draw key version 1, transform, push θ′ to P2; poll the deployment for progress."""
+    result = service.create_deployment(body)
+    response.headers["Location"] = f"/v1/deployments/{result.deployment_id}"
+    return result
+
+
+@router.get("/v1/deployments", tags=["deployments"])
+def list_deployments(service: ServiceDep, _: AdminDep) -> list[DeploymentStatus]:
+    return service.deployments()
+
+
+@router.get("/v1/deployments/{deployment_id}", tags=["deployments"])
+def get_deployment(deployment_id: str, service: ServiceDep, _: AdminDep) -> DeploymentStatus:
+    return service.deployment(deployment_id)
+
+
+@router.post("/v1/deployments/{deployment_id}/rotate", status_code=status.HTTP_202_ACCEPTED, tags=["deployments"])
+def rotate(deployment_id: str, service: ServiceDep, _: AdminDep) -> DeploymentStatus:
+    """New key set and θ′; users get the old version until P2 has activated the new one."""
+    return service.rotate(deployment_id)
+
+
+# --- users -----------------------------------------------------------------------------------
+
+
+@router.post("/v1/deployments/{deployment_id}/users", status_code=status.HTTP_201_CREATED, tags=["users"])
+def issue_credential(
+    deployment_id: str, service: ServiceDep, _: AdminDep, response: Response, body: IssueCredential | None = None
+) -> CredentialIssued:
+    """A signed user credential for this deployment; P1 keeps only its hash."""
+    response.headers["Cache-Control"] = "no-store"
+    return service.issue_credential(deployment_id, body or IssueCredential.model_validate({}))
+
+
+@router.get("/v1/deployments/{deployment_id}/users", tags=["users"])
+def list_credentials(deployment_id: str, service: ServiceDep, _: AdminDep) -> list[CredentialInfo]:
+    return service.credentials(deployment_id)
+
+
+@router.delete("/v1/deployments/{deployment_id}/users/{user_id}", tags=["users"])
+def revoke_credential(deployment_id: str, user_id: str, service: ServiceDep, _: AdminDep) -> CredentialInfo:
+    """P1 stops handing this user the key. P2 checks credentials offline, up to their expiry."""
+    return service.revoke_credential(deployment_id, user_id)
+
+
+@router.get(
+    "/v1/deployments/{deployment_id}/user-key",
+    tags=["users"],
+    response_class=StreamingResponse,
+    responses={200: {"content": {MEDIA_TYPE: {}}, "description": "the user bundle (tar)"}},
+)
+def user_key(deployment_id: str, service: ServiceDep, claims: UserDep) -> StreamingResponse:
+    """The user bundle of the active key version: π, π_c, embedding module, tokenizer, config."""
+    bundle = service.user_bundle(deployment_id)
+    log.info("deployment %s: user %s fetched key version %d", deployment_id, claims.sub, bundle.manifest.key_version)
+    headers = {
+        contract.KEY_VERSION_HEADER: str(bundle.manifest.key_version),
+        contract.FINGERPRINT_HEADER: bundle.manifest.fingerprint,
+        "Content-Length": str(bundle.size),
+        "Content-Disposition": f'attachment; filename="{bundle.filename}"',
+        "Cache-Control": "no-store",
+    }
+    return StreamingResponse(bundle.chunks(), media_type=MEDIA_TYPE, headers=headers)
+
+
+# --- health and metrics ------------------------------------------------------------------------
+
+
+@router.get("/health/live", tags=["health"])
+def live() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/health/ready", tags=["health"], responses={503: {"model": Health}})
+def ready(request: Request) -> Response:
+    service: DeveloperService | None = getattr(request.app.state, "service", None)
+    if service is None or not service.ready:
+        return JSONResponse(Health(status="not_ready").model_dump(), status_code=503)
+    return JSONResponse(Health(status="ready").model_dump())
+
+
+@router.get("/metrics", tags=["health"], response_class=Response)
+def metrics(service: ServiceDep) -> Response:
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,154 @@
+"""A small admin client for P1's HTTP API (what the `stip-developer` client subcommands use).
+
+Example::
+
+    with DeveloperAdminClient("http://127.0.0.1:8001", admin_token=...) as p1:
+        model = p1.register("/models/llama")
+        dep = p1.deploy(model.model_id, cloud_url="http://cloud:8002")
+        dep = p1.wait(dep.deployment_id)
+        cred = p1.issue_credential(dep.deployment_id, name="alice")
+"""
+
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from developer_service.schemas import (
+    CreateDeployment,
+    CredentialInfo,
+    CredentialIssued,
+    DeploymentStatus,
+    IssueCredential,
+    ModelInfo,
+    RegisterModel,
+)
+
+T = TypeVar("T")
+
+
+class ClientError(Exception):
+    """P1 refused a request or could not be reached; `code` is P1's error code, if any."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.status, self.code = message, status, code
+
+
+class DeveloperAdminClient:
+    def __init__(
+        self,
+        url: str,
+        *,
+        admin_token: str,
+        timeout_s: float = 60.0,
+        ca_bundle: Path | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        verify: ssl.SSLContext | bool = True
+        if ca_bundle is not None:
+            verify = ssl.create_default_context(cafile=str(ca_bundle))
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {admin_token}"},
+            timeout=timeout_s,
+            verify=verify,
+            transport=transport,
+        )
+
+    def __enter__(self) -> "DeveloperAdminClient":
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, out: Any, body: BaseModel | None = None) -> Any:
+        try:
+            response = self._http.request(
+                method, path, json=None if body is None else body.model_dump(exclude_none=True)
+            )
+        except httpx.HTTPError as e:
+            raise ClientError(f"cannot reach P1 at {self.url}: {type(e).__name__}: {e}") from None
+        if not response.is_success:
+            try:
+                error = response.json()["error"]
+                code, message = str(error["code"]), str(error["message"])
+            except (ValueError, KeyError, TypeError):
+                code, message = None, response.text[:200] or response.reason_phrase
+            raise ClientError(f"P1 answered {response.status_code}: {message}", status=response.status_code, code=code)
+        try:
+            return TypeAdapter(out).validate_json(response.content)
+        except ValidationError:
+            raise ClientError(f"P1 answered {method} {path} with an unexpected body") from None
+
+    def register(self, path: str | Path, *, name: str | None = None) -> ModelInfo:
+        body = RegisterModel(path=str(path), name=name)
+        result: ModelInfo = self._call("POST", "/v1/models", ModelInfo, body)
+        return result
+
+    def models(self) -> list[ModelInfo]:
+        result: list[ModelInfo] = self._call("GET", "/v1/models", list[ModelInfo])
+        return result
+
+    def deploy(self, model_id: str, *, cloud_url: str) -> DeploymentStatus:
+        body = CreateDeployment(model_id=model_id, cloud_url=cloud_url)
+        result: DeploymentStatus = self._call("POST", "/v1/deployments", DeploymentStatus, body)
+        return result
+
+    def deployment(self, deployment_id: str) -> DeploymentStatus:
+        result: DeploymentStatus = self._call("GET", f"/v1/deployments/{deployment_id}", DeploymentStatus)
+        return result
+
+    def deployments(self) -> list[DeploymentStatus]:
+        result: list[DeploymentStatus] = self._call("GET", "/v1/deployments", list[DeploymentStatus])
+        return result
+
+    def rotate(self, deployment_id: str) -> DeploymentStatus:
+        result: DeploymentStatus = self._call("POST", f"/v1/deployments/{deployment_id}/rotate", DeploymentStatus)
+        return result
+
+    def issue_credential(self, deployment_id: str, *, name: str = "user", ttl_s: int | None = None) -> CredentialIssued:
+        body = IssueCredential(name=name, ttl_s=ttl_s)
+        result: CredentialIssued = self._call("POST", f"/v1/deployments/{deployment_id}/users", CredentialIssued, body)
+        return result
+
+    def credentials(self, deployment_id: str) -> list[CredentialInfo]:
+        result: list[CredentialInfo] = self._call("GET", f"/v1/deployments/{deployment_id}/users", list[CredentialInfo])
+        return result
+
+    def revoke_credential(self, deployment_id: str, user_id: str) -> CredentialInfo:
+        result: CredentialInfo = self._call(
+            "DELETE", f"/v1/deployments/{deployment_id}/users/{user_id}", CredentialInfo
+        )
+        return result
+
+    def wait(
+        self,
+        deployment_id: str,
+        *,
+        poll_s: float = 0.5,
+        timeout_s: float | None = None,
+        on_status: Callable[[DeploymentStatus], None] | None = None,
+    ) -> DeploymentStatus:
+        """Poll until the deployment's job ends (status no longer pending or rotating)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            status = self.deployment(deployment_id)
+            if on_status is not None:
+                on_status(status)
+            if status.status not in ("pending", "rotating"):
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise ClientError(f"deployment {deployment_id} still {status.status} after {timeout_s} s")
+            time.sleep(poll_s)

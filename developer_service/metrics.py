@@ -1,0 +1,80 @@
+"""Prometheus metrics of P1, in a registry per app (so tests can build several apps)."""
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "stip_developer_http_requests", "HTTP requests", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "stip_developer_http_request_duration_seconds",
+            "time to the response headers",
+            ["method", "route"],
+            registry=r,
+        )
+        self.jobs = Counter("stip_developer_jobs", "finished transform+push jobs", ["kind", "outcome"], registry=r)
+        self.job_seconds = Histogram(
+            "stip_developer_job_duration_seconds",
+            "transform+push job duration",
+            ["kind"],
+            buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600),
+            registry=r,
+        )
+        self.pushed_bytes = Counter("stip_developer_pushed_bytes", "θ′ bytes sent to P2", registry=r)
+        self.bundles = Counter("stip_developer_user_bundles", "user bundles served", registry=r)
+        self.credentials_issued = Counter("stip_developer_credentials_issued", "user credentials issued", registry=r)
+        self.auth_failures = Counter("stip_developer_auth_failures", "refused tokens", ["kind"], registry=r)
+        self.deployments = Gauge("stip_developer_deployments", "deployments by status", ["status"], registry=r)
+        self._refresh: Callable[[], None] | None = None
+
+    def on_scrape(self, refresh: Callable[[], None]) -> None:
+        """`refresh` sets the gauges from the current state before each scrape."""
+        self._refresh = refresh
+
+    def render(self) -> bytes:
+        if self._refresh is not None:
+            self._refresh()
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts requests by method, route template (not raw path) and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                elapsed = time.perf_counter() - start
+                self.metrics.latency.labels(scope["method"], _route(scope)).observe(elapsed)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.requests.labels(scope["method"], _route(scope), str(status)).inc()
+
+
+def _route(scope: Scope) -> str:
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"

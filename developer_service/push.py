@@ -1,0 +1,152 @@
+"""The weight push, P1 -> P2: θ′ streamed as one safetensors body with its SHA-256.
+
+`PUT {cloud_url}/v1/deployments/{id}/weights`, `Authorization: Bearer <push token>`,
+`X-Stip-Sha256: <hex>`. The digest is computed by a first pass over the concatenated shards
+and the body streamed by a second, so the model is never held in memory. P2 activates the
+new version only when the body is complete and the digest matches (PROTOCOL.md section 4).
+"""
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from pydantic import ValidationError
+
+from developer_service.errors import JobCancelled, PushFailed
+from shared.api import DIGEST_HEADER, KEY_VERSION_HEADER, DeploymentInfo, PushResult
+from shared.wire import CONTENT_TYPE, concat_files
+
+log = logging.getLogger("stip.developer.push")
+
+ByteProgress = Callable[[int, int], None]
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    cloud_url: str
+    deployment_id: str
+    key_version: int
+    files: list[Path]  # the cloud shards of one version
+    metadata: dict[str, str]  # safetensors __metadata__ of the body (shared.api PUSH_*)
+
+    @property
+    def url(self) -> str:
+        return f"{self.cloud_url}/v1/deployments/{self.deployment_id}/weights"
+
+
+def body_digest(files: list[Path], metadata: dict[str, str], cancelled: threading.Event) -> tuple[int, str]:
+    """(size, hex SHA-256) of the concatenated body, read once from disk."""
+    total, chunks = concat_files(files, metadata)
+    h = hashlib.sha256()
+    for chunk in chunks:
+        if cancelled.is_set():
+            raise JobCancelled("P1 is shutting down")
+        h.update(chunk)
+    return total, h.hexdigest()
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """P2's error as `code: message`, from its JSON error shape when it has one."""
+    try:
+        error = response.json()["error"]
+        return f"{error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200] or response.reason_phrase
+
+
+class Pusher:
+    """Pushes θ′ to P2 with retries on network errors and 5xx, never on 4xx."""
+
+    def __init__(
+        self,
+        client: httpx.Client,
+        token: str,
+        *,
+        attempts: int = 3,
+        backoff_s: float = 2.0,
+        cancelled: threading.Event | None = None,
+    ) -> None:
+        self._client, self._token = client, token
+        self.attempts, self.backoff_s = attempts, backoff_s
+        self.cancelled = cancelled or threading.Event()
+
+    def push(self, request: PushRequest, on_progress: ByteProgress | None = None) -> PushResult:
+        total, digest = body_digest(request.files, request.metadata, self.cancelled)
+        error = PushFailed("no push attempted")
+        for attempt in range(1, self.attempts + 1):
+            try:
+                response = self._put(request, total, digest, on_progress)
+            except httpx.TransportError as e:
+                error = PushFailed(f"cannot reach P2 at {request.url}: {type(e).__name__}: {e}")
+            else:
+                if response.is_success:
+                    return self._result(request, response, digest)
+                error = PushFailed(f"P2 refused the push (HTTP {response.status_code}): {_error_detail(response)}")
+                if response.status_code not in RETRY_STATUSES:
+                    raise error
+            # The body may have arrived even though the answer did not: ask P2.
+            if self.cloud_version(request.cloud_url, request.deployment_id) == request.key_version:
+                log.info("P2 reports key version %d active after an unanswered push", request.key_version)
+                return PushResult(
+                    deployment_id=request.deployment_id,
+                    key_version=request.key_version,
+                    status="active",
+                    sha256=digest,
+                )
+            if attempt < self.attempts:
+                log.warning("push attempt %d/%d failed: %s", attempt, self.attempts, error.message)
+                if self.cancelled.wait(self.backoff_s * attempt):
+                    raise JobCancelled("P1 is shutting down")
+        raise error
+
+    def _put(self, request: PushRequest, total: int, digest: str, on_progress: ByteProgress | None) -> httpx.Response:
+        _, chunks = concat_files(request.files, request.metadata)
+
+        def body() -> Iterator[bytes]:
+            done = 0
+            if on_progress:
+                on_progress(0, total)
+            for chunk in chunks:
+                if self.cancelled.is_set():
+                    raise JobCancelled("P1 is shutting down")
+                done += len(chunk)
+                yield chunk
+                if on_progress:
+                    on_progress(done, total)
+
+        headers = {
+            "Authorization": f"Bearer {self._token}",
+            DIGEST_HEADER: digest,
+            KEY_VERSION_HEADER: str(request.key_version),
+            "Content-Type": CONTENT_TYPE,
+            "Content-Length": str(total),  # a sized body, not chunked: P2 can refuse it up front
+        }
+        return self._client.put(request.url, content=body(), headers=headers)
+
+    @staticmethod
+    def _result(request: PushRequest, response: httpx.Response, digest: str) -> PushResult:
+        try:
+            result = PushResult.model_validate_json(response.content)
+        except ValidationError:
+            raise PushFailed("P2 acknowledged the push with a body that is not a PushResult") from None
+        if result.sha256 != digest or result.key_version != request.key_version:
+            raise PushFailed(
+                f"P2 acknowledged key version {result.key_version} with digest {result.sha256[:12]}…, "
+                f"expected version {request.key_version} with {digest[:12]}…"
+            )
+        return result
+
+    def cloud_version(self, cloud_url: str, deployment_id: str, timeout_s: float = 10.0) -> int | None:
+        """The key version P2 reports active for a deployment, or None (unknown or unreachable)."""
+        try:
+            response = self._client.get(f"{cloud_url}/v1/deployments/{deployment_id}", timeout=timeout_s)
+            if response.status_code != 200:
+                return None
+            return DeploymentInfo.model_validate_json(response.content).key_version
+        except (httpx.HTTPError, ValidationError):
+            return None

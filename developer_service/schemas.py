@@ -1,0 +1,69 @@
+"""Request and response models of P1.
+
+The contract models live in `shared.api` (the SDK and P2 import them too) and are
+re-exported here; P1-only models (credential listings, health) are defined below.
+"""
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel
+
+from shared.api import (
+    BundleManifest,
+    CreateDeployment,
+    CredentialIssued,
+    DeploymentStatus,
+    ErrorBody,
+    ErrorResponse,
+    IssueCredential,
+    ModelInfo,
+    Progress,
+    RegisterModel,
+)
+
+if TYPE_CHECKING:
+    from developer_service.store import CredentialRecord
+
+
+class CredentialInfo(BaseModel):
+    """An issued credential as P1 lists it: claims only, never the token."""
+
+    user_id: str
+    name: str
+    deployment_id: str
+    issued_at: int
+    expires_at: int
+    revoked: bool
+    revoked_at: int | None = None
+
+    @classmethod
+    def from_record(cls, record: "CredentialRecord") -> "CredentialInfo":
+        return cls(
+            user_id=record.user_id,
+            name=record.name,
+            deployment_id=record.deployment_id,
+            issued_at=record.issued_at,
+            expires_at=record.expires_at,
+            revoked=record.revoked_at is not None,
+            revoked_at=record.revoked_at,
+        )
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready", "not_ready"]
+
+
+__all__ = [
+    "BundleManifest",
+    "CreateDeployment",
+    "CredentialInfo",
+    "CredentialIssued",
+    "DeploymentStatus",
+    "ErrorBody",
+    "ErrorResponse",
+    "Health",
+    "IssueCredential",
+    "ModelInfo",
+    "Progress",
+    "RegisterModel",
+]

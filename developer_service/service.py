@@ -1,0 +1,581 @@
+"""P1's logic, testable without HTTP: registry, deployments, rotation, credentials, bundles.
+
+Who holds what: P1 keeps the original weights θ and every key version's full key
+(`DATA/deployments/{id}/v{n}/developer/key.safetensors`, 0600); it sends θ′ (`v{n}/cloud/`)
+to P2 and hands `v{n}/user/` (π, π_c, embedding module, tokenizer) to authorised users.
+
+A deployment runs at most one job at a time (a thread: transform, then push). The version
+users receive (`key_version`) changes only once P2 has acknowledged the new θ′; until then
+the new version is `pending_key_version`. Versions are never reused.
+"""
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from developer_service.bundle import MANIFEST, Bundle, open_bundle
+from developer_service.errors import (
+    BadRequest,
+    DeveloperError,
+    Forbidden,
+    InvalidModel,
+    JobCancelled,
+    JobRunning,
+    NoActiveVersion,
+    NotConfigured,
+    Unauthorized,
+)
+from developer_service.metrics import Metrics
+from developer_service.push import Pusher, PushRequest
+from developer_service.schemas import (
+    CreateDeployment,
+    CredentialInfo,
+    CredentialIssued,
+    DeploymentStatus,
+    IssueCredential,
+    ModelInfo,
+    Progress,
+    RegisterModel,
+)
+from developer_service.settings import DeveloperSettings
+from developer_service.store import CredentialRecord, DeploymentRecord, ModelRecord, Store
+from shared.api import (
+    PUSH_CONFIG,
+    PUSH_DEPLOYMENT,
+    PUSH_FAMILY,
+    PUSH_KEY_VERSION,
+    PUSH_VERIFY_KEY,
+    BundleManifest,
+)
+from shared.checkpoint import checkpoint_files, count_tensors, read_config, transform_model_dir
+from shared.credentials import Claims, Signer, verify
+from shared.errors import CredentialError, StipCoreError
+from shared.families import detect_family
+
+log = logging.getLogger("stip.developer")
+
+STATE_FILE = "state.json"
+SIGNING_KEY_FILE = "signing.key"
+DEPLOYMENTS_DIR = "deployments"
+_VERSION_DIR = re.compile(r"\.?v(\d+)(\.partial-.*)?")  # v3, and .v3.partial-xyz while transforming
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+def normalize_cloud_url(url: str) -> str:
+    """An absolute http(s) URL without a trailing slash, or BadRequest."""
+    try:
+        parsed = httpx.URL(url.strip())
+    except (httpx.InvalidURL, TypeError):
+        raise BadRequest(f"cloud_url {url!r} is not a URL") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise BadRequest(f"cloud_url must be an absolute http(s) URL, got {url!r}")
+    if parsed.query or parsed.fragment:
+        raise BadRequest("cloud_url must not carry a query or a fragment")
+    return str(parsed).rstrip("/")
+
+
+def inspect_model(path: Path) -> tuple[str, list[str], int, int, int]:
+    """Check a model directory: config.json, a supported family, readable checkpoint files.
+
+    Returns (family, architectures, d_model, d_out, n_layers). Raises InvalidModel or the
+    core's CheckpointError / UnsupportedModel, each naming what is wrong.
+    """
+    if not path.is_absolute():
+        raise InvalidModel(f"model path must be absolute (a directory on P1's machine): {path}")
+    if not path.is_dir():
+        raise InvalidModel(f"{path} is not a directory on P1's machine")
+    config = read_config(path)
+    family = detect_family(config)
+    dims = family.dims(config)
+    count_tensors(checkpoint_files(path))  # every shard exists and has a readable header
+    return family.name, list(config.get("architectures") or []), dims.d_model, dims.d_out, dims.n_layers
+
+
+def _make_http_client(settings: DeveloperSettings, transport: httpx.BaseTransport | None) -> httpx.Client:
+    verify_tls: ssl.SSLContext | bool = True
+    if settings.ca_bundle is not None:
+        verify_tls = ssl.create_default_context(cafile=str(settings.ca_bundle))
+    timeout = httpx.Timeout(settings.push_timeout_s, connect=15.0)
+    return httpx.Client(transport=transport, verify=verify_tls, timeout=timeout, follow_redirects=False)
+
+
+@dataclass
+class _Job:
+    thread: threading.Thread
+    kind: str  # "deploy" or "rotate"
+    version: int
+
+
+class DeveloperService:
+    """Everything P1 does; the HTTP layer (api.py) only translates."""
+
+    def __init__(
+        self,
+        settings: DeveloperSettings,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.data_dir = settings.data_dir.expanduser().resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        (self.data_dir / DEPLOYMENTS_DIR).mkdir(mode=0o700, exist_ok=True)
+        self.store = Store(self.data_dir / STATE_FILE)
+        self.signer = Signer.load_or_create(self.data_dir / SIGNING_KEY_FILE)
+        self.metrics = metrics or Metrics()
+        self.metrics.on_scrape(self._refresh_gauges)
+        self._http = _make_http_client(settings, transport)
+        self._closing = threading.Event()
+        self._lock = threading.RLock()  # serialises job start/commit against reads of versions
+        self._jobs: dict[str, _Job] = {}
+        self._progress: dict[str, Progress] = {}
+        self._slots = threading.Semaphore(settings.max_parallel_jobs)
+        self.ready = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover from an interrupted run, then accept requests."""
+        self._recover()
+        if self.settings.admin_token is None:
+            log.warning("no admin token configured: the /v1 admin routes answer 503")
+        if self.settings.push_token is None:
+            log.warning("no push token configured: deployments cannot be pushed to P2")
+        self.ready = True
+        log.info(
+            "P1 ready: %d models, %d deployments", len(self.store.list_models()), len(self.store.list_deployments())
+        )
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop running jobs at their next checkpoint and wait for them (bounded)."""
+        self.ready = False
+        self._closing.set()
+        deadline = time.monotonic() + timeout_s
+        for job in list(self._jobs.values()):
+            job.thread.join(max(0.0, deadline - time.monotonic()))
+        self._http.close()
+
+    def wait(self, deployment_id: str, timeout_s: float | None = None) -> DeploymentStatus:
+        """Block until the deployment's current job (if any) ends; for tests and scripts."""
+        job = self._jobs.get(deployment_id)
+        if job is not None:
+            job.thread.join(timeout_s)
+        return self.deployment(deployment_id)
+
+    def _recover(self) -> None:
+        """Mark jobs a previous run left mid-way, and remove their half-done version dirs.
+
+        Exception: if the interrupted push did reach P2 (P2 reports the pending version
+        active) and the version dir is complete, that version is adopted.
+        """
+        for dep in self.store.list_deployments():
+            if dep.status not in ("pending", "rotating"):
+                self._prune(dep.deployment_id, keep=dep.key_version)
+                continue
+            pending = dep.pending_key_version or dep.last_version
+            vdir = self._version_dir(dep.deployment_id, pending)
+            if (
+                self._complete(vdir)
+                and self._pusher().cloud_version(dep.cloud_url, dep.deployment_id, timeout_s=5.0) == pending
+            ):
+                log.info("deployment %s: adopting key version %d, active on P2", dep.deployment_id, pending)
+                self._commit(dep.deployment_id, pending)
+                continue
+            message = f"interrupted: P1 stopped while deploying key version {pending}; rotate to try again"
+            log.warning("deployment %s: %s", dep.deployment_id, message)
+            self._mark_failed(dep.deployment_id, pending, message)
+
+    # --- models ----------------------------------------------------------------------------
+
+    def register_model(self, request: RegisterModel) -> tuple[ModelInfo, bool]:
+        """Register a local model directory. Idempotent on (path, name): returns (info, created)."""
+        path = Path(request.path).expanduser()
+        family, archs, d_model, d_out, n_layers = inspect_model(path)
+        path = path.resolve()
+        name = request.name or path.name
+        for existing in self.store.list_models():
+            if existing.path == str(path) and existing.name == name:
+                return ModelInfo.model_validate(existing.model_dump()), False
+        record = ModelRecord(
+            model_id=_new_id("m"),
+            name=name,
+            path=str(path),
+            family=family,
+            architectures=archs,
+            d_model=d_model,
+            d_out=d_out,
+            n_layers=n_layers,
+            registered_at=int(time.time()),
+        )
+        self.store.add_model(record)
+        log.info("registered model %s (%s, %s) from %s", record.model_id, name, family, path)
+        return ModelInfo.model_validate(record.model_dump()), True
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo.model_validate(m.model_dump()) for m in self.store.list_models()]
+
+    def model(self, model_id: str) -> ModelInfo:
+        return ModelInfo.model_validate(self.store.get_model(model_id).model_dump())
+
+    # --- deployments -----------------------------------------------------------------------
+
+    def create_deployment(self, request: CreateDeployment) -> DeploymentStatus:
+        model = self.store.get_model(request.model_id)
+        cloud_url = normalize_cloud_url(request.cloud_url)
+        self._push_token()
+        inspect_model(Path(model.path))  # still there and still valid
+        now = int(time.time())
+        record = DeploymentRecord(
+            deployment_id=_new_id("dep"),
+            model_id=model.model_id,
+            family=model.family,
+            cloud_url=cloud_url,
+            status="pending",
+            pending_key_version=1,
+            last_version=1,
+            created_at=now,
+            updated_at=now,
+        )
+        with self._lock:
+            self.store.add_deployment(record)
+            self._start_job(record.deployment_id, 1, kind="deploy")
+        log.info("deployment %s of model %s to %s: queued", record.deployment_id, model.model_id, cloud_url)
+        return self.deployment(record.deployment_id)
+
+    def rotate(self, deployment_id: str) -> DeploymentStatus:
+        """Draw key version n+1 and push its θ′; users keep version n until P2 activates it."""
+        self._push_token()
+        with self._lock:
+            dep = self.store.get_deployment(deployment_id)
+            if dep.status in ("pending", "rotating"):
+                raise JobRunning(f"deployment {deployment_id} has a job running; wait for it to finish")
+            version = dep.last_version + 1
+            self.store.update_deployment(
+                deployment_id,
+                status="rotating" if dep.key_version is not None else "pending",
+                pending_key_version=version,
+                last_version=version,
+                progress=Progress(stage="queued"),
+                error=None,
+            )
+            self._start_job(deployment_id, version, kind="rotate")
+        log.info("deployment %s: rotating to key version %d", deployment_id, version)
+        return self.deployment(deployment_id)
+
+    def deployment(self, deployment_id: str) -> DeploymentStatus:
+        return self._status(self.store.get_deployment(deployment_id))
+
+    def deployments(self) -> list[DeploymentStatus]:
+        return [self._status(d) for d in self.store.list_deployments()]
+
+    def _status(self, dep: DeploymentRecord) -> DeploymentStatus:
+        progress = self._progress.get(dep.deployment_id) or dep.progress
+        return DeploymentStatus(
+            deployment_id=dep.deployment_id,
+            model_id=dep.model_id,
+            family=dep.family,
+            cloud_url=dep.cloud_url,
+            status=dep.status,
+            key_version=dep.key_version,
+            pending_key_version=dep.pending_key_version,
+            progress=progress.model_copy(),
+            error=dep.error,
+        )
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def _start_job(self, deployment_id: str, version: int, *, kind: str) -> None:
+        self._progress[deployment_id] = Progress(stage="queued")
+        thread = threading.Thread(
+            target=self._run_job,
+            args=(deployment_id, version, kind),
+            name=f"stip-{kind}-{deployment_id}-v{version}",
+            daemon=True,
+        )
+        with self._lock:
+            self._jobs[deployment_id] = _Job(thread=thread, kind=kind, version=version)
+        thread.start()
+
+    def _run_job(self, deployment_id: str, version: int, kind: str) -> None:
+        start = time.monotonic()
+        outcome = "failed"
+        try:
+            while not self._slots.acquire(timeout=0.5):
+                if self._closing.is_set():
+                    raise JobCancelled("P1 shut down before the job started")
+            try:
+                self._transform_and_push(deployment_id, version)
+                outcome = "succeeded"
+            finally:
+                self._slots.release()
+        except JobCancelled:
+            outcome = "interrupted"
+            self._mark_failed(
+                deployment_id, version, f"interrupted: P1 shut down during key version {version}; rotate to try again"
+            )
+        except (DeveloperError, StipCoreError) as e:
+            log.warning("deployment %s, key version %d failed: %s", deployment_id, version, e)
+            self._mark_failed(deployment_id, version, str(e))
+        except Exception:
+            log.exception("deployment %s, key version %d: unexpected error", deployment_id, version)
+            self._mark_failed(deployment_id, version, "internal error during the job; see P1's log")
+        finally:
+            self.metrics.jobs.labels(kind, outcome).inc()
+            self.metrics.job_seconds.labels(kind).observe(time.monotonic() - start)
+            with self._lock:
+                job = self._jobs.get(deployment_id)
+                if job is not None and job.thread is threading.current_thread():
+                    del self._jobs[deployment_id]
+
+    def _transform_and_push(self, deployment_id: str, version: int) -> None:
+        dep = self.store.get_deployment(deployment_id)
+        model = self.store.get_model(dep.model_id)
+        vdir = self._version_dir(deployment_id, version)
+        if vdir.exists():
+            shutil.rmtree(vdir)
+
+        def on_tensors(done: int, total: int) -> None:
+            if self._closing.is_set():
+                raise JobCancelled("P1 is shutting down")
+            self._progress[deployment_id] = Progress(stage="transforming", done=done, total=total)
+
+        self._set_stage(deployment_id, "transforming")
+        result = transform_model_dir(
+            Path(model.path),
+            vdir,
+            key_version=version,
+            shard_bytes=self.settings.shard_bytes,
+            progress=False,
+            on_progress=on_tensors,
+        )
+        log.info("deployment %s: key version %d transformed into %s", deployment_id, version, vdir)
+
+        def on_bytes(done: int, total: int) -> None:
+            self._progress[deployment_id] = Progress(stage="pushing", done=done, total=total)
+
+        self._set_stage(deployment_id, "pushing")
+        metadata = {
+            PUSH_DEPLOYMENT: deployment_id,
+            PUSH_FAMILY: result.family,
+            PUSH_CONFIG: (vdir / "cloud" / "config.json").read_text(),
+            PUSH_KEY_VERSION: str(version),
+            PUSH_VERIFY_KEY: self.signer.public_key,
+        }
+        request = PushRequest(dep.cloud_url, deployment_id, version, list(result.cloud_files), metadata)
+        pushed = self._pusher().push(request, on_bytes)
+        self.metrics.pushed_bytes.inc(self._progress[deployment_id].total)
+        log.info("deployment %s: P2 activated key version %d (sha256 %s)", deployment_id, version, pushed.sha256)
+        self._commit(deployment_id, version)
+
+    def _commit(self, deployment_id: str, version: int) -> None:
+        """P2 serves `version`: hand it to users and delete every older version's material."""
+        fingerprint = self._manifest_fingerprint(self._version_dir(deployment_id, version))
+        with self._lock:
+            live = self._progress.get(deployment_id)
+            total = live.total if live and live.stage == "pushing" else 0
+            progress = Progress(stage="done", done=total, total=total)
+            self.store.update_deployment(
+                deployment_id,
+                status="active",
+                key_version=version,
+                pending_key_version=None,
+                fingerprint=fingerprint,
+                progress=progress,
+                error=None,
+            )
+            self._progress[deployment_id] = progress
+        self._prune(deployment_id, keep=version, upto=version)
+
+    def _mark_failed(self, deployment_id: str, version: int, message: str) -> None:
+        """The job for `version` did not complete: the active version (if any) stays."""
+        with self._lock:
+            dep = self.store.get_deployment(deployment_id)
+            if dep.key_version is not None:
+                status, error = "active", f"rotation to key version {version} failed: {message}"
+            else:
+                status, error = "failed", f"deployment of key version {version} failed: {message}"
+            live = self._progress.get(deployment_id) or dep.progress
+            progress = Progress(stage="failed", done=live.done, total=live.total)
+            self.store.update_deployment(
+                deployment_id, status=status, pending_key_version=None, progress=progress, error=error
+            )
+            self._progress[deployment_id] = progress
+        self._prune(deployment_id, keep=dep.key_version, upto=version)
+
+    def _set_stage(self, deployment_id: str, stage: str) -> None:
+        progress = Progress.model_validate({"stage": stage})
+        self.store.update_deployment(deployment_id, progress=progress)
+        self._progress[deployment_id] = progress
+
+    def _pusher(self) -> Pusher:
+        token = self.settings.push_token
+        return Pusher(
+            self._http,
+            token.get_secret_value() if token else "",
+            attempts=self.settings.push_attempts,
+            backoff_s=self.settings.push_retry_backoff_s,
+            cancelled=self._closing,
+        )
+
+    def _push_token(self) -> str:
+        if self.settings.push_token is None:
+            raise NotConfigured("P1 has no push token for P2: set STIP_DEVELOPER_PUSH_TOKEN(_FILE)")
+        return self.settings.push_token.get_secret_value()
+
+    # --- files -----------------------------------------------------------------------------
+
+    def _deployment_dir(self, deployment_id: str) -> Path:
+        return self.data_dir / DEPLOYMENTS_DIR / deployment_id
+
+    def _version_dir(self, deployment_id: str, version: int) -> Path:
+        return self._deployment_dir(deployment_id) / f"v{version}"
+
+    @staticmethod
+    def _complete(vdir: Path) -> bool:
+        return all(
+            (vdir / rel).is_file()
+            for rel in ("cloud/config.json", "user/stip.json", "user/key.safetensors", "developer/key.safetensors")
+        )
+
+    @staticmethod
+    def _manifest_fingerprint(vdir: Path) -> str | None:
+        try:
+            return BundleManifest.model_validate_json((vdir / "user" / MANIFEST).read_bytes()).fingerprint
+        except (OSError, ValueError):
+            return None
+
+    def _prune(self, deployment_id: str, *, keep: int | None, upto: int | None = None) -> None:
+        """Remove version dirs (and transform leftovers) other than `v{keep}`.
+
+        With `upto`, only versions up to it: a job for a newer version may be writing.
+        """
+        ddir = self._deployment_dir(deployment_id)
+        if not ddir.is_dir():
+            return
+        for child in ddir.iterdir():
+            m = _VERSION_DIR.fullmatch(child.name)
+            if m is None:
+                continue
+            version = int(m.group(1))
+            if version == keep and not m.group(2):
+                continue
+            if upto is not None and version > upto:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+    # --- credentials -----------------------------------------------------------------------
+
+    def issue_credential(self, deployment_id: str, request: IssueCredential) -> CredentialIssued:
+        self.store.get_deployment(deployment_id)  # 404 for an unknown deployment
+        ttl_s = request.ttl_s or self.settings.credential_ttl_s
+        user_id = _new_id("u")
+        token, claims = self.signer.issue(subject=user_id, deployment_id=deployment_id, ttl_s=ttl_s)
+        self.store.add_credential(
+            CredentialRecord(
+                user_id=user_id,
+                name=request.name,
+                deployment_id=deployment_id,
+                jti=claims.jti,
+                token_sha256=_sha256(token),
+                issued_at=claims.iat,
+                expires_at=claims.exp,
+            )
+        )
+        self.metrics.credentials_issued.inc()
+        log.info(
+            "deployment %s: issued credential %s (%s), expires at %d", deployment_id, user_id, request.name, claims.exp
+        )
+        return CredentialIssued(user_id=user_id, deployment_id=deployment_id, credential=token, expires_at=claims.exp)
+
+    def credentials(self, deployment_id: str) -> list[CredentialInfo]:
+        self.store.get_deployment(deployment_id)
+        return [CredentialInfo.from_record(c) for c in self.store.list_credentials(deployment_id)]
+
+    def revoke_credential(self, deployment_id: str, user_id: str) -> CredentialInfo:
+        record = self.store.revoke_credential(deployment_id, user_id)
+        log.info("deployment %s: revoked credential %s", deployment_id, user_id)
+        return CredentialInfo.from_record(record)
+
+    # --- authentication --------------------------------------------------------------------
+
+    def authenticate_admin(self, token: str | None) -> None:
+        expected = self.settings.admin_token
+        if expected is None:
+            raise NotConfigured("the admin API is disabled: set STIP_DEVELOPER_ADMIN_TOKEN(_FILE)")
+        if token is None:
+            self.metrics.auth_failures.labels("admin").inc()
+            raise Unauthorized("missing admin token (Authorization: Bearer <token>)")
+        if not secrets.compare_digest(token.encode(), expected.get_secret_value().encode()):
+            self.metrics.auth_failures.labels("admin").inc()
+            raise Unauthorized("invalid admin token")
+
+    def authenticate_user(self, deployment_id: str, token: str | None) -> Claims:
+        """A user credential for this deployment: signed by P1, unexpired, issued and not revoked."""
+        try:
+            return self._check_user(deployment_id, token)
+        except (Unauthorized, Forbidden):
+            self.metrics.auth_failures.labels("user").inc()
+            raise
+
+    def _check_user(self, deployment_id: str, token: str | None) -> Claims:
+        if token is None:
+            raise Unauthorized("missing user credential (Authorization: Bearer <credential>)")
+        digest = _sha256(token)
+        record = self.store.credential_by_hash(digest)
+        if record is None or not secrets.compare_digest(record.token_sha256, digest):
+            raise Unauthorized("unknown user credential")
+        try:
+            claims = verify(token, self.signer.public_key, deployment_id=record.deployment_id)
+        except CredentialError as e:
+            raise Unauthorized(str(e)) from None
+        if claims.jti != record.jti or claims.sub != record.user_id:
+            raise Unauthorized("unknown user credential")
+        if record.revoked_at is not None:
+            raise Unauthorized("user credential has been revoked")
+        if record.deployment_id != deployment_id:
+            raise Forbidden("credential is for another deployment")
+        return claims
+
+    # --- the user bundle -------------------------------------------------------------------
+
+    def user_bundle(self, deployment_id: str) -> Bundle:
+        """The active version's user/ directory as a tar, files opened now (see bundle.py)."""
+        with self._lock:
+            dep = self.store.get_deployment(deployment_id)
+            if dep.key_version is None:
+                raise NoActiveVersion(f"deployment {deployment_id} has no active key version yet (status {dep.status})")
+            user_dir = self._version_dir(deployment_id, dep.key_version) / "user"
+            cloud_url = self.settings.public_cloud_url or dep.cloud_url
+            bundle = open_bundle(user_dir, deployment_id=deployment_id, cloud_url=cloud_url)
+        self.metrics.bundles.inc()
+        return bundle
+
+    # --- metrics -----------------------------------------------------------------------------
+
+    def _refresh_gauges(self) -> None:
+        counts = dict.fromkeys(("pending", "active", "rotating", "failed"), 0)
+        for dep in self.store.list_deployments():
+            counts[dep.status] += 1
+        for status, n in counts.items():
+            self.metrics.deployments.labels(status).set(n)

@@ -1,0 +1,122 @@
+"""P1's configuration: pydantic-settings classes read from `STIP_DEVELOPER_*` variables.
+
+Secrets are `SecretStr` and may come from files (`*_FILE`, for Docker secrets). Settings are
+built by the factories at the bottom, never at import time.
+"""
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "STIP_DEVELOPER_"
+DEFAULT_PORT = 8001
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+DAY_S = 86_400
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+def _read_secret_file(path: Path, env_name: str) -> SecretStr:
+    try:
+        text = path.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"{env_name}_FILE: cannot read {path}: {e.strerror}") from None
+    if not text:
+        raise ValueError(f"{env_name}_FILE: {path} is empty")
+    return SecretStr(text)
+
+
+def _resolve_secret(name: str, value: SecretStr | None, file: Path | None) -> SecretStr | None:
+    """The secret from the variable or from the file it names; both at once is an error."""
+    env_name = ENV_PREFIX + name.upper()
+    if file is not None:
+        if value is not None:
+            raise ValueError(f"set {env_name} or {env_name}_FILE, not both")
+        return _read_secret_file(file, env_name)
+    if value is not None and not value.get_secret_value().strip():
+        raise ValueError(f"{env_name} is empty")
+    return value
+
+
+class DeveloperSettings(BaseSettings):
+    """`stip-developer serve`: P1, the developer service."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
+    data_dir: Path = Field(Path("data/developer"), description="registry, deployments, keys")
+    log_level: LogLevel = "INFO"
+
+    admin_token: SecretStr | None = Field(None, description="required for every /v1 admin route")
+    admin_token_file: Path | None = None
+    push_token: SecretStr | None = Field(None, description="the token P2 expects on weight pushes")
+    push_token_file: Path | None = None
+
+    credential_ttl_s: int = Field(30 * DAY_S, gt=0, description="default user credential lifetime")
+    public_cloud_url: str | None = Field(
+        None, description="the P2 URL written into user bundles, when it differs from the push URL"
+    )
+
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    ca_bundle: Path | None = Field(None, description="CA file to verify P2's TLS certificate")
+
+    push_timeout_s: float = Field(900.0, gt=0, description="read/write timeout of a weight push")
+    push_attempts: int = Field(3, ge=1, description="tries per push on network errors and 5xx")
+    push_retry_backoff_s: float = Field(2.0, ge=0)
+    shard_bytes: int = Field(2 << 30, gt=0, description="size of the transformed cloud shards")
+    max_parallel_jobs: int = Field(1, ge=1, description="transforms/pushes running at once")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("public_cloud_url")
+    @classmethod
+    def _strip_slash(cls, v: str | None) -> str | None:
+        return v.rstrip("/") if v else None
+
+    @model_validator(mode="after")
+    def _secrets_and_tls(self) -> "DeveloperSettings":
+        self.admin_token = _resolve_secret("admin_token", self.admin_token, self.admin_token_file)
+        self.push_token = _resolve_secret("push_token", self.push_token, self.push_token_file)
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError(f"set both {ENV_PREFIX}TLS_CERTFILE and {ENV_PREFIX}TLS_KEYFILE, or neither")
+        return self
+
+
+class DeveloperClientSettings(BaseSettings):
+    """The `stip-developer` client subcommands: where P1 is and the admin token."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    url: str = DEFAULT_URL
+    admin_token: SecretStr | None = None
+    admin_token_file: Path | None = None
+    ca_bundle: Path | None = None
+    timeout_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _secrets(self) -> "DeveloperClientSettings":
+        self.admin_token = _resolve_secret("admin_token", self.admin_token, self.admin_token_file)
+        self.url = self.url.rstrip("/")
+        return self
+
+
+def load_settings(**overrides: Any) -> DeveloperSettings:
+    """Settings from the environment; explicit keyword arguments (CLI flags) win."""
+    return DeveloperSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def load_client_settings(**overrides: Any) -> DeveloperClientSettings:
+    """Client settings; a token given on the command line replaces both environment variants."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if "admin_token" in values:
+        values["admin_token_file"] = None
+    elif "admin_token_file" in values:
+        values["admin_token"] = None
+    return DeveloperClientSettings(**values)

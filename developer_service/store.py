@@ -1,0 +1,181 @@
+"""P1's persistent state: the model registry, deployments and issued credentials.
+
+One JSON document, `DATA/state.json` (mode 0600), rewritten atomically (temporary file,
+fsync, `os.replace`) on every change, so a crash leaves either the old or the new state.
+Credentials are stored as the SHA-256 of the token plus their claims, never the token.
+Key material does not live here: it sits in `DATA/deployments/{id}/v{n}/`, written by
+`shared.checkpoint.transform_model_dir` with owner-only permissions.
+"""
+
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from developer_service.errors import StateError, UnknownCredential, UnknownDeployment, UnknownModel
+from shared.api import ModelInfo, Progress
+
+STATE_FORMAT = 1
+
+DeploymentState = Literal["pending", "active", "rotating", "failed"]
+
+
+class ModelRecord(ModelInfo):
+    registered_at: int
+
+
+class DeploymentRecord(BaseModel):
+    deployment_id: str
+    model_id: str
+    family: str
+    cloud_url: str
+    status: DeploymentState
+    key_version: int | None = None  # active on P2: what users get
+    pending_key_version: int | None = None  # being transformed / pushed
+    last_version: int = 0  # highest version ever drawn: versions are never reused
+    fingerprint: str | None = None  # of the active user key (a hash, not a secret)
+    progress: Progress = Progress(stage="queued")  # the last stage reached; live counts are in memory
+    error: str | None = None
+    created_at: int
+    updated_at: int
+
+
+class CredentialRecord(BaseModel):
+    user_id: str
+    name: str
+    deployment_id: str
+    jti: str
+    token_sha256: str
+    issued_at: int
+    expires_at: int
+    revoked_at: int | None = None
+
+
+class State(BaseModel):
+    format: int = STATE_FORMAT
+    models: dict[str, ModelRecord] = {}
+    deployments: dict[str, DeploymentRecord] = {}
+    credentials: dict[str, CredentialRecord] = {}
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write `data` to `path` so that readers see the old or the new content, never a mix."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Store:
+    """Thread-safe access to the state document. Getters return copies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._state = self._load()
+        self._by_hash = {c.token_sha256: c.user_id for c in self._state.credentials.values()}
+
+    def _load(self) -> State:
+        if not self.path.exists():
+            return State()
+        try:
+            state = State.model_validate_json(self.path.read_bytes())
+        except (OSError, ValidationError) as e:
+            detail = e.strerror if isinstance(e, OSError) else f"{e.error_count()} invalid fields"
+            raise StateError(f"cannot load P1's state from {self.path}: {detail}") from None
+        if state.format != STATE_FORMAT:
+            raise StateError(f"{self.path}: unknown state format {state.format}")
+        return state
+
+    def _save(self) -> None:
+        data = json.dumps(self._state.model_dump(mode="json"), indent=1).encode()
+        write_atomic(self.path, data)
+
+    # --- models ------------------------------------------------------------------------
+
+    def add_model(self, record: ModelRecord) -> None:
+        with self._lock:
+            self._state.models[record.model_id] = record
+            self._save()
+
+    def get_model(self, model_id: str) -> ModelRecord:
+        with self._lock:
+            try:
+                return self._state.models[model_id].model_copy()
+            except KeyError:
+                raise UnknownModel(f"no model {model_id!r} is registered") from None
+
+    def list_models(self) -> list[ModelRecord]:
+        with self._lock:
+            return [m.model_copy() for m in self._state.models.values()]
+
+    # --- deployments ---------------------------------------------------------------------
+
+    def add_deployment(self, record: DeploymentRecord) -> None:
+        with self._lock:
+            self._state.deployments[record.deployment_id] = record
+            self._save()
+
+    def get_deployment(self, deployment_id: str) -> DeploymentRecord:
+        with self._lock:
+            try:
+                return self._state.deployments[deployment_id].model_copy()
+            except KeyError:
+                raise UnknownDeployment(f"no deployment {deployment_id!r}") from None
+
+    def list_deployments(self) -> list[DeploymentRecord]:
+        with self._lock:
+            return [d.model_copy() for d in self._state.deployments.values()]
+
+    def update_deployment(self, deployment_id: str, **changes: Any) -> DeploymentRecord:
+        with self._lock:
+            current = self.get_deployment(deployment_id)
+            fields = {**current.model_dump(), **changes, "updated_at": int(time.time())}
+            updated = DeploymentRecord.model_validate(fields)
+            self._state.deployments[deployment_id] = updated
+            self._save()
+            return updated.model_copy()
+
+    # --- credentials ---------------------------------------------------------------------
+
+    def add_credential(self, record: CredentialRecord) -> None:
+        with self._lock:
+            self._state.credentials[record.user_id] = record
+            self._by_hash[record.token_sha256] = record.user_id
+            self._save()
+
+    def credential_by_hash(self, token_sha256: str) -> CredentialRecord | None:
+        with self._lock:
+            user_id = self._by_hash.get(token_sha256)
+            return None if user_id is None else self._state.credentials[user_id].model_copy()
+
+    def list_credentials(self, deployment_id: str) -> list[CredentialRecord]:
+        with self._lock:
+            return [c.model_copy() for c in self._state.credentials.values() if c.deployment_id == deployment_id]
+
+    def revoke_credential(self, deployment_id: str, user_id: str) -> CredentialRecord:
+        with self._lock:
+            record = self._state.credentials.get(user_id)
+            if record is None or record.deployment_id != deployment_id:
+                raise UnknownCredential(f"deployment {deployment_id!r} has no user {user_id!r}")
+            if record.revoked_at is None:
+                record.revoked_at = int(time.time())
+                self._save()
+            return record.model_copy()
