@@ -1,0 +1,308 @@
+"""P2's HTTP routes (a few lines each), their dependencies, and the one error table.
+
+Every error leaves as `{"error": {"code", "message"}}` (shared.api.ErrorResponse): domain
+exceptions of cloud_service.errors and shared.errors are mapped to statuses in `ERRORS`,
+FastAPI's validation errors and Starlette's 404/405 are rewritten to the same shape.
+"""
+
+import logging
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cloud_service.errors import (
+    BadInput,
+    CloudError,
+    Forbidden,
+    Internal,
+    KeyOutdated,
+    NotFound,
+    NotReady,
+    PushesDisabled,
+    SessionExpired,
+    TooManySessions,
+    Unauthorized,
+    VersionConflict,
+)
+from cloud_service.schemas import DeploymentInfo, ErrorResponse, ForwardOptions, Health, PushResult, SessionCreated
+from cloud_service.service import CloudService, Deployment
+from shared.api import (
+    DIGEST_HEADER,
+    E_BAD_INPUT,
+    E_CONFLICT,
+    E_FORBIDDEN,
+    E_INTERNAL,
+    E_KEY_OUTDATED,
+    E_NOT_FOUND,
+    E_NOT_READY,
+    E_SESSION_EXPIRED,
+    E_TOO_LARGE,
+    E_TOO_MANY_SESSIONS,
+    E_UNAUTHORIZED,
+    KEY_VERSION_HEADER,
+    ErrorBody,
+    OutputMode,
+)
+from shared.credentials import Claims
+from shared.errors import (
+    BadTensor,
+    CheckpointError,
+    CredentialError,
+    KeyFormatError,
+    PayloadTooLarge,
+    StipCoreError,
+    UnsupportedModel,
+)
+from shared.wire import CONTENT_TYPE
+
+log = logging.getLogger("stip.cloud.api")
+
+E_METHOD_NOT_ALLOWED = "method_not_allowed"  # 405; not (yet) one of shared.api's codes
+
+# Paths (PROTOCOL.md section 4).
+DEPLOYMENT_PATH = "/v1/deployments/{deployment_id}"
+PUSH_PATH = DEPLOYMENT_PATH + "/weights"
+SESSIONS_PATH = DEPLOYMENT_PATH + "/sessions"
+SESSION_PATH = "/v1/sessions/{session_id}"
+FORWARD_PATH = DEPLOYMENT_PATH + "/forward"
+
+# The one place that turns an exception into a status and a code: first match wins.
+ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
+    (BadInput, 400, E_BAD_INPUT),
+    (Unauthorized, 401, E_UNAUTHORIZED),
+    (Forbidden, 403, E_FORBIDDEN),
+    (PushesDisabled, 403, E_FORBIDDEN),
+    (NotFound, 404, E_NOT_FOUND),
+    (KeyOutdated, 409, E_KEY_OUTDATED),
+    (VersionConflict, 409, E_CONFLICT),
+    (SessionExpired, 410, E_SESSION_EXPIRED),
+    (TooManySessions, 429, E_TOO_MANY_SESSIONS),
+    (NotReady, 503, E_NOT_READY),
+    (Internal, 500, E_INTERNAL),
+    (PayloadTooLarge, 413, E_TOO_LARGE),  # before BadTensor, its base
+    (BadTensor, 400, E_BAD_INPUT),
+    (CredentialError, 401, E_UNAUTHORIZED),
+    (CheckpointError, 400, E_BAD_INPUT),
+    (UnsupportedModel, 400, E_BAD_INPUT),
+    (KeyFormatError, 400, E_BAD_INPUT),
+)
+HTTP_CODES = {
+    400: E_BAD_INPUT,
+    401: E_UNAUTHORIZED,
+    403: E_FORBIDDEN,
+    404: E_NOT_FOUND,
+    405: E_METHOD_NOT_ALLOWED,
+    413: E_TOO_LARGE,
+    503: E_NOT_READY,
+}
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 410, 413, 422, 429, 503)
+}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(code=code, message=message))
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def status_of(exc: Exception) -> tuple[int, str]:
+    for kind, status, code in ERRORS:
+        if isinstance(exc, kind):
+            return status, code
+    return 500, E_INTERNAL
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    status, code = status_of(exc)
+    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    log.info("%s %s -> %d %s: %s", request.method, request.url.path, status, code, message)
+    return error_response(status, code, message)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    # location and reason only: pydantic's `input` could echo what the client sent
+    parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors]
+    return error_response(422, E_BAD_INPUT, "; ".join(parts) or "invalid request")
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
+    detail = exc.detail if isinstance(exc, StarletteHTTPException) else ""
+    headers = getattr(exc, "headers", None)
+    code = HTTP_CODES.get(status, E_INTERNAL if status >= 500 else E_BAD_INPUT)
+    message = detail if isinstance(detail, str) and detail else "error"
+    if status == 404:
+        message = f"no route {request.method} {request.url.path}"
+    return error_response(status, code, message, headers=headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
+    return error_response(500, E_INTERNAL, "internal error; see the service log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(CloudError, _domain_error)
+    app.add_exception_handler(StipCoreError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+# --- dependencies --------------------------------------------------------------------------
+# All `async def`: they never block, and a sync dependency would queue behind forwards for a
+# worker thread (health checks too).
+
+
+async def get_service(request: Request) -> CloudService:
+    service: CloudService = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[CloudService, Depends(get_service)]
+
+
+async def require_ready(service: ServiceDep) -> None:
+    if not service.ready:
+        raise NotReady("P2 is still loading its deployments; retry shortly")
+
+
+async def bearer_token(authorization: Annotated[str | None, Header()] = None) -> str | None:
+    """The token of `Authorization: Bearer <token>`, or None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+TokenDep = Annotated[str | None, Depends(bearer_token)]
+
+
+async def get_deployment(deployment_id: str, service: ServiceDep) -> Deployment:
+    return service.deployment(deployment_id)
+
+
+DeploymentDep = Annotated[Deployment, Depends(get_deployment)]
+
+
+async def user_claims(dep: DeploymentDep, token: TokenDep, service: ServiceDep) -> Claims:
+    return service.authorize_user(dep, token)
+
+
+UserDep = Annotated[Claims, Depends(user_claims)]
+KeyVersionHeader = Annotated[int | None, Header(alias=KEY_VERSION_HEADER, ge=1)]
+DigestHeader = Annotated[str | None, Header(alias=DIGEST_HEADER)]
+
+
+def content_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        raise BadInput("Content-Length is not an integer") from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it passes `limit` bytes."""
+    declared = content_length(request)
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+# --- routes --------------------------------------------------------------------------------
+
+router = APIRouter(responses=ERROR_RESPONSES)
+v1 = APIRouter(dependencies=[Depends(require_ready)], responses=ERROR_RESPONSES)
+
+
+@v1.put(PUSH_PATH, response_model=PushResult, tags=["P1 -> P2"])
+async def push_weights(
+    deployment_id: str,
+    request: Request,
+    service: ServiceDep,
+    token: TokenDep,
+    digest: DigestHeader = None,
+    key_version: KeyVersionHeader = None,
+) -> PushResult:
+    """Receive θ′ as one streamed safetensors body; activate it when complete and verified."""
+    service.authorize_push(token)
+    return await service.push(
+        deployment_id,
+        request.stream(),
+        digest=digest,
+        content_length=content_length(request),
+        key_version=key_version,
+    )
+
+
+@v1.get(DEPLOYMENT_PATH, response_model=DeploymentInfo, tags=["public"])
+async def deployment_info(dep: DeploymentDep) -> DeploymentInfo:
+    return dep.info()
+
+
+@v1.post(SESSIONS_PATH, response_model=SessionCreated, status_code=201, tags=["P3 -> P2"])
+async def create_session(
+    dep: DeploymentDep, claims: UserDep, service: ServiceDep, key_version: KeyVersionHeader = None
+) -> SessionCreated:
+    service.check_key_version(dep, key_version)
+    return service.create_session(dep, claims)
+
+
+@v1.delete(SESSION_PATH, status_code=204, response_class=Response, tags=["P3 -> P2"])
+async def delete_session(session_id: str, service: ServiceDep, token: TokenDep) -> Response:
+    service.delete_session(session_id, token)
+    return Response(status_code=204)
+
+
+@v1.post(FORWARD_PATH, response_class=Response, tags=["P3 -> P2"])
+async def forward(
+    request: Request,
+    dep: DeploymentDep,
+    claims: UserDep,
+    service: ServiceDep,
+    key_version: KeyVersionHeader = None,
+    session_id: Annotated[str | None, Query(max_length=128)] = None,
+    output: OutputMode = "all",
+    k: Annotated[int | None, Query(ge=1)] = None,
+) -> Response:
+    """safetensors in (`inputs_embeds` permuted by π), safetensors out (permuted outputs)."""
+    service.check_key_version(dep, key_version)
+    body = await read_body(request, service.settings.max_body_bytes)
+    options = ForwardOptions(output=output, k=k, session_id=session_id)
+    result = await anyio.to_thread.run_sync(service.forward, dep, body, options, claims)
+    return Response(result.body, media_type=CONTENT_TYPE, headers={KEY_VERSION_HEADER: str(result.key_version)})
+
+
+@router.get("/health/live", response_model=Health, tags=["health"])
+async def live() -> Health:
+    return Health(status="live")
+
+
+@router.get("/health/ready", response_model=Health, tags=["health"])
+async def ready(service: ServiceDep) -> Health:
+    await require_ready(service)
+    return Health(status="ready", deployments=service.deployment_count)
+
+
+@router.get("/metrics", response_class=Response, tags=["health"])
+async def metrics(service: ServiceDep) -> Response:
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+router.include_router(v1)

@@ -1,0 +1,86 @@
+"""Prometheus metrics of P2, in a registry of their own (one per app, so tests can build many).
+
+Labels are bounded: the route template (never the raw path), the method, the status and the
+output mode. No label ever carries a session id, a credential or a tensor value.
+"""
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "stip_cloud_requests",
+            "HTTP requests by route template, method and status",
+            ["endpoint", "method", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "stip_cloud_request_seconds",
+            "HTTP request latency by route template",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.forward_seconds = Histogram(
+            "stip_cloud_forward_seconds",
+            "Forward latency (decode, model, encode) by output mode",
+            ["output"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter("stip_cloud_tokens", "Real (unmasked) tokens processed by forward", registry=r)
+        self.push_bytes = Counter("stip_cloud_push_bytes", "Bytes of weight pushes received", registry=r)
+        self.pushes = Counter("stip_cloud_pushes", "Weight pushes by outcome", ["outcome"], registry=r)
+        self.active_sessions = Gauge("stip_cloud_active_sessions", "Live sessions", registry=r)
+        self.session_cache_bytes = Gauge(
+            "stip_cloud_session_cache_bytes", "Approximate KV cache memory held by sessions", registry=r
+        )
+        self.deployments = Gauge("stip_cloud_deployments", "Active deployments", registry=r)
+
+    def bind(
+        self, *, sessions: Callable[[], float], cache_bytes: Callable[[], float], deployments: Callable[[], float]
+    ) -> None:
+        """Gauges read on scrape from the live objects."""
+        self.active_sessions.set_function(sessions)
+        self.session_cache_bytes.set_function(cache_bytes)
+        self.deployments.set_function(deployments)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template and status (pure ASGI: bodies stream through)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint, scope.get("method", ""), str(status)).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)

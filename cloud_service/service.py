@@ -1,0 +1,669 @@
+"""P2's logic, testable without HTTP: weight pushes, deployments, sessions, forward passes.
+
+P2 holds θ′ (transformed weights, no embedding module), P1's public verification key per
+deployment, and per session a KV cache of permuted activations. It never holds or accepts a
+permutation, an embedding table or a token id: a push with an integer tensor or a non-zero
+embedding table is refused, and a forward body carries only `inputs_embeds` and
+`attention_mask`.
+
+Concurrency: the model of a deployment runs in worker threads under the deployment's lock;
+pushes of one deployment are serialised by an async lock, stream to a temporary file, and
+switch the registry entry in one assignment once the new model is loaded, so the old
+version serves until then.
+"""
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import secrets
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from safetensors import safe_open
+
+from cloud_service.errors import (
+    BadInput,
+    Forbidden,
+    Internal,
+    KeyOutdated,
+    PushesDisabled,
+    SessionExpired,
+    Unauthorized,
+    UnknownDeployment,
+    UnknownSession,
+    VersionConflict,
+)
+from cloud_service.metrics import Metrics
+from cloud_service.schemas import ForwardOptions, ForwardResult, PushManifest
+from cloud_service.sessions import Clock, Session, SessionStore, Tombstone
+from cloud_service.settings import CloudSettings
+from cloud_service.storage import Storage, valid_deployment_id
+from shared import credentials, wire
+from shared.api import (
+    ATTENTION_MASK,
+    HIDDEN_STATES,
+    INPUTS_EMBEDS,
+    LOGITS,
+    META_DEPLOYMENT,
+    META_KEY_VERSION,
+    META_SESSION_LENGTH,
+    POOLED,
+    PUSH_CONFIG,
+    PUSH_DEPLOYMENT,
+    PUSH_FAMILY,
+    PUSH_KEY_VERSION,
+    PUSH_VERIFY_KEY,
+    TOPK_INDICES,
+    TOPK_VALUES,
+    DeploymentInfo,
+    PushResult,
+    SessionCreated,
+)
+from shared.credentials import Claims
+from shared.errors import CredentialError, PayloadTooLarge, StipCoreError
+from shared.families import CloudOutput, Family, get_family
+from shared.runtime import CloudModel, load_cloud_model
+
+log = logging.getLogger("stip.cloud")
+
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WEIGHT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+FLUSH_BYTES = 4 << 20  # push bytes buffered before each write to disk
+HEX64 = frozenset("0123456789abcdef")
+
+
+@dataclass
+class Deployment:
+    """One active key version of a deployment: θ′ on the device and P1's verification key."""
+
+    deployment_id: str
+    key_version: int
+    sha256: str
+    verify_key: str  # P1's Ed25519 public key (base64url): verifies user credentials
+    model: CloudModel
+    keeps_cache: bool  # decoder with a KV cache: sessions are possible
+    max_positions: int | None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def family(self) -> Family:
+        return self.model.family
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Approximate KV cache bytes one token of one batch row adds (keys and values, all layers)."""
+        dims = self.model.dims
+        itemsize = torch.empty((), dtype=self.model.dtype).element_size()
+        return 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim * itemsize
+
+    def info(self) -> DeploymentInfo:
+        dims = self.model.dims
+        return DeploymentInfo(
+            deployment_id=self.deployment_id,
+            family=self.family.name,
+            d_model=dims.d_model,
+            d_out=dims.d_out,
+            n_layers=dims.n_layers,
+            key_version=self.key_version,
+            status="active",
+            device=str(self.model.device),
+            dtype=str(self.model.dtype).removeprefix("torch."),
+            max_positions=self.max_positions,
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"STIP_CLOUD_DEVICE={name}, but no CUDA device is available")
+    return torch.device(name)
+
+
+class CloudService:
+    def __init__(self, settings: CloudSettings, *, metrics: Metrics | None = None, clock: Clock = time.monotonic):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.device = resolve_device(settings.device)
+        self.storage = Storage(settings.data_dir)
+        self.sessions = SessionStore(
+            max_sessions=settings.max_sessions,
+            idle_ttl_s=settings.session_idle_ttl_s,
+            memory_bytes=settings.session_memory_bytes,
+            clock=clock,
+        )
+        self.ready = False
+        self._deployments: dict[str, Deployment] = {}
+        self._push_locks: dict[str, anyio.Lock] = {}
+        self.metrics.bind(
+            sessions=lambda: self.sessions.count,
+            cache_bytes=lambda: self.sessions.used_bytes,
+            deployments=lambda: len(self._deployments),
+        )
+
+    # --- startup -------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create the data directory and delete what an interrupted push left (blocking)."""
+        self.storage.prepare()
+
+    def load_all(self) -> None:
+        """Load every active deployment from disk (blocking).
+
+        A deployment whose file is missing or does not load is logged and skipped: it is
+        unknown (404) until P1 pushes it again; the others serve.
+        """
+        for record in self.storage.active_records():
+            path = self.storage.path(record)
+            try:
+                if not path.is_file() or path.stat().st_size != record.size:
+                    raise BadInput(f"{path.name} is missing or not of the recorded size")
+                manifest = inspect_push(path, record.deployment_id)
+                if manifest.key_version != record.key_version:
+                    raise BadInput(f"{path.name} holds key version {manifest.key_version}")
+                dep = self._load(path, manifest, record.sha256)
+            except Exception as e:  # one bad deployment never keeps the others from serving
+                message = getattr(e, "message", None) or f"{type(e).__name__}: {_short(e)}"
+                log.error("deployment %s not reloaded: %s", record.deployment_id, message)
+                continue
+            self._deployments[dep.deployment_id] = dep
+            log.info(
+                "deployment %s reloaded: %s, key version %d, on %s",
+                dep.deployment_id,
+                dep.family.name,
+                dep.key_version,
+                dep.model.device,
+            )
+
+    async def start(self) -> None:
+        """Load the deployments in a worker thread, then declare the service ready."""
+        await anyio.to_thread.run_sync(self.load_all)
+        self.ready = True
+        log.info("ready: %d deployment(s)", len(self._deployments))
+
+    # --- deployments and credentials ----------------------------------------------------
+
+    def deployment(self, deployment_id: str) -> Deployment:
+        dep = self._deployments.get(deployment_id)
+        if dep is None:
+            raise UnknownDeployment(f"unknown deployment {deployment_id!r}")
+        return dep
+
+    @property
+    def deployment_count(self) -> int:
+        return len(self._deployments)
+
+    def authorize_push(self, token: str | None) -> None:
+        expected = self.settings.push_token
+        if expected is None:
+            raise PushesDisabled("this service accepts no weights: STIP_CLOUD_PUSH_TOKEN is not set")
+        if not token or not secrets.compare_digest(token.encode(), expected.get_secret_value().encode()):
+            raise Unauthorized("a valid push token is required: Authorization: Bearer <push token>")
+
+    def authorize_user(self, dep: Deployment, token: str | None) -> Claims:
+        """Verify a user credential offline against the deployment's key (401, or 403 for another deployment)."""
+        if not token:
+            raise Unauthorized("a user credential is required: Authorization: Bearer <credential>")
+        try:
+            return credentials.verify(token, dep.verify_key, deployment_id=dep.deployment_id)
+        except CredentialError as e:
+            other = _claimed_deployment(token)
+            if other is None or other == dep.deployment_id:
+                raise Unauthorized(f"invalid user credential: {e}") from None
+        # Signed for another deployment: genuine (403) or not (401)?
+        peer = self._deployments.get(other)
+        try:
+            credentials.verify(token, peer.verify_key if peer else dep.verify_key, deployment_id=other)
+        except CredentialError as e:
+            raise Unauthorized(f"invalid user credential: {e}") from None
+        raise Forbidden(f"the credential is for another deployment, not {dep.deployment_id!r}")
+
+    def check_key_version(self, dep: Deployment, key_version: int | None) -> None:
+        if key_version is not None and key_version != dep.key_version:
+            raise KeyOutdated(
+                f"tensors permuted with key version {key_version}, but {dep.deployment_id!r} serves "
+                f"key version {dep.key_version}: fetch the current user key"
+            )
+
+    # --- weight push ---------------------------------------------------------------------
+
+    async def push(
+        self,
+        deployment_id: str,
+        chunks: AsyncIterator[bytes],
+        *,
+        digest: str | None,
+        content_length: int | None = None,
+        key_version: int | None = None,
+    ) -> PushResult:
+        """Receive θ′ (one safetensors body) and activate it once complete, verified and loaded.
+
+        The caller has checked the push token. Nothing becomes active, and no file stays
+        behind, unless every step succeeds.
+        """
+        if not valid_deployment_id(deployment_id):
+            raise BadInput("a deployment id is 1-128 letters, digits, '.', '_' or '-', not starting with '.'")
+        digest = (digest or "").strip().lower()
+        if len(digest) != 64 or not set(digest) <= HEX64:
+            raise BadInput("header X-Stip-Sha256 must carry the body's SHA-256 as 64 hex digits")
+        limit = self.settings.max_push_bytes
+        if content_length is not None and content_length > limit:
+            raise PayloadTooLarge(f"push of {content_length} bytes exceeds the limit of {limit}")
+        temp = self.storage.new_temp()
+        try:
+            size, actual = await self._receive(chunks, temp, limit)
+            if not secrets.compare_digest(actual, digest):
+                raise BadInput("the body's SHA-256 does not match X-Stip-Sha256: incomplete or altered push")
+            manifest = await anyio.to_thread.run_sync(inspect_push, temp, deployment_id)
+            if key_version is not None and key_version != manifest.key_version:
+                raise BadInput(f"header key version {key_version} differs from the body's {manifest.key_version}")
+            async with self._push_locks.setdefault(deployment_id, anyio.Lock()):
+                result = await self._install(temp, manifest, actual, size)
+        except BaseException:
+            self.metrics.pushes.labels("rejected").inc()
+            raise
+        finally:
+            temp.unlink(missing_ok=True)  # gone already when it became the version file
+        return result
+
+    async def _install(self, temp: Path, manifest: PushManifest, sha256: str, size: int) -> PushResult:
+        """Under the deployment's push lock: check the version, load, then switch atomically."""
+        deployment_id, key_version = manifest.deployment_id, manifest.key_version
+        current = self._deployments.get(deployment_id)
+        if current is not None:
+            if key_version < current.key_version:
+                raise VersionConflict(f"key version {key_version} is older than the active {current.key_version}")
+            if key_version == current.key_version:
+                if not secrets.compare_digest(current.sha256, sha256):
+                    raise VersionConflict(f"key version {key_version} is already active with other weights")
+                self.metrics.pushes.labels("unchanged").inc()
+                return PushResult(deployment_id=deployment_id, key_version=key_version, status="active", sha256=sha256)
+        dep = await anyio.to_thread.run_sync(self._load, temp, manifest, sha256)
+        record = await anyio.to_thread.run_sync(
+            lambda: self.storage.activate(temp, deployment_id=deployment_id, key_version=key_version, sha256=sha256)
+        )
+        self._deployments[deployment_id] = dep  # the switch: new requests see the new version
+        dropped = self.sessions.drop_stale(deployment_id, key_version)
+        await anyio.to_thread.run_sync(self.storage.remove_inactive, record)
+        if current is not None and current.model.device.type == "cuda":
+            del current  # requests still in flight keep their reference until they finish
+            torch.cuda.empty_cache()
+        self.metrics.pushes.labels("activated").inc()
+        log.info(
+            "deployment %s: key version %d active (%s, %d bytes, sha256 %s...)%s",
+            deployment_id,
+            key_version,
+            dep.family.name,
+            size,
+            sha256[:12],
+            f"; {dropped} session(s) of the old version ended" if dropped else "",
+        )
+        return PushResult(deployment_id=deployment_id, key_version=key_version, status="active", sha256=sha256)
+
+    async def _receive(self, chunks: AsyncIterator[bytes], temp: Path, limit: int) -> tuple[int, str]:
+        """Stream the body into `temp` while hashing it; PayloadTooLarge past `limit`."""
+        h = hashlib.sha256()
+        size = 0
+        buf = bytearray()
+        f = temp.open("wb")
+        try:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"push exceeds the limit of {limit} bytes")
+                buf += chunk
+                if len(buf) >= FLUSH_BYTES:
+                    data, buf = bytes(buf), bytearray()
+                    await anyio.to_thread.run_sync(_write, f, h, data)
+            await anyio.to_thread.run_sync(_write, f, h, bytes(buf), True)
+        finally:
+            f.close()
+            self.metrics.push_bytes.inc(size)
+        return size, h.hexdigest()
+
+    def _load(self, path: Path, manifest: PushManifest, sha256: str) -> Deployment:
+        """Build the stock class on θ′ and run one test forward (blocking)."""
+        try:
+            model = load_cloud_model(
+                manifest.config, [path], family=manifest.family, device=self.device, dtype=self.settings.dtype
+            )
+            x = torch.zeros(1, 1, model.dims.d_model)
+            probe = model.forward(x, torch.ones(1, 1, dtype=torch.long), None)
+        except StipCoreError:
+            raise
+        except torch.OutOfMemoryError:
+            raise Internal(f"out of memory while loading {manifest.deployment_id!r} on {self.device}") from None
+        except Exception as e:  # the stock class refusing the config or the weights
+            raise BadInput(f"the pushed model cannot be loaded: {type(e).__name__}: {_short(e)}") from None
+        keeps_cache = not model.family.is_encoder and probe.cache is not None
+        max_positions = manifest.config.get("max_position_embeddings") or manifest.config.get("n_positions")
+        return Deployment(
+            deployment_id=manifest.deployment_id,
+            key_version=manifest.key_version,
+            sha256=sha256,
+            verify_key=manifest.verify_key,
+            model=model,
+            keeps_cache=keeps_cache,
+            max_positions=int(max_positions) if isinstance(max_positions, int) else None,
+        )
+
+    # --- sessions ------------------------------------------------------------------------
+
+    def create_session(self, dep: Deployment, claims: Claims) -> SessionCreated:
+        if not dep.keeps_cache:
+            raise BadInput(
+                f"the {dep.family.name} model of {dep.deployment_id!r} keeps no KV cache: "
+                "send each sequence whole, without a session"
+            )
+        session = self.sessions.create(deployment_id=dep.deployment_id, subject=claims.sub, key_version=dep.key_version)
+        return SessionCreated(
+            session_id=session.session_id,
+            deployment_id=dep.deployment_id,
+            key_version=dep.key_version,
+            idle_ttl_s=int(self.sessions.idle_ttl_s),
+        )
+
+    def delete_session(self, session_id: str, token: str | None) -> None:
+        if not token:
+            raise Unauthorized("a user credential is required: Authorization: Bearer <credential>")
+        found = self.sessions.lookup(session_id, touch=False)
+        dep = self._deployments.get(found.deployment_id)
+        if dep is None:
+            raise UnknownSession("unknown session")
+        claims = self.authorize_user(dep, token)
+        if claims.sub != found.subject:
+            raise Forbidden("the session belongs to another user")
+        self.sessions.delete(session_id)
+        if isinstance(found, Tombstone):
+            raise SessionExpired("the session had already expired")
+
+    def _session_for(self, dep: Deployment, session_id: str, claims: Claims) -> Session:
+        session = self.sessions.get(session_id)
+        if session.deployment_id != dep.deployment_id:
+            raise UnknownSession(f"unknown session for deployment {dep.deployment_id!r}")
+        if session.subject != claims.sub:
+            raise Forbidden("the session belongs to another user")
+        if session.stale or session.key_version != dep.key_version:
+            raise KeyOutdated(
+                f"the session was created under key version {session.key_version}; "
+                f"{dep.deployment_id!r} now serves key version {dep.key_version}: fetch the current "
+                "user key and start a new session"
+            )
+        return session
+
+    # --- forward -------------------------------------------------------------------------
+
+    def forward(self, dep: Deployment, body: bytes, options: ForwardOptions, claims: Claims) -> ForwardResult:
+        """One forward pass (blocking: run it in a worker thread). Body and result are safetensors."""
+        start = time.perf_counter()
+        if len(body) >= 8 and struct.unpack("<Q", body[:8])[0] > len(body) - 8:
+            raise BadInput("safetensors header length exceeds the body: truncated, or not safetensors")
+        tensors, _ = wire.decode(body, max_bytes=self.settings.max_body_bytes)
+        x, mask = self._check_inputs(dep, tensors)
+        self._check_options(dep, options)
+        batch, seq = x.shape[0], x.shape[1]
+        with dep.lock:
+            if options.session_id is None:
+                self._check_positions(dep, 0, seq)
+                if mask is not None:
+                    _check_rows(mask)
+                out = dep.model.forward(x, mask, None)
+                length = seq
+            else:
+                session = self._session_for(dep, options.session_id, claims)
+                out, length = self._extend(dep, session, x, mask)
+        outputs = self._outputs(dep, out, options, x.dtype)
+        meta = {
+            META_DEPLOYMENT: dep.deployment_id,
+            META_KEY_VERSION: str(dep.key_version),
+            META_SESSION_LENGTH: str(length),
+        }
+        result = wire.encode(outputs, meta)
+        tokens = batch * seq if mask is None else int(mask.sum())
+        self.metrics.tokens.inc(tokens)
+        self.metrics.forward_seconds.labels(options.output).observe(time.perf_counter() - start)
+        return ForwardResult(body=result, key_version=dep.key_version, session_length=length, tokens=tokens)
+
+    def _check_inputs(
+        self, dep: Deployment, tensors: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        unexpected = sorted(set(tensors) - {INPUTS_EMBEDS, ATTENTION_MASK})
+        if unexpected:
+            raise BadInput(
+                f"unexpected tensors {unexpected}: a forward body carries only "
+                f"{INPUTS_EMBEDS!r} and optionally {ATTENTION_MASK!r}"
+            )
+        x = tensors.get(INPUTS_EMBEDS)
+        if x is None:
+            raise BadInput(f"the body lacks {INPUTS_EMBEDS!r}")
+        if x.dtype not in INPUT_DTYPES:
+            raise BadInput(f"{INPUTS_EMBEDS} must be float32, float16 or bfloat16, not {wire.dtype_name(x.dtype)}")
+        d = dep.model.dims.d_model
+        if x.dim() != 3:
+            raise BadInput(f"{INPUTS_EMBEDS} must have shape [batch, seq, {d}], got shape {list(x.shape)}")
+        batch, seq, width = x.shape
+        if width != d:
+            raise BadInput(f"{INPUTS_EMBEDS} has d={width}, the model of {dep.deployment_id!r} has d={d}")
+        if batch < 1 or seq < 1:
+            raise BadInput(f"{INPUTS_EMBEDS} is empty: shape {list(x.shape)}")
+        if batch > self.settings.max_batch:
+            raise BadInput(f"batch of {batch} rows exceeds the limit of {self.settings.max_batch}")
+        mask = tensors.get(ATTENTION_MASK)
+        if mask is None:
+            return x, None
+        if mask.dtype.is_complex:
+            raise BadInput(f"{ATTENTION_MASK} must hold 0 and 1")
+        if tuple(mask.shape) != (batch, seq):
+            raise BadInput(
+                f"{ATTENTION_MASK} must have shape [{batch}, {seq}] like {INPUTS_EMBEDS}, got {list(mask.shape)}"
+            )
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise BadInput(f"{ATTENTION_MASK} must hold only 0 (padding) and 1 (token)")
+        return x, mask.to(torch.long)
+
+    def _check_options(self, dep: Deployment, options: ForwardOptions) -> None:
+        if options.output == "topk":
+            if dep.family.is_encoder:
+                raise BadInput("output=topk applies to logits; this encoder returns hidden states")
+            d_out = dep.model.dims.d_out
+            if options.k is None:
+                raise BadInput("output=topk needs k")
+            if not 1 <= options.k <= d_out:
+                raise BadInput(f"k must lie in 1..{d_out}, got {options.k}")
+        elif options.k is not None:
+            raise BadInput("k applies only to output=topk")
+        if options.session_id is not None and not dep.keeps_cache:
+            raise BadInput(f"the {dep.family.name} model of {dep.deployment_id!r} keeps no KV cache: no sessions")
+
+    def _check_positions(self, dep: Deployment, past: int, seq: int) -> None:
+        if dep.max_positions is not None and past + seq > dep.max_positions:
+            where = f"{past} cached + {seq} new" if past else f"{seq}"
+            raise BadInput(f"{where} positions exceed the model's {dep.max_positions}")
+
+    def _extend(
+        self, dep: Deployment, session: Session, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[CloudOutput, int]:
+        """Run the new rows on the session's cache; the mask sent covers the new rows only."""
+        batch, seq = x.shape[0], x.shape[1]
+        if session.batch is not None and session.batch != batch:
+            raise BadInput(f"the session holds {session.batch} rows; this request has {batch}")
+        past = session.length
+        self._check_positions(dep, past, seq)
+        new = mask if mask is not None else torch.ones(batch, seq, dtype=torch.long)
+        new = new.to(dep.model.device)
+        full = new if session.mask is None else torch.cat([session.mask, new], dim=1)  # (B, past + S)
+        _check_rows(full)
+        self.sessions.reserve(session, dep.kv_bytes_per_token * batch * seq)
+        try:
+            out = dep.model.forward(x, full, session.cache)
+        except BaseException:
+            self.sessions.release(session)
+            _rollback(session, past)
+            raise
+        nbytes = _cache_nbytes(out.cache) or (session.cache_bytes + dep.kv_bytes_per_token * batch * seq)
+        self.sessions.commit(session, cache=out.cache, mask=full, nbytes=nbytes)
+        return out, past + seq
+
+    def _outputs(
+        self, dep: Deployment, out: CloudOutput, options: ForwardOptions, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        y = out.output  # (B, S, d_out) permuted by π_c (logits) or π (hidden states)
+        if dep.family.is_encoder:
+            hidden = y if options.output == "all" else y[:, -1:]
+            tensors = {HIDDEN_STATES: hidden.to(dtype)}
+            if out.pooled is not None:
+                tensors[POOLED] = out.pooled.to(dtype)  # (B, d) permuted by π
+            return tensors
+        if options.output == "all":
+            return {LOGITS: y.to(dtype)}
+        last = y[:, -1:]  # (B, 1, V)
+        if options.output == "last":
+            return {LOGITS: last.to(dtype)}
+        values, indices = torch.topk(last.float(), int(options.k or 1), dim=-1)  # indices in the permuted space
+        return {TOPK_VALUES: values.to(dtype), TOPK_INDICES: indices.to(torch.int64)}
+
+
+# --- push inspection -----------------------------------------------------------------------
+
+
+def inspect_push(path: Path, deployment_id: str) -> PushManifest:
+    """Check a pushed body's header and metadata (blocking). Raises BadInput / BadTensor.
+
+    Refused: missing metadata, another deployment, an unknown family, a config the family
+    cannot read, a malformed verification key, any non-float tensor (a permutation is an
+    int64 vector) and any embedding table that is not all zero (GPT-2's cloud position table
+    is zero by design).
+    """
+    infos, meta, _ = wire.read_header(path)
+    missing = [
+        k for k in (PUSH_DEPLOYMENT, PUSH_FAMILY, PUSH_CONFIG, PUSH_KEY_VERSION, PUSH_VERIFY_KEY) if k not in meta
+    ]
+    if missing:
+        raise BadInput(f"the push's safetensors __metadata__ lacks {missing}")
+    if meta[PUSH_DEPLOYMENT] != deployment_id:
+        raise BadInput(f"the body is for deployment {meta[PUSH_DEPLOYMENT]!r}, pushed to {deployment_id!r}")
+    family = get_family(meta[PUSH_FAMILY])
+    try:
+        config = json.loads(meta[PUSH_CONFIG])
+    except json.JSONDecodeError:
+        raise BadInput(f"{PUSH_CONFIG} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise BadInput(f"{PUSH_CONFIG} is not a JSON object")
+    try:
+        key_version = int(meta[PUSH_KEY_VERSION])
+    except ValueError:
+        raise BadInput(f"{PUSH_KEY_VERSION} is not an integer") from None
+    if key_version < 1:
+        raise BadInput(f"{PUSH_KEY_VERSION} must be at least 1")
+    verify_key = meta[PUSH_VERIFY_KEY]
+    _check_verify_key(verify_key)
+    try:
+        family.dims(config)
+    except StipCoreError:
+        raise
+    except Exception as e:
+        raise BadInput(f"{PUSH_CONFIG} is not a {family.name} config: {type(e).__name__}: {_short(e)}") from None
+    if not infos:
+        raise BadInput("the push holds no tensors")
+    ints = sorted(n for n, i in infos.items() if i.dtype not in WEIGHT_DTYPES)
+    if ints:
+        raise BadInput(f"P2 accepts floating-point weights only, never an index tensor: {ints[:5]}")
+    embedding = family.embedding_names(config)
+    suspects = sorted(n for n in infos if any(n == e or n.endswith("." + e) for e in embedding))
+    if suspects:
+        with safe_open(str(path), "pt") as f:
+            nonzero = [n for n in suspects if bool(f.get_tensor(n).any())]
+        if nonzero:
+            raise BadInput(f"P2 never accepts the embedding module: {nonzero}")
+    return PushManifest(
+        deployment_id=deployment_id, family=family.name, config=config, key_version=key_version, verify_key=verify_key
+    )
+
+
+def _check_verify_key(text: str) -> None:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        Ed25519PublicKey.from_public_bytes(raw)
+    except (ValueError, binascii.Error):
+        raise BadInput(f"{PUSH_VERIFY_KEY} is not a base64url Ed25519 public key") from None
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+def _write(f: IO[bytes], h: "hashlib._Hash", data: bytes, final: bool = False) -> None:
+    h.update(data)
+    f.write(data)
+    if final:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _claimed_deployment(token: str) -> str | None:
+    """The `dep` claim of a credential, unverified: only to tell 403 from 401."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    dep = payload.get("dep") if isinstance(payload, dict) else None
+    return dep if isinstance(dep, str) else None
+
+
+def _check_rows(mask: torch.Tensor) -> None:
+    if not bool((mask.sum(dim=-1) > 0).all()):
+        raise BadInput(f"every row of {ATTENTION_MASK} needs at least one token (a 1)")
+
+
+def _cache_nbytes(cache: Any) -> int:
+    """Bytes of the tensors a KV cache holds (transformers' Cache layers, or nested tuples)."""
+    if cache is None:
+        return 0
+    if isinstance(cache, torch.Tensor):
+        return cache.numel() * cache.element_size()
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        total = 0
+        for layer in layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+    if isinstance(cache, (tuple, list)):
+        return sum(_cache_nbytes(c) for c in cache)
+    return 0
+
+
+def _rollback(session: Session, length: int) -> None:
+    """After a failed forward, cut the cache back to what it held before (or drop it)."""
+    cache = session.cache
+    if cache is None:
+        return
+    try:
+        cache.crop(length)
+    except Exception:
+        log.warning("session cache could not be restored after a failed forward; it is reset")
+        session.cache, session.mask, session.cache_bytes = None, None, 0
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = str(e).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+__all__ = ["CloudService", "Deployment", "inspect_push", "resolve_device"]

@@ -1,0 +1,176 @@
+"""Sessions: a user's KV cache on P2, so each generation step sends one new row.
+
+A session holds the stock model's cache object, the attention mask accumulated over every
+forward so far (B, length) and the key version it was created under. Sessions are bounded
+in number and in approximate cache memory; an idle one expires after the TTL. An expired
+session leaves a small tombstone, so its owner hears "expired" (410) rather than "unknown".
+
+Thread-safe: forwards run in worker threads. Callers serialise forwards of one deployment
+(its model lock), so a session is never extended by two threads at once.
+"""
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cloud_service.errors import SessionExpired, TooManySessions, UnknownSession
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class Session:
+    session_id: str
+    deployment_id: str
+    subject: str  # the credential's `sub`: only that user may use the session
+    key_version: int
+    last_used: float
+    cache: Any = None  # the stock model's cache object; None before the first forward
+    mask: torch.Tensor | None = None  # (B, length) int64 on the model's device
+    cache_bytes: int = 0  # measured after each forward
+    reserved: int = 0  # reserved for a forward in flight
+    stale: bool = False  # its key version was replaced: the cache is freed
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    @property
+    def batch(self) -> int | None:
+        return None if self.mask is None else int(self.mask.shape[0])
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    deployment_id: str
+    subject: str
+
+
+class SessionStore:
+    def __init__(
+        self, *, max_sessions: int, idle_ttl_s: float, memory_bytes: int, clock: Clock = time.monotonic
+    ) -> None:
+        self.max_sessions, self.idle_ttl_s, self.memory_bytes = max_sessions, idle_ttl_s, memory_bytes
+        self.clock = clock
+        self._live: dict[str, Session] = {}
+        self._expired: OrderedDict[str, Tombstone] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        return len(self._live)
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._used()
+
+    def _used(self) -> int:
+        return sum(s.cache_bytes + s.reserved for s in self._live.values())
+
+    def _evict_expired(self) -> int:
+        now = self.clock()
+        gone = [sid for sid, s in self._live.items() if now - s.last_used > self.idle_ttl_s]
+        for sid in gone:
+            s = self._live.pop(sid)
+            s.cache, s.mask = None, None  # free the cache now, not when the last reference goes
+            self._expired[sid] = Tombstone(s.deployment_id, s.subject)
+        while len(self._expired) > 4 * self.max_sessions:
+            self._expired.popitem(last=False)
+        return len(gone)
+
+    def evict_expired(self) -> int:
+        with self._lock:
+            return self._evict_expired()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def create(self, *, deployment_id: str, subject: str, key_version: int) -> Session:
+        with self._lock:
+            if len(self._live) >= self.max_sessions or self._used() >= self.memory_bytes:
+                self._evict_expired()
+            if len(self._live) >= self.max_sessions:
+                raise TooManySessions(f"the limit of {self.max_sessions} sessions is reached; retry later")
+            if self._used() >= self.memory_bytes:
+                raise TooManySessions("the KV cache memory for sessions is exhausted; retry later")
+            session = Session(
+                session_id=secrets.token_urlsafe(18),
+                deployment_id=deployment_id,
+                subject=subject,
+                key_version=key_version,
+                last_used=self.clock(),
+            )
+            self._live[session.session_id] = session
+            return session
+
+    def lookup(self, session_id: str, *, touch: bool = True) -> Session | Tombstone:
+        """The live session (touched, unless `touch` is false) or its tombstone; UnknownSession when neither."""
+        with self._lock:
+            session = self._live.get(session_id)
+            if session is not None and self.clock() - session.last_used > self.idle_ttl_s:
+                self._evict_expired()
+                session = None
+            if session is not None:
+                if touch:
+                    session.last_used = self.clock()
+                return session
+            tomb = self._expired.get(session_id)
+            if tomb is not None:
+                return tomb
+        raise UnknownSession("unknown session")
+
+    def get(self, session_id: str) -> Session:
+        found = self.lookup(session_id)
+        if isinstance(found, Tombstone):
+            raise SessionExpired(f"the session expired after {self.idle_ttl_s:g} s idle; create a new one")
+        return found
+
+    def delete(self, session_id: str) -> None:
+        with self._lock:
+            session = self._live.pop(session_id, None)
+            if session is not None:
+                session.cache, session.mask = None, None
+            self._expired.pop(session_id, None)
+
+    def drop_stale(self, deployment_id: str, active_version: int) -> int:
+        """Free the caches of a deployment's sessions under older key versions (after a rotation)."""
+        n = 0
+        with self._lock:
+            for s in self._live.values():
+                if s.deployment_id == deployment_id and s.key_version != active_version and not s.stale:
+                    s.stale, s.cache, s.mask, s.cache_bytes = True, None, None, 0
+                    n += 1
+        return n
+
+    # --- memory of a forward in flight ----------------------------------------------------
+
+    def reserve(self, session: Session, nbytes: int) -> None:
+        """Reserve cache memory for new tokens; TooManySessions past the bound."""
+        with self._lock:
+            if self._used() + nbytes > self.memory_bytes:
+                self._evict_expired()
+            if self._used() + nbytes > self.memory_bytes:
+                raise TooManySessions("the KV cache memory for sessions is exhausted; end a session or retry later")
+            session.reserved += nbytes
+
+    def commit(self, session: Session, *, cache: Any, mask: torch.Tensor, nbytes: int) -> bool:
+        """Store the extended cache; False when the session ended or went stale meanwhile."""
+        with self._lock:
+            session.reserved = 0
+            if session.stale or self._live.get(session.session_id) is not session:
+                return False
+            session.cache, session.mask, session.cache_bytes = cache, mask, nbytes
+            session.last_used = self.clock()
+            return True
+
+    def release(self, session: Session) -> None:
+        with self._lock:
+            session.reserved = 0

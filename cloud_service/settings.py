@@ -1,0 +1,82 @@
+"""P2's configuration: one pydantic-settings class read from `STIP_CLOUD_*` variables.
+
+The push token is a `SecretStr` and may come from a file (`STIP_CLOUD_PUSH_TOKEN_FILE`, for
+Docker secrets). Settings are built by `load_settings`, never at import time; command-line
+flags given to `stip-cloud serve` win over the environment.
+"""
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "STIP_CLOUD_"
+DEFAULT_PORT = 8002
+MIB = 1 << 20
+GIB = 1 << 30
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class CloudSettings(BaseSettings):
+    """`stip-cloud serve`: P2, the cloud service."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
+    data_dir: Path = Field(Path("data/cloud"), description="pushed weights and their active.json")
+    log_level: LogLevel = "INFO"
+
+    push_token: SecretStr | None = Field(None, description="P1's push token; pushes are refused without one")
+    push_token_file: Path | None = None
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto: cuda when available")
+    dtype: DType = "float32"
+
+    max_sessions: int = Field(256, ge=1, description="live sessions at once")
+    session_idle_ttl_s: int = Field(600, gt=0, description="a session unused this long expires")
+    session_memory_bytes: int = Field(4 * GIB, gt=0, description="bound on the KV caches of all sessions")
+    max_body_bytes: int = Field(128 * MIB, gt=0, description="forward request bodies; 413 past it")
+    max_push_bytes: int = Field(256 * GIB, gt=0, description="weight push bodies; 413 past it")
+    max_batch: int = Field(64, ge=1, description="rows of one forward request")
+
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _secrets_and_tls(self) -> "CloudSettings":
+        self.push_token = _resolve_secret(self.push_token, self.push_token_file)
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError(f"set both {ENV_PREFIX}TLS_CERTFILE and {ENV_PREFIX}TLS_KEYFILE, or neither")
+        return self
+
+
+def _resolve_secret(value: SecretStr | None, file: Path | None) -> SecretStr | None:
+    """The push token from the variable or from the file it names; both at once is an error."""
+    env_name = ENV_PREFIX + "PUSH_TOKEN"
+    if file is not None:
+        if value is not None:
+            raise ValueError(f"set {env_name} or {env_name}_FILE, not both")
+        try:
+            text = file.read_text().strip()
+        except OSError as e:
+            raise ValueError(f"{env_name}_FILE: cannot read {file}: {e.strerror}") from None
+        if not text:
+            raise ValueError(f"{env_name}_FILE: {file} is empty")
+        return SecretStr(text)
+    if value is not None and not value.get_secret_value().strip():
+        raise ValueError(f"{env_name} is empty")
+    return value
+
+
+def load_settings(**overrides: Any) -> CloudSettings:
+    """Settings from the environment; explicit keyword arguments (CLI flags) win."""
+    return CloudSettings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,159 @@
+"""P2's data directory: pushed weights, which version is active, and nothing half-written.
+
+    DATA/tmp/push-<random>.partial        a push being received (removed on any failure)
+    DATA/deployments/{id}/v{N}.safetensors the weights of key version N (one body, as pushed)
+    DATA/deployments/{id}/active.json      which file serves (ActiveRecord), tmp + os.replace
+
+A version file appears only when its push is complete, verified and loaded; `active.json`
+switches to it in one rename, and the previous version file is removed after the switch.
+`prepare` (at startup) deletes whatever a crash left behind: partial pushes, version files
+that never became active, a half-written `active.json`.
+"""
+
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from cloud_service.schemas import ActiveRecord
+
+log = logging.getLogger("stip.cloud.storage")
+
+ACTIVE = "active.json"
+DEPLOYMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def valid_deployment_id(deployment_id: str) -> bool:
+    """Ids name directories: letters, digits, `.`, `_`, `-`, not starting with a dot."""
+    return DEPLOYMENT_ID.fullmatch(deployment_id) is not None
+
+
+def version_file(key_version: int) -> str:
+    return f"v{key_version}.safetensors"
+
+
+class Storage:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.deployments_dir = self.root / "deployments"
+
+    def prepare(self) -> None:
+        """Create the layout (owner-only) and delete what an interrupted push left behind."""
+        for d in (self.root, self.tmp_dir, self.deployments_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+        for stray in self.tmp_dir.iterdir():
+            log.warning("removing %s, left by an interrupted push", stray.name)
+            _remove(stray)
+        for d in self.deployments_dir.iterdir():
+            if not d.is_dir():
+                continue
+            record = self.read_active(d.name)
+            keep = record.file if record else None
+            for f in d.iterdir():
+                if f.name not in (ACTIVE, keep):
+                    log.warning("removing %s/%s: not the active version", d.name, f.name)
+                    _remove(f)
+            if record is None and not any(d.iterdir()):
+                d.rmdir()
+
+    def new_temp(self) -> Path:
+        """A fresh file under DATA/tmp for a push being received."""
+        path = self.tmp_dir / f"push-{secrets.token_hex(8)}.partial"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        return path
+
+    def read_active(self, deployment_id: str) -> ActiveRecord | None:
+        path = self.deployments_dir / deployment_id / ACTIVE
+        if not path.is_file():
+            return None
+        try:
+            record = ActiveRecord.model_validate_json(path.read_bytes())
+        except (OSError, ValidationError) as e:
+            log.error("%s is unreadable (%s); the deployment is not reloaded", path, type(e).__name__)
+            return None
+        if record.deployment_id != deployment_id or Path(record.file).name != record.file:
+            log.error("%s names another deployment or file; the deployment is not reloaded", path)
+            return None
+        return record
+
+    def active_records(self) -> list[ActiveRecord]:
+        out = []
+        for d in sorted(self.deployments_dir.iterdir()):
+            if d.is_dir() and valid_deployment_id(d.name):
+                record = self.read_active(d.name)
+                if record is not None:
+                    out.append(record)
+        return out
+
+    def path(self, record: ActiveRecord) -> Path:
+        return self.deployments_dir / record.deployment_id / record.file
+
+    def activate(self, temp: Path, *, deployment_id: str, key_version: int, sha256: str) -> ActiveRecord:
+        """Move a verified push into place and switch `active.json` to it, durably.
+
+        The previous version file stays until `remove_inactive`, so the old model (memory
+        mapped from it) keeps serving until the caller has switched its registry.
+        """
+        d = self.deployments_dir / deployment_id
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o700)
+        final = d / version_file(key_version)
+        size = temp.stat().st_size
+        os.replace(temp, final)
+        try:
+            record = ActiveRecord(
+                deployment_id=deployment_id,
+                key_version=key_version,
+                file=final.name,
+                sha256=sha256,
+                size=size,
+                activated_at=int(time.time()),
+            )
+            tmp = d / (ACTIVE + ".tmp")
+            with tmp.open("w") as f:
+                f.write(record.model_dump_json(indent=2))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, d / ACTIVE)
+            _fsync_dir(d)
+        except BaseException:
+            # never active: leave no orphan (the previous active.json still names the old file)
+            (d / (ACTIVE + ".tmp")).unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
+            raise
+        return record
+
+    def remove_inactive(self, record: ActiveRecord) -> None:
+        """Delete every version file of the deployment except the active one."""
+        d = self.deployments_dir / record.deployment_id
+        for f in d.glob("v*.safetensors"):
+            if f.name != record.file:
+                _remove(f)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

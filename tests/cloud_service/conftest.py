@@ -1,0 +1,61 @@
+"""Fixtures for P2's tests: a tiny random Llama, its transform under two key versions, a
+signer standing in for P1, and a P2 serving key version 1."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import transformers
+from fastapi.testclient import TestClient
+
+from shared.checkpoint import transform_model_dir
+from shared.credentials import Signer
+from tests.cloud_service.helpers import CONFIG, DEPLOYMENT, Deployed, push, serve
+from tests.support import randomize_parameters
+
+
+@pytest.fixture(scope="session")
+def original() -> transformers.PreTrainedModel:
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**CONFIG))
+    randomize_parameters(model, seed=1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, original: transformers.PreTrainedModel) -> Path:
+    path = tmp_path_factory.mktemp("llama")
+    original.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def v1(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Deployed:
+    out = tmp_path_factory.mktemp("v1") / "out"
+    # small shards: the push concatenates several files into one body
+    return Deployed(transform_model_dir(model_dir, out, key_version=1, shard_bytes=20_000, progress=False), 1)
+
+
+@pytest.fixture(scope="session")
+def v2(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Deployed:
+    out = tmp_path_factory.mktemp("v2") / "out"
+    return Deployed(transform_model_dir(model_dir, out, key_version=2, progress=False), 2)
+
+
+@pytest.fixture(scope="session")
+def signer() -> Signer:
+    return Signer.generate()
+
+
+@pytest.fixture
+def credential(signer: Signer) -> str:
+    token, _ = signer.issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=3600)
+    return token
+
+
+@pytest.fixture
+def deployed(tmp_path: Path, v1: Deployed, signer: Signer) -> Iterator[TestClient]:
+    """A P2 serving key version 1 of the tiny Llama."""
+    with serve(tmp_path / "data") as client:
+        body, digest = v1.body(signer)
+        assert push(client, body, digest).status_code == 200
+        yield client

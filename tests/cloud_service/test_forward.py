@@ -1,0 +1,209 @@
+"""P2's forward pass: exact against the stock original model, with and without a session."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from fastapi.testclient import TestClient
+
+from shared import wire
+from shared.api import (
+    ATTENTION_MASK,
+    E_BAD_INPUT,
+    HIDDEN_STATES,
+    INPUTS_EMBEDS,
+    KEY_VERSION_HEADER,
+    LOGITS,
+    META_DEPLOYMENT,
+    META_KEY_VERSION,
+    META_SESSION_LENGTH,
+    POOLED,
+    TOPK_INDICES,
+    TOPK_VALUES,
+    SessionCreated,
+)
+from shared.checkpoint import transform_model_dir
+from shared.credentials import Signer
+from shared.permutation import permute, unpermute
+from tests.cloud_service.helpers import DEPLOYMENT, D, Deployed, V, assert_error, decoded, embeds, forward, push, serve
+from tests.support import max_abs_diff, randomize_parameters
+
+TOL = 1e-4
+
+
+def reference(
+    original: transformers.PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The stock original model's logits (B, S, V), positions as generate() counts them."""
+    with torch.no_grad():
+        if mask is None:
+            return original(input_ids=ids).logits
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return original(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+
+
+def test_forward_all_matches_the_original(
+    deployed: TestClient, original: transformers.PreTrainedModel, v1: Deployed, credential: str
+) -> None:
+    ids = torch.randint(0, V, (2, 7))
+    ref = reference(original, ids)
+    assert 0.5 < float(ref.abs().max()) < 50  # logits of order 1-10: the tolerance means something
+    tensors, meta = decoded(forward(deployed, credential, embeds(original, ids, v1.pi), output="all"))
+    assert set(tensors) == {LOGITS} and tensors[LOGITS].shape == (2, 7, V)
+    assert tensors[LOGITS].dtype == torch.float32
+    assert max_abs_diff(unpermute(tensors[LOGITS], v1.pi_c), ref) <= TOL
+    # the output is permuted: without π_c it is not the plaintext
+    assert max_abs_diff(tensors[LOGITS], ref) > 0.1
+    assert meta == {META_DEPLOYMENT: DEPLOYMENT, META_KEY_VERSION: "1", META_SESSION_LENGTH: "7"}
+
+
+def test_forward_default_is_all_and_last_is_the_last_position(
+    deployed: TestClient, original: transformers.PreTrainedModel, v1: Deployed, credential: str
+) -> None:
+    ids = torch.randint(0, V, (3, 5))
+    ref = reference(original, ids)
+    full, _ = decoded(forward(deployed, credential, embeds(original, ids, v1.pi)))
+    assert full[LOGITS].shape == (3, 5, V)
+    response = forward(deployed, credential, embeds(original, ids, v1.pi), output="last", key_version=1)
+    assert response.headers[KEY_VERSION_HEADER] == "1"
+    last, _ = decoded(response)
+    assert last[LOGITS].shape == (3, 1, V)
+    assert max_abs_diff(unpermute(last[LOGITS], v1.pi_c), ref[:, -1:]) <= TOL
+
+
+def test_forward_topk_indices_map_to_the_true_top_tokens(
+    deployed: TestClient, original: transformers.PreTrainedModel, v1: Deployed, credential: str
+) -> None:
+    ids = torch.randint(0, V, (2, 6))
+    ref = reference(original, ids)[:, -1:]  # (B, 1, V)
+    tensors, _ = decoded(forward(deployed, credential, embeds(original, ids, v1.pi), output="topk", k=5))
+    assert set(tensors) == {TOPK_VALUES, TOPK_INDICES}
+    values, indices = tensors[TOPK_VALUES], tensors[TOPK_INDICES]
+    assert values.shape == indices.shape == (2, 1, 5) and indices.dtype == torch.int64
+    true = torch.topk(ref, 5, dim=-1)
+    assert torch.equal(v1.pi_c[indices], true.indices)  # the token is pi_c[index]
+    assert max_abs_diff(values, true.values) <= TOL
+
+
+def test_forward_with_padding_mask(
+    deployed: TestClient, original: transformers.PreTrainedModel, v1: Deployed, credential: str
+) -> None:
+    ids = torch.randint(0, V, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    ref = reference(original, ids, mask)
+    tensors = embeds(original, ids, v1.pi) | {ATTENTION_MASK: mask}
+    got, _ = decoded(forward(deployed, credential, tensors, output="all"))
+    real = mask.bool()
+    assert max_abs_diff(unpermute(got[LOGITS], v1.pi_c)[real], ref[real]) <= TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_output_in_the_request_dtype(
+    deployed: TestClient, original: transformers.PreTrainedModel, v1: Deployed, credential: str, dtype: torch.dtype
+) -> None:
+    ids = torch.randint(0, V, (1, 4))
+    x = embeds(original, ids, v1.pi)[INPUTS_EMBEDS].to(dtype)
+    tensors, _ = decoded(forward(deployed, credential, {INPUTS_EMBEDS: x}, output="last"))
+    assert tensors[LOGITS].dtype == dtype
+    ref = reference(original, ids)[:, -1:]
+    assert max_abs_diff(unpermute(tensors[LOGITS], v1.pi_c), ref) < 0.25  # rounding of the inputs and outputs
+
+
+def new_session(client: TestClient, credential: str) -> str:
+    response = client.post(f"/v1/deployments/{DEPLOYMENT}/sessions", headers={"Authorization": f"Bearer {credential}"})
+    assert response.status_code == 201, response.text
+    created = SessionCreated.model_validate_json(response.content)
+    assert created.deployment_id == DEPLOYMENT and created.key_version == 1 and created.idle_ttl_s > 0
+    return created.session_id
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_session_cache_equals_the_full_forward(
+    deployed: TestClient, original: transformers.PreTrainedModel, v1: Deployed, credential: str, padded: bool
+) -> None:
+    """A prefill then single-token steps on P2's KV cache give the no-cache logits."""
+    ids = torch.randint(0, V, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    if padded:
+        mask[0, :3] = 0  # left padding, as generate() pads a batch
+    ref = reference(original, ids, mask)
+    stateless, _ = decoded(
+        forward(deployed, credential, embeds(original, ids, v1.pi) | {ATTENTION_MASK: mask}, output="all")
+    )
+    session = new_session(deployed, credential)
+    prefill = 5
+    first = embeds(original, ids[:, :prefill], v1.pi) | {ATTENTION_MASK: mask[:, :prefill]}
+    tensors, meta = decoded(forward(deployed, credential, first, session_id=session, output="all"))
+    assert meta[META_SESSION_LENGTH] == str(prefill)
+    steps = [tensors[LOGITS]]
+    for t in range(prefill, 9):  # one new row per step; the mask sent covers the new token only
+        step = embeds(original, ids[:, t : t + 1], v1.pi) | {ATTENTION_MASK: mask[:, t : t + 1]}
+        tensors, meta = decoded(forward(deployed, credential, step, session_id=session, output="last"))
+        assert meta[META_SESSION_LENGTH] == str(t + 1)
+        steps.append(tensors[LOGITS])
+    got = unpermute(torch.cat(steps, dim=1), v1.pi_c)
+    real = mask.bool()
+    assert max_abs_diff(got[real], ref[real]) <= TOL
+    assert max_abs_diff(got[real], unpermute(stateless[LOGITS], v1.pi_c)[real]) <= TOL
+
+
+def test_session_without_mask_and_topk(
+    deployed: TestClient, original: transformers.PreTrainedModel, v1: Deployed, credential: str
+) -> None:
+    ids = torch.randint(0, V, (1, 6))
+    ref = reference(original, ids)
+    session = new_session(deployed, credential)
+    decoded(forward(deployed, credential, embeds(original, ids[:, :4], v1.pi), session_id=session))
+    decoded(forward(deployed, credential, embeds(original, ids[:, 4:5], v1.pi), session_id=session))
+    tensors, meta = decoded(
+        forward(deployed, credential, embeds(original, ids[:, 5:], v1.pi), session_id=session, output="topk", k=3)
+    )
+    assert meta[META_SESSION_LENGTH] == "6"
+    assert torch.equal(v1.pi_c[tensors[TOPK_INDICES]], torch.topk(ref[:, -1:], 3, dim=-1).indices)
+
+
+def test_response_is_safetensors_with_metadata_only_strings(
+    deployed: TestClient, original: transformers.PreTrainedModel, v1: Deployed, credential: str
+) -> None:
+    ids = torch.randint(0, V, (1, 3))
+    response = forward(deployed, credential, embeds(original, ids, v1.pi), output="last")
+    infos, meta, _ = wire.parse_header(response.content, body_size=len(response.content))
+    assert set(infos) == {LOGITS} and all(isinstance(v, str) for v in meta.values())
+
+
+def test_encoder_returns_hidden_states_and_pooled(tmp_path: Path, signer: Signer) -> None:
+    """BERT: hidden states and pooled output permuted by π; no logits, no top-k, no sessions."""
+    config = transformers.BertConfig(
+        hidden_size=D,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        vocab_size=50,
+        max_position_embeddings=16,
+    )
+    bert = transformers.BertModel(config)
+    randomize_parameters(bert, seed=2)
+    bert.save_pretrained(tmp_path / "bert")
+    encoder = Deployed(transform_model_dir(tmp_path / "bert", tmp_path / "out", progress=False), 1)
+    token, _ = signer.issue(subject="alice", deployment_id="bert", ttl_s=600)
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        ref = bert(input_ids=ids, attention_mask=mask)
+        x = bert.embeddings(input_ids=ids)  # the user side's embedding module
+    tensors = {INPUTS_EMBEDS: permute(x, encoder.pi), ATTENTION_MASK: mask}
+    with serve(tmp_path / "data") as client:
+        body, digest = encoder.body(signer, deployment_id="bert")
+        assert push(client, body, digest, deployment_id="bert").status_code == 200
+        got, meta = decoded(forward(client, token, tensors, deployment_id="bert"))
+        assert set(got) == {HIDDEN_STATES, POOLED} and meta[META_SESSION_LENGTH] == "6"
+        real = mask.bool()
+        assert max_abs_diff(unpermute(got[HIDDEN_STATES], encoder.pi)[real], ref.last_hidden_state[real]) <= TOL
+        assert max_abs_diff(unpermute(got[POOLED], encoder.pi), ref.pooler_output) <= TOL
+        last, _ = decoded(forward(client, token, tensors, deployment_id="bert", output="last"))
+        assert last[HIDDEN_STATES].shape == (2, 1, D)
+        topk = forward(client, token, tensors, deployment_id="bert", output="topk", k=2)
+        assert "topk" in assert_error(topk, 400, E_BAD_INPUT)
+        sessions = client.post("/v1/deployments/bert/sessions", headers={"Authorization": f"Bearer {token}"})
+        assert "KV cache" in assert_error(sessions, 400, E_BAD_INPUT)
