@@ -114,7 +114,9 @@ def _save_random(model: torch.nn.Module, path: Path, seed: int, kind: str) -> Pa
     shutil.rmtree(tmp, ignore_errors=True)
     _randomize(model, seed).save_pretrained(tmp)  # type: ignore[operator]
     _copy_tokenizer(tmp)
-    (tmp / "README.md").write_text(f"A {kind} with RANDOM weights for the STIP demo and tests: its text is gibberish.\n")
+    (tmp / "README.md").write_text(
+        f"A {kind} with RANDOM weights for the STIP demo and tests: its text is gibberish.\n"
+    )
     tmp.rename(path)
     return path
 
@@ -263,8 +265,10 @@ def _deploy(admin: Any, path: Path, cloud_url: str, name: str) -> str:
     status = admin.wait(dep.deployment_id, poll_s=0.3, on_status=show)
     if status.status != "active":
         raise Mismatch(f"deployment of {name} ended {status.status}: {status.error}")
-    _say(f"  P1 -> P2: {name} deployed as {status.deployment_id}, key v{status.key_version} "
-         f"({time.perf_counter() - t0:.1f} s, family {status.family})")
+    _say(
+        f"  P1 -> P2: {name} deployed as {status.deployment_id}, key v{status.key_version} "
+        f"({time.perf_counter() - t0:.1f} s, family {status.family})"
+    )
     return str(status.deployment_id)
 
 
@@ -285,8 +289,10 @@ def run_embedding(client: StipClient) -> dict[str, float]:
         plain = normalize(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]))
     t_plain = time.perf_counter() - t0
     cos = torch.nn.functional.cosine_similarity(private, plain, dim=-1)
-    _say(f"  {len(texts)} sentences embedded privately, d={private.shape[1]}; "
-         f"min cosine to plaintext {float(cos.min()):.8f}")
+    _say(
+        f"  {len(texts)} sentences embedded privately, d={private.shape[1]}; "
+        f"min cosine to plaintext {float(cos.min()):.8f}"
+    )
     if float(cos.min()) < MIN_COSINE:
         raise Mismatch(f"private embeddings differ from plaintext (min cosine {float(cos.min()):.6f})")
     scores = private[:-1] @ private[-1]
@@ -312,11 +318,14 @@ def run_generation(client: StipClient, model_dir: Path, max_new_tokens: int) -> 
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=0,
+            torch.tensor([ids]),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
         )
     t_plain = time.perf_counter() - t0
-    plain = out[0, len(ids):].tolist()
+    plain = out[0, len(ids) :].tolist()
     same = sum(a == b for a, b in zip(private, plain, strict=False))
     _say(f"  greedy generation, {len(private)} tokens with P2's KV cache: {same}/{len(plain)} equal to plaintext")
     _say(f"    (random weights, gibberish by design) {tok.decode(private)[:100]!r}")
@@ -336,11 +345,15 @@ def _report(seen: dict[str, Seen], timings: dict[str, float]) -> None:
         raise Mismatch(f"the user sent P2 tensors other than x·π and its mask: {sorted(sent)}")
     _say("  P2 received only x·π (inputs_embeds) and attention masks: no permutation, no embedding, no token id.")
     _say("\nTimings (this machine, CPU unless P2 has a GPU):")
-    _say(f"  embedding of {len(SENTENCES) + 1} sentences: private {timings['embed_private_s']:.3f} s, "
-         f"plaintext {timings['embed_plain_s']:.3f} s")
+    _say(
+        f"  embedding of {len(SENTENCES) + 1} sentences: private {timings['embed_private_s']:.3f} s, "
+        f"plaintext {timings['embed_plain_s']:.3f} s"
+    )
     n = timings["tokens"]
-    _say(f"  generation: private {timings['gen_private_s']:.2f} s ({timings['gen_private_s'] / n * 1000:.0f} ms/token "
-         f"over HTTP), plaintext {timings['gen_plain_s']:.2f} s")
+    _say(
+        f"  generation: private {timings['gen_private_s']:.2f} s ({timings['gen_private_s'] / n * 1000:.0f} ms/token "
+        f"over HTTP), plaintext {timings['gen_plain_s']:.2f} s"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -399,7 +412,9 @@ def _token_from_env() -> str:
         return token
     if path := os.environ.get("STIP_CLIENT_ADMIN_TOKEN_FILE"):
         return Path(path).read_text().strip()
-    raise SystemExit("attaching to running services needs P1's admin token: --admin-token or STIP_CLIENT_ADMIN_TOKEN(_FILE)")
+    raise SystemExit(
+        "attaching to running services needs P1's admin token: --admin-token or STIP_CLIENT_ADMIN_TOKEN(_FILE)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -433,4 +448,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

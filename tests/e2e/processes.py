@@ -58,13 +58,18 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None
     raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
+def start(template: Sequence[str], env: dict[str, str], log: Path, **values: object) -> subprocess.Popen:
+    """Start one service in the background, its output appended to `log`; `stop` ends it."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            fill(template, **values), env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
 @contextmanager
 def service(template: Sequence[str], env: dict[str, str], log: Path, **values: object) -> Iterator[subprocess.Popen]:
     """Run one service until the block ends; SIGTERM then SIGKILL on the way out."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            fill(template, **values), env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
-        )
+    proc = start(template, env, log, **values)
     try:
         yield proc
     finally:
