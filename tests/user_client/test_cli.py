@@ -1,0 +1,87 @@
+"""The `stip` command line, run in-process against the fake services."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.user_client.conftest import CREDENTIAL, DEVELOPER_URL, World
+from user_client import StipClient, cli
+
+
+@pytest.fixture
+def run(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., tuple[int, str, str]]:
+    def factory(*args: Any, **kw: Any) -> StipClient:
+        kw.update(developer_transport=world.developer_transport, cloud_transport=world.cloud_transport)
+        return StipClient(*args, **kw)
+
+    monkeypatch.setattr(cli, "StipClient", factory)
+    for name in ("DEVELOPER_URL", "DEPLOYMENT_ID", "DEPLOYMENT", "CREDENTIAL", "CLOUD_URL"):
+        monkeypatch.delenv(f"STIP_CLIENT_{name}", raising=False)
+    monkeypatch.setenv("STIP_CLIENT_CACHE_DIR", str(world.cache_dir))
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = cli.main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+CONNECT = ("--developer-url", DEVELOPER_URL, "--credential", CREDENTIAL)
+
+
+def test_generate(run: Callable[..., tuple[int, str, str]], make_client: Callable[..., StipClient]) -> None:
+    expected = make_client().generate("this is a test", max_new_tokens=8, eos=False)
+    code, out, _ = run(
+        "generate", "this is a test", "--deployment", "llama", *CONNECT, "--max-new-tokens", "8", "--no-eos"
+    )
+    assert code == 0 and out == expected + "\n"
+    code, out, _ = run(
+        "generate", "this is a test", "--deployment", "llama", *CONNECT, "--max-new-tokens", "8", "--no-eos", "--stream"
+    )
+    assert code == 0 and out == expected + "\n"
+    args = ("--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "7")
+    first = run("generate", "hi", "--deployment", "llama", *CONNECT, *args)
+    assert first == run("generate", "hi", "--deployment", "llama", *CONNECT, *args)
+
+
+def test_embed(run: Callable[..., tuple[int, str, str]], make_client: Callable[..., StipClient]) -> None:
+    code, out, _ = run("embed", "first sentence", "second one", "--deployment", "minilm", *CONNECT)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(rows) == 2 and len(rows[0]) == 384
+    expected = make_client("minilm").embed(["first sentence", "second one"])
+    assert max(abs(a - b) for a, b in zip(rows[1], expected[1].tolist(), strict=True)) < 1e-6
+
+
+def test_errors(run: Callable[..., tuple[int, str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SystemExit) as e:  # no credential anywhere: a usage error
+        run("generate", "x", "--deployment", "llama", "--developer-url", DEVELOPER_URL)
+    assert e.value.code == 2
+    code, _, err = run("generate", "x", "--deployment", "nope", *CONNECT)
+    assert code == 1 and "404" in err
+    monkeypatch.setenv("STIP_CLIENT_DEPLOYMENT_ID", "llama")
+    monkeypatch.setenv("STIP_CLIENT_CREDENTIAL", "wrong")
+    code, _, err = run("generate", "x", "--developer-url", DEVELOPER_URL)
+    assert code == 1 and "401" in err and "wrong" not in err
+
+
+def test_demo_is_loaded_lazily(run: Callable[..., tuple[int, str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+    demo = types.ModuleType("user_client.demo")
+
+    def demo_main(argv: list[str] | None = None) -> int:
+        seen.append(list(argv or []))
+        return 0
+
+    demo.main = demo_main  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "user_client.demo", demo)
+    code, _, _ = run("demo", "--developer-url", "http://x", "--models-dir", "/m")
+    assert code == 0 and seen == [["--developer-url", "http://x", "--models-dir", "/m"]]

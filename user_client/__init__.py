@@ -1,0 +1,49 @@
+"""STIP user side (P3): the Python SDK and the `stip` command line.
+
+    from user_client import StipClient
+
+    with StipClient("https://developer.example", deployment_id="dep-1", credential=token) as c:
+        c.generate("Once upon a time", max_new_tokens=32)
+        c.embed(["a sentence", "another"])
+
+The client fetches and caches the user bundle from P1 (π, π_c, the embedding module, the
+tokenizer), embeds and permutes locally, sends only x·π to P2, un-permutes what comes back and
+samples locally.
+"""
+
+from user_client.bundle import Bundle, BundleCache
+from user_client.client import Session, StipClient, TopK
+from user_client.errors import (
+    AuthError,
+    BadRequest,
+    BundleError,
+    KeyOutdated,
+    NotFound,
+    RateLimited,
+    ServerError,
+    SessionExpired,
+    StipError,
+    TransportError,
+)
+from user_client.sampling import SamplingParams
+from user_client.settings import ClientSettings
+
+__all__ = [
+    "AuthError",
+    "BadRequest",
+    "Bundle",
+    "BundleCache",
+    "BundleError",
+    "ClientSettings",
+    "KeyOutdated",
+    "NotFound",
+    "RateLimited",
+    "SamplingParams",
+    "ServerError",
+    "Session",
+    "SessionExpired",
+    "StipClient",
+    "StipError",
+    "TopK",
+    "TransportError",
+]

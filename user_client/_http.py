@@ -1,0 +1,169 @@
+"""HTTP plumbing of the SDK: one place that maps responses to exceptions and retries.
+
+Retry policy (exponential backoff with jitter, `Retry-After` honoured up to a cap):
+- a connection that could not be opened (`httpx.ConnectError`, `ConnectTimeout`): every call,
+  since nothing reached the server;
+- any other transport failure, a 5xx or a 503: idempotent calls only (GET, DELETE, the bundle
+  download and stateless forward passes, which are pure functions of their input).
+A POST that extends a session's KV cache or opens a session is never resent after it may have
+reached the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+import httpx
+
+from shared import api
+from user_client.errors import (
+    AuthError,
+    BadRequest,
+    KeyOutdated,
+    NotFound,
+    RateLimited,
+    ServerError,
+    SessionExpired,
+    StipError,
+    TransportError,
+)
+
+log = logging.getLogger("stip.client")
+
+MAX_BACKOFF_S = 8.0
+MAX_RETRY_AFTER_S = 30.0
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
+
+
+def _error_body(resp: httpx.Response) -> tuple[str | None, str]:
+    """(code, message) of an error response; tolerant of bodies that are not our JSON shape."""
+    try:
+        resp.read()
+        data = json.loads(resp.content)
+    except (ValueError, httpx.HTTPError):
+        data = None
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict):
+            code = err.get("code")
+            message = err.get("message")
+            return (str(code) if code is not None else None, str(message or resp.reason_phrase))
+        detail = data.get("detail")  # FastAPI's default error shape
+        if detail is not None:
+            return None, detail if isinstance(detail, str) else "invalid request"
+    return None, resp.reason_phrase or f"HTTP {resp.status_code}"
+
+
+def error_from_response(resp: httpx.Response, *, what: str) -> StipError:
+    """Map an error response to the exception tree (the one place that does so)."""
+    status = resp.status_code
+    code, message = _error_body(resp)
+    text = f"{what}: {status} {code or 'error'}: {message}"
+    if code == api.E_KEY_OUTDATED:
+        return KeyOutdated(text, code=code, status=status)
+    if status in (401, 403) or code in (api.E_UNAUTHORIZED, api.E_FORBIDDEN):
+        return AuthError(text, code=code, status=status)
+    if status == 410 or code == api.E_SESSION_EXPIRED:
+        return SessionExpired(text, code=code, status=status)
+    if status == 404:
+        return NotFound(text, code=code, status=status)
+    if status == 429:
+        return RateLimited(text, code=code, status=status, retry_after=_retry_after(resp))
+    if status in (400, 413, 422):
+        return BadRequest(text, code=code, status=status)
+    if status >= 500:
+        return ServerError(text, code=code, status=status)
+    return StipError(text, code=code, status=status)
+
+
+class Http:
+    """An `httpx.Client` for one party, with the SDK's error mapping and retries."""
+
+    def __init__(self, client: httpx.Client, *, party: str, retries: int, backoff: float):
+        self.client = client
+        self.party = party
+        self.retries = retries
+        self.backoff = backoff
+
+    def _sleep(self, attempt: int, hint: float | None) -> None:
+        if hint is not None:
+            delay = min(hint, MAX_RETRY_AFTER_S)
+        else:
+            delay = min(self.backoff * (2**attempt), MAX_BACKOFF_S)
+            delay *= 0.5 + random.random() / 2  # jitter: not all clients retry in lockstep
+        if delay > 0:
+            time.sleep(delay)
+
+    def _attempts(self, method: str, path: str, idempotent: bool, send: Callable[[], httpx.Response]) -> httpx.Response:
+        what = f"{self.party} {method} {path}"
+        attempt = 0
+        while True:
+            try:
+                resp = send()
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                if attempt < self.retries:
+                    log.warning("%s: cannot connect (%s), retrying", what, type(e).__name__)
+                    self._sleep(attempt, None)
+                    attempt += 1
+                    continue
+                raise TransportError(f"{what}: cannot connect: {e}") from e
+            except httpx.TransportError as e:
+                if idempotent and attempt < self.retries:
+                    log.warning("%s: %s, retrying", what, type(e).__name__)
+                    self._sleep(attempt, None)
+                    attempt += 1
+                    continue
+                raise TransportError(f"{what}: {type(e).__name__}: {e}") from e
+            if resp.status_code >= 500 and idempotent and attempt < self.retries:
+                hint = _retry_after(resp)
+                resp.close()
+                log.warning("%s: HTTP %d, retrying", what, resp.status_code)
+                self._sleep(attempt, hint)
+                attempt += 1
+                continue
+            if resp.status_code >= 400:
+                err = error_from_response(resp, what=what)
+                resp.close()
+                raise err
+            return resp
+
+    def request(self, method: str, path: str, *, idempotent: bool, **kwargs: Any) -> httpx.Response:
+        """Send a request and return the (read) response, or raise a StipError."""
+        return self._attempts(method, path, idempotent, lambda: self.client.request(method, path, **kwargs))
+
+    def download(self, path: str, sink: Callable[[], IO[bytes]], *, max_bytes: int, **kwargs: Any) -> httpx.Headers:
+        """Stream a GET body into a fresh file from `sink()` (retried as a whole); return headers."""
+
+        def send() -> httpx.Response:
+            req = self.client.build_request("GET", path, **kwargs)
+            resp = self.client.send(req, stream=True)
+            if resp.status_code >= 400:
+                resp.read()
+                return resp
+            try:
+                with sink() as f:
+                    total = 0
+                    for chunk in resp.iter_bytes():
+                        total += len(chunk)
+                        if total > max_bytes:
+                            raise StipError(f"{self.party} GET {path}: body exceeds {max_bytes} bytes")
+                        f.write(chunk)
+            finally:
+                resp.close()
+            return resp
+
+        return self._attempts("GET", path, True, send).headers
