@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from shared.errors import CheckpointError
-from shared.keys import DeveloperKey, ModelDims
+from shared.keys import DeveloperKey, LayerKey, ModelDims
 
 Side = Literal["cloud", "user"]
 Config = dict[str, Any]  # the model's config.json
@@ -129,3 +129,59 @@ def config_get(config: Config, *names: str, default: Any = None) -> Any:
     if default is not None:
         return default
     raise CheckpointError(f"config.json lacks {' / '.join(names)}")
+
+
+# --- the per-layer maths, once for every family ----------------------------------------------
+#
+# Each family names the tensors of a layer by their *role*; the transform of a role is the
+# same in every family. Layout is nn.Linear's ([out, in], y = x Wᵀ); GPT-2's Conv1D stores the
+# transpose and passes conv1d=True.
+#   reads the permuted stream  (Q, K, V, FFN in): rows by the inner layout, columns by π
+#   writes the permuted stream (O, FFN out):      rows by π, columns by the inner layout
+#   norms and biases of the stream:               by π
+
+LAYER_ROLES = (
+    "q.weight", "k.weight", "v.weight", "qkv.weight", "q.bias", "k.bias", "v.bias", "qkv.bias",
+    "o.weight", "o.bias", "ffn_in.weight", "ffn_in.bias", "ffn_out.weight", "ffn_out.bias", "norm",
+)  # fmt: skip
+
+
+def _role_spec(
+    role: str, lk: LayerKey, dims: ModelDims, pi: torch.Tensor
+) -> tuple[tuple[int, ...], torch.Tensor | None, torch.Tensor | None]:
+    """(expected [out, in] shape, row index, column index) of a layer tensor with this role."""
+    d, hd = dims.d_model, dims.head_dim
+    q_out, kv_out = dims.n_heads * hd, dims.n_kv_heads * hd
+    if role.startswith("qkv."):  # fused Q | K | V outputs, each in the transformed layout
+        idx = torch.cat([lk.q_rows(dims), q_out + lk.k_rows(dims), q_out + kv_out + lk.v_rows(dims)])
+        out = q_out + 2 * kv_out
+    else:
+        out, idx = {
+            "q": (q_out, lk.q_rows(dims)),
+            "k": (kv_out, lk.k_rows(dims)),
+            "v": (kv_out, lk.v_rows(dims)),
+            "ffn_in": (dims.d_ff, lk.ffn),
+            "o": (d, pi),
+            "ffn_out": (d, pi),
+            "norm": (d, pi),
+        }[role.split(".")[0]]
+    if not role.endswith(".weight"):
+        return (out,), idx, None
+    inner = {"o": (q_out, lk.o_cols(dims)), "ffn_out": (dims.d_ff, lk.ffn)}.get(role.split(".")[0])
+    return ((d, inner[0]), pi, inner[1]) if inner else ((out, d), idx, pi)
+
+
+def transform_layer_tensor(
+    role: str, name: str, tensor: torch.Tensor, lk: LayerKey, dims: ModelDims, pi: torch.Tensor, *, conv1d: bool = False
+) -> torch.Tensor:
+    """Transform one layer tensor by its role; checks its shape, naming it on a mismatch."""
+    shape, row_idx, col_idx = _role_spec(role, lk, dims, pi)
+    t = tensor.T if conv1d and tensor.dim() == 2 else tensor
+    if tuple(t.shape) != shape:
+        expected = shape[::-1] if conv1d and len(shape) == 2 else shape
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
+    if row_idx is not None:
+        t = t.index_select(0, row_idx)
+    if col_idx is not None:
+        t = t.index_select(1, col_idx)
+    return (t.T if conv1d and t.dim() == 2 else t).contiguous()

@@ -38,6 +38,7 @@ from shared.families.base import (
     config_get,
     expect_shape,
     rows,
+    transform_layer_tensor,
 )
 from shared.keys import DeveloperKey, ModelDims
 
@@ -50,6 +51,25 @@ EMBEDDING_NAMES = (WORD, POSITION, TOKEN_TYPE, EMB_NORM_W, EMB_NORM_B)
 
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 _LAYER = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
+# layer tensor names (after `encoder.layer.{i}.`) -> their role in shared.families.base
+LAYER_TENSORS = {
+    "attention.self.query.weight": "q.weight",
+    "attention.self.key.weight": "k.weight",
+    "attention.self.value.weight": "v.weight",
+    "attention.self.query.bias": "q.bias",
+    "attention.self.key.bias": "k.bias",
+    "attention.self.value.bias": "v.bias",
+    "attention.output.dense.weight": "o.weight",
+    "attention.output.dense.bias": "o.bias",
+    "attention.output.LayerNorm.weight": "norm",
+    "attention.output.LayerNorm.bias": "norm",
+    "intermediate.dense.weight": "ffn_in.weight",
+    "intermediate.dense.bias": "ffn_in.bias",
+    "output.dense.weight": "ffn_out.weight",
+    "output.dense.bias": "ffn_out.bias",
+    "output.LayerNorm.weight": "norm",
+    "output.LayerNorm.bias": "norm",
+}
 
 
 class BertFamily(Family):
@@ -110,34 +130,11 @@ class BertFamily(Family):
         if m is None or int(m.group(1)) >= dims.n_layers:
             raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
         i, rest = int(m.group(1)), m.group(2)
-        lk = key.layers[i]
-        hd = dims.n_heads * dims.head_dim
-        q, k, v, o = lk.q_rows(dims), lk.k_rows(dims), lk.v_rows(dims), lk.o_cols(dims)
-        ffn = lk.ffn
-        # rest -> (expected shape, transform)
-        table: dict[str, tuple[tuple[int, ...], Any]] = {
-            "attention.self.query.weight": ((hd, d), lambda t: cols(rows(t, q), pi)),
-            "attention.self.key.weight": ((hd, d), lambda t: cols(rows(t, k), pi)),
-            "attention.self.value.weight": ((hd, d), lambda t: cols(rows(t, v), pi)),
-            "attention.self.query.bias": ((hd,), lambda t: rows(t, q)),
-            "attention.self.key.bias": ((hd,), lambda t: rows(t, k)),
-            "attention.self.value.bias": ((hd,), lambda t: rows(t, v)),
-            "attention.output.dense.weight": ((d, hd), lambda t: cols(rows(t, pi), o)),
-            "attention.output.dense.bias": ((d,), lambda t: rows(t, pi)),
-            "attention.output.LayerNorm.weight": ((d,), lambda t: rows(t, pi)),
-            "attention.output.LayerNorm.bias": ((d,), lambda t: rows(t, pi)),
-            "intermediate.dense.weight": ((dims.d_ff, d), lambda t: cols(rows(t, ffn), pi)),
-            "intermediate.dense.bias": ((dims.d_ff,), lambda t: rows(t, ffn)),
-            "output.dense.weight": ((d, dims.d_ff), lambda t: cols(rows(t, pi), ffn)),
-            "output.dense.bias": ((d,), lambda t: rows(t, pi)),
-            "output.LayerNorm.weight": ((d,), lambda t: rows(t, pi)),
-            "output.LayerNorm.bias": ((d,), lambda t: rows(t, pi)),
-        }
-        if rest not in table:
+        role = LAYER_TENSORS.get(rest)
+        if role is None:
             raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
-        shape, fn = table[rest]
-        expect_shape(name, tensor, shape)
-        return [Piece("cloud", f"encoder.layer.{i}.{rest}", fn(tensor))]
+        transformed = transform_layer_tensor(role, name, tensor, key.layers[i], dims, pi)
+        return [Piece("cloud", f"encoder.layer.{i}.{rest}", transformed)]
 
     def embed(
         self,

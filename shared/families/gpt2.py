@@ -36,6 +36,7 @@ from shared.families.base import (
     config_get,
     expect_shape,
     rows,
+    transform_layer_tensor,
 )
 from shared.keys import DeveloperKey, ModelDims
 
@@ -44,6 +45,21 @@ WTE = "transformer.wte.weight"
 WPE = "transformer.wpe.weight"
 HEAD = "lm_head.weight"
 # Non-parameter buffers that old checkpoints carry (the causal mask); the stock class rebuilds them.
+# layer tensor names (after `transformer.h.{i}.`) -> their role in shared.families.base
+LAYER_TENSORS = {
+    "ln_1.weight": "norm",
+    "ln_1.bias": "norm",
+    "attn.c_attn.weight": "qkv.weight",  # fused: output columns Q | K | V
+    "attn.c_attn.bias": "qkv.bias",
+    "attn.c_proj.weight": "o.weight",
+    "attn.c_proj.bias": "o.bias",
+    "ln_2.weight": "norm",
+    "ln_2.bias": "norm",
+    "mlp.c_fc.weight": "ffn_in.weight",
+    "mlp.c_fc.bias": "ffn_in.bias",
+    "mlp.c_proj.weight": "ffn_out.weight",
+    "mlp.c_proj.bias": "ffn_out.bias",
+}
 BUFFERS = ("attn.bias", "attn.masked_bias", "crossattention.bias", "crossattention.masked_bias")
 
 
@@ -103,33 +119,12 @@ class GPT2Family(Family):
         i, rest = int(m[1]), m[2]
         if rest in BUFFERS:
             return []
-        lk = key.layers[i]
-        hd, n_heads = dims.head_dim, dims.n_heads
-        hid = n_heads * hd  # == d for GPT-2
-        # Conv1D is [in, out]: the roles of rows and columns are those of nn.Linear swapped.
-        # c_attn output columns: Q | K | V, each (n_heads * head_dim), in the transformed layout.
-        qkv = torch.cat([lk.q_rows(dims), hid + lk.k_rows(dims), 2 * hid + lk.v_rows(dims)])
-        o, ffn = lk.o_cols(dims), lk.ffn
-        # (rest, expected shape, transform)
-        table: dict[str, tuple[tuple[int, ...], Any]] = {
-            "ln_1.weight": ((d,), lambda t: rows(t, pi)),
-            "ln_1.bias": ((d,), lambda t: rows(t, pi)),
-            "attn.c_attn.weight": ((d, 3 * hid), lambda t: cols(rows(t, pi), qkv)),
-            "attn.c_attn.bias": ((3 * hid,), lambda t: rows(t, qkv)),
-            "attn.c_proj.weight": ((hid, d), lambda t: cols(rows(t, o), pi)),
-            "attn.c_proj.bias": ((d,), lambda t: rows(t, pi)),
-            "ln_2.weight": ((d,), lambda t: rows(t, pi)),
-            "ln_2.bias": ((d,), lambda t: rows(t, pi)),
-            "mlp.c_fc.weight": ((d, dims.d_ff), lambda t: cols(rows(t, pi), ffn)),
-            "mlp.c_fc.bias": ((dims.d_ff,), lambda t: rows(t, ffn)),
-            "mlp.c_proj.weight": ((dims.d_ff, d), lambda t: cols(rows(t, ffn), pi)),
-            "mlp.c_proj.bias": ((d,), lambda t: rows(t, pi)),
-        }
-        if rest not in table:
+        role = LAYER_TENSORS.get(rest)
+        if role is None:
             raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
-        shape, fn = table[rest]
-        expect_shape(name, tensor, shape)
-        return [Piece("cloud", f"transformer.h.{i}.{rest}", fn(tensor))]
+        # Conv1D stores [in, out], the transpose of nn.Linear's layout
+        transformed = transform_layer_tensor(role, name, tensor, key.layers[i], dims, pi, conv1d=True)
+        return [Piece("cloud", f"transformer.h.{i}.{rest}", transformed)]
 
     def extra_cloud_tensors(self, key: DeveloperKey, config: Config) -> Iterator[Piece]:
         # Positions are added on the user side; the stock class adds this all-zero table.

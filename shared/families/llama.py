@@ -22,10 +22,30 @@ from shared.families.base import (
     expect_shape,
     layer_match,
     rows,
+    transform_layer_tensor,
 )
 from shared.keys import DeveloperKey, ModelDims
 
 EMBED = "model.embed_tokens.weight"
+# layer tensor names (after `model.layers.{i}.`) -> their role in shared.families.base
+LAYER_TENSORS = {
+    "self_attn.q_proj.weight": "q.weight",
+    "self_attn.k_proj.weight": "k.weight",
+    "self_attn.v_proj.weight": "v.weight",
+    "self_attn.q_proj.bias": "q.bias",
+    "self_attn.k_proj.bias": "k.bias",
+    "self_attn.v_proj.bias": "v.bias",
+    "self_attn.o_proj.weight": "o.weight",
+    "self_attn.o_proj.bias": "o.bias",
+    "mlp.gate_proj.weight": "ffn_in.weight",  # SwiGLU: gate and up share the hidden permutation
+    "mlp.up_proj.weight": "ffn_in.weight",
+    "mlp.gate_proj.bias": "ffn_in.bias",
+    "mlp.up_proj.bias": "ffn_in.bias",
+    "mlp.down_proj.weight": "ffn_out.weight",
+    "mlp.down_proj.bias": "ffn_out.bias",
+    "input_layernorm.weight": "norm",
+    "post_attention_layernorm.weight": "norm",
+}
 HEAD = "lm_head.weight"
 
 
@@ -82,34 +102,14 @@ class LlamaFamily(Family):
         if m is None or m[0] >= dims.n_layers:
             raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
         i, rest = m
-        lk = key.layers[i]
-        hd = dims.head_dim
-        q, kk, v, o = lk.q_rows(dims), lk.k_rows(dims), lk.v_rows(dims), lk.o_cols(dims)
-        ffn = lk.ffn
-        # (rest, expected shape, transform)
-        table: dict[str, tuple[tuple[int, ...], Any]] = {
-            "self_attn.q_proj.weight": ((dims.n_heads * hd, d), lambda t: cols(rows(t, q), pi)),
-            "self_attn.k_proj.weight": ((dims.n_kv_heads * hd, d), lambda t: cols(rows(t, kk), pi)),
-            "self_attn.v_proj.weight": ((dims.n_kv_heads * hd, d), lambda t: cols(rows(t, v), pi)),
-            "self_attn.q_proj.bias": ((dims.n_heads * hd,), lambda t: rows(t, q)),
-            "self_attn.k_proj.bias": ((dims.n_kv_heads * hd,), lambda t: rows(t, kk)),
-            "self_attn.v_proj.bias": ((dims.n_kv_heads * hd,), lambda t: rows(t, v)),
-            "self_attn.o_proj.weight": ((d, dims.n_heads * hd), lambda t: cols(rows(t, pi), o)),
-            "self_attn.o_proj.bias": ((d,), lambda t: rows(t, pi)),
-            "mlp.gate_proj.weight": ((dims.d_ff, d), lambda t: cols(rows(t, ffn), pi)),
-            "mlp.up_proj.weight": ((dims.d_ff, d), lambda t: cols(rows(t, ffn), pi)),
-            "mlp.gate_proj.bias": ((dims.d_ff,), lambda t: rows(t, ffn)),
-            "mlp.up_proj.bias": ((dims.d_ff,), lambda t: rows(t, ffn)),
-            "mlp.down_proj.weight": ((d, dims.d_ff), lambda t: cols(rows(t, pi), ffn)),
-            "mlp.down_proj.bias": ((d,), lambda t: rows(t, pi)),
-            "input_layernorm.weight": ((d,), lambda t: rows(t, pi)),
-            "post_attention_layernorm.weight": ((d,), lambda t: rows(t, pi)),
-        }
-        if rest not in table:
+        role = LAYER_TENSORS.get(rest)
+        if role is None:
             raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
-        shape, fn = table[rest]
-        expect_shape(name, tensor, shape)
-        return [Piece("cloud", f"model.layers.{i}.{rest}", fn(tensor))]
+        return [
+            Piece(
+                "cloud", f"model.layers.{i}.{rest}", transform_layer_tensor(role, name, tensor, key.layers[i], dims, pi)
+            )
+        ]
 
     def embed(
         self,

@@ -44,11 +44,31 @@ from shared.families.base import (
     expect_shape,
     layer_match,
     rows,
+    transform_layer_tensor,
 )
 from shared.keys import DeveloperKey, ModelDims
 
 EMBED = "embed_tokens.weight"
 POSITIONS = "embed_positions.weight"
+# layer tensor names (after `layers.{i}.`) -> their role in shared.families.base
+LAYER_TENSORS = {
+    "self_attn.q_proj.weight": "q.weight",
+    "self_attn.k_proj.weight": "k.weight",
+    "self_attn.v_proj.weight": "v.weight",
+    "self_attn.q_proj.bias": "q.bias",
+    "self_attn.k_proj.bias": "k.bias",
+    "self_attn.v_proj.bias": "v.bias",
+    "self_attn.o_proj.weight": "o.weight",
+    "self_attn.o_proj.bias": "o.bias",
+    "attn_norm.weight": "norm",
+    "attn_norm.bias": "norm",
+    "fc1.weight": "ffn_in.weight",
+    "fc1.bias": "ffn_in.bias",
+    "fc2.weight": "ffn_out.weight",
+    "fc2.bias": "ffn_out.bias",
+    "ffn_norm.weight": "norm",
+    "ffn_norm.bias": "norm",
+}
 
 
 @dataclass(frozen=True)
@@ -250,33 +270,12 @@ class PaperFamily(Family):
         if m is None or not name.startswith("layers.") or m[0] >= dims.n_layers:
             raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
         i, rest = m
-        lk = key.layers[i]
-        q, k, v, o = lk.q_rows(dims), lk.k_rows(dims), lk.v_rows(dims), lk.o_cols(dims)
-        ffn = lk.ffn
-        # rest -> (expected shape, transform)
-        table: dict[str, tuple[tuple[int, ...], Any]] = {
-            "self_attn.q_proj.weight": ((d, d), lambda t: cols(rows(t, q), pi)),
-            "self_attn.k_proj.weight": ((d, d), lambda t: cols(rows(t, k), pi)),
-            "self_attn.v_proj.weight": ((d, d), lambda t: cols(rows(t, v), pi)),
-            "self_attn.q_proj.bias": ((d,), lambda t: rows(t, q)),
-            "self_attn.k_proj.bias": ((d,), lambda t: rows(t, k)),
-            "self_attn.v_proj.bias": ((d,), lambda t: rows(t, v)),
-            "self_attn.o_proj.weight": ((d, d), lambda t: cols(rows(t, pi), o)),
-            "self_attn.o_proj.bias": ((d,), lambda t: rows(t, pi)),
-            "attn_norm.weight": ((d,), lambda t: rows(t, pi)),
-            "attn_norm.bias": ((d,), lambda t: rows(t, pi)),
-            "fc1.weight": ((dims.d_ff, d), lambda t: cols(rows(t, ffn), pi)),
-            "fc1.bias": ((dims.d_ff,), lambda t: rows(t, ffn)),
-            "fc2.weight": ((d, dims.d_ff), lambda t: cols(rows(t, pi), ffn)),
-            "fc2.bias": ((d,), lambda t: rows(t, pi)),
-            "ffn_norm.weight": ((d,), lambda t: rows(t, pi)),
-            "ffn_norm.bias": ((d,), lambda t: rows(t, pi)),
-        }
-        if rest not in table:
+        role = LAYER_TENSORS.get(rest)
+        if role is None:
             raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
-        shape, fn = table[rest]
-        expect_shape(name, tensor, shape)
-        return [Piece("cloud", f"layers.{i}.{rest}", fn(tensor))]
+        return [
+            Piece("cloud", f"layers.{i}.{rest}", transform_layer_tensor(role, name, tensor, key.layers[i], dims, pi))
+        ]
 
     def embed(
         self,
