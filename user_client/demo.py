@@ -166,7 +166,7 @@ def _script(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 180.0) -> None:
+def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -196,7 +196,7 @@ def _process(cmd: list[str], env: dict[str, str], log_path: Path) -> Iterator[su
                 proc.wait()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -216,7 +216,7 @@ class Services:
 def local_services(work: Path) -> Iterator[Services]:
     """P2 and P1 as separate processes on loopback, with fresh tokens and data directories."""
     admin, push = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    cloud_port, dev_port = _free_port(), _free_port()
+    cloud_port, dev_port = free_port(), free_port()
     cloud_url, dev_url = f"http://127.0.0.1:{cloud_port}", f"http://127.0.0.1:{dev_port}"
     host = ["--host", "127.0.0.1"]
     with ExitStack() as stack:
@@ -234,8 +234,8 @@ def local_services(work: Path) -> Iterator[Services]:
                 work / "developer.log",
             )
         )
-        _wait_ready(cloud_url, cloud)
-        _wait_ready(dev_url, dev)
+        wait_ready(cloud_url, cloud)
+        wait_ready(dev_url, dev)
         yield Services(dev_url, cloud_url, admin, [cloud, dev])
 
 
@@ -366,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
         if args.developer_url and args.cloud_url:
             admin_token = args.admin_token or _token_from_env()
             services = Services(args.developer_url.rstrip("/"), args.cloud_url.rstrip("/"), admin_token, [])
-            _wait_ready(services.developer_url, None)
+            wait_ready(services.developer_url, None)
             _say(f"Attached to P1 at {services.developer_url} and P2 at {services.cloud_url}")
         elif args.developer_url or args.cloud_url:
             raise SystemExit("give both --developer-url and --cloud-url, or neither")

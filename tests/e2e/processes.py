@@ -6,15 +6,13 @@ end-to-end tests start them here with loopback ports and temporary data director
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
+from user_client.demo import free_port, wait_ready  # noqa: F401  (re-exported for the tests)
 
 BIN = Path(sys.executable).parent
 
@@ -34,28 +32,8 @@ USER = [
 VALUE_FLAGS = ("--host", "--port", "--data-dir", "--developer-url", "--cloud-url", "--models-dir")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def fill(template: Sequence[str], **values: object) -> list[str]:
     return [str(BIN / template[0])] + [arg.format(**values) for arg in template[1:]]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
 def start(template: Sequence[str], env: dict[str, str], log: Path, **values: object) -> subprocess.Popen:
