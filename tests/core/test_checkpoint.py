@@ -169,3 +169,41 @@ def test_missing_shard_and_existing_output(model_dir, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not empty"):
         transform_model_dir(src, tmp_path / "full", progress=False)
     assert (tmp_path / "full" / "x").read_text() == "keep"
+
+
+def _stock_cloud_output(family: str, cloud_dir: Path, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Load OUT/cloud with the stock class's own from_pretrained and run it on x·π."""
+    if family == "gpt2":
+        model = transformers.GPT2LMHeadModel.from_pretrained(cloud_dir).eval()
+        assert torch.count_nonzero(model.transformer.wpe.weight) == 0  # P2's position table is all zero
+        return model(inputs_embeds=x, attention_mask=mask).logits
+    model = transformers.BertModel.from_pretrained(cloud_dir).eval()
+    return get_family("bert").cloud_forward(model, x, mask).output  # its encoder, fed x·π directly
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_cloud_dir_loads_with_the_stock_from_pretrained(family: str, tmp_path: Path) -> None:
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+        original = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+        )
+        original = transformers.BertModel(config)
+    randomize_parameters(original)
+    original.save_pretrained(tmp_path / "model")
+    result = transform_model_dir(tmp_path / "model", tmp_path / "out", progress=False)
+    fam = get_family(family)
+    cfg = json.loads((tmp_path / "model" / "config.json").read_text())
+    embedding = load_file(str(tmp_path / "out" / "user" / "embedding.safetensors"))
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0  # right padding
+    x = permute(fam.embed(embedding, cfg, ids), result.key.pi)
+    with torch.no_grad():
+        got = unpermute(_stock_cloud_output(family, tmp_path / "out" / "cloud", x, mask), result.key.pi_c)
+        ref = original(ids, attention_mask=mask)
+        ref = ref.logits if family == "gpt2" else ref.last_hidden_state
+    real = mask.bool()
+    assert (got[real] - ref[real]).abs().max() <= 1e-4
