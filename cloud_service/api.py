@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from cloud_service.errors import (
     BadInput,
@@ -24,6 +25,7 @@ from cloud_service.errors import (
     NotFound,
     NotReady,
     PushesDisabled,
+    SenderGone,
     SessionExpired,
     TooManySessions,
     Unauthorized,
@@ -74,6 +76,8 @@ FORWARD_PATH = DEPLOYMENT_PATH + "/forward"
 # The one place that turns an exception into a status and a code: first match wins.
 ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
     (BadInput, 400, E_BAD_INPUT),
+    (SenderGone, 400, E_BAD_INPUT),  # nobody reads the answer: the sender left
+    (ClientDisconnect, 400, E_BAD_INPUT),  # a body cut off midway (a push or a forward)
     (Unauthorized, 401, E_UNAUTHORIZED),
     (Forbidden, 403, E_FORBIDDEN),
     (PushesDisabled, 403, E_FORBIDDEN),
@@ -152,6 +156,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(CloudError, _domain_error)
     app.add_exception_handler(StipCoreError, _domain_error)
+    app.add_exception_handler(ClientDisconnect, _domain_error)  # an ordinary event, not a 500 with a traceback
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
@@ -227,11 +232,28 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 # --- routes --------------------------------------------------------------------------------
 
+# Bodies of forward and push are read from the raw stream, so FastAPI cannot infer them: the
+# spec states them here (safetensors, shared.wire), as it does the non-JSON answers.
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+METRICS_RESPONSE: dict[int | str, dict[str, object]] = {
+    200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+}
+
+
+def safetensors_body(description: str) -> dict[str, object]:
+    return {"requestBody": {"required": True, "description": description, "content": {CONTENT_TYPE: BINARY}}}
+
+
 router = APIRouter(responses=ERROR_RESPONSES)
 v1 = APIRouter(dependencies=[Depends(require_ready)], responses=ERROR_RESPONSES)
 
 
-@v1.put(PUSH_PATH, response_model=PushResult, tags=["P1 -> P2"])
+@v1.put(
+    PUSH_PATH,
+    response_model=PushResult,
+    tags=["P1 -> P2"],
+    openapi_extra=safetensors_body("θ′ as one safetensors body; its metadata names deployment, key version, config"),
+)
 async def push_weights(
     deployment_id: str,
     request: Request,
@@ -248,6 +270,7 @@ async def push_weights(
         digest=digest,
         content_length=content_length(request),
         key_version=key_version,
+        sender_gone=request.is_disconnected,
     )
 
 
@@ -270,7 +293,13 @@ async def delete_session(session_id: str, service: ServiceDep, token: TokenDep) 
     return Response(status_code=204)
 
 
-@v1.post(FORWARD_PATH, response_class=Response, tags=["P3 -> P2"])
+@v1.post(
+    FORWARD_PATH,
+    response_class=Response,
+    tags=["P3 -> P2"],
+    openapi_extra=safetensors_body("inputs_embeds [B, S, d] permuted by π, optional attention_mask [B, S]"),
+    responses={200: {"description": "safetensors: the permuted outputs", "content": {CONTENT_TYPE: BINARY}}},
+)
 async def forward(
     request: Request,
     dep: DeploymentDep,
@@ -300,7 +329,7 @@ async def ready(service: ServiceDep) -> Health:
     return Health(status="ready", deployments=service.deployment_count)
 
 
-@router.get("/metrics", response_class=Response, tags=["health"])
+@router.get("/metrics", response_class=Response, tags=["health"], responses=METRICS_RESPONSE)
 async def metrics(service: ServiceDep) -> Response:
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -49,6 +49,10 @@ class VersionConflict(CloudError):
     """A push of a key version lower than the active one, or the same version with other bytes."""
 
 
+class SenderGone(CloudError):
+    """The pushing client disconnected before its push was activated: nothing changed."""
+
+
 class TooManySessions(CloudError):
     """The session count or the KV cache memory bound is reached."""
 

@@ -22,7 +22,7 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -38,6 +38,7 @@ from cloud_service.errors import (
     Internal,
     KeyOutdated,
     PushesDisabled,
+    SenderGone,
     SessionExpired,
     Unauthorized,
     UnknownDeployment,
@@ -72,7 +73,7 @@ from shared.api import (
 )
 from shared.credentials import Claims
 from shared.errors import CredentialError, PayloadTooLarge, StipCoreError
-from shared.families import CloudOutput, Family, get_family
+from shared.families import CloudOutput, Family, detect_family, get_family
 from shared.runtime import CloudModel, load_cloud_model
 
 log = logging.getLogger("stip.cloud")
@@ -247,11 +248,15 @@ class CloudService:
         digest: str | None,
         content_length: int | None = None,
         key_version: int | None = None,
+        sender_gone: Callable[[], Awaitable[bool]] | None = None,
     ) -> PushResult:
         """Receive θ′ (one safetensors body) and activate it once complete, verified and loaded.
 
         The caller has checked the push token. Nothing becomes active, and no file stays
-        behind, unless every step succeeds.
+        behind, unless every step succeeds. `sender_gone` (the HTTP layer's disconnect check)
+        is asked once the new model is loaded: a push whose sender is no longer there to hear
+        the answer is not activated (SenderGone), so a P1 that crashed, or gave up waiting,
+        never finds a version active that it has already written off.
         """
         if not valid_deployment_id(deployment_id):
             raise BadInput("a deployment id is 1-128 letters, digits, '.', '_' or '-', not starting with '.'")
@@ -270,7 +275,7 @@ class CloudService:
             if key_version is not None and key_version != manifest.key_version:
                 raise BadInput(f"header key version {key_version} differs from the body's {manifest.key_version}")
             async with self._push_locks.setdefault(deployment_id, anyio.Lock()):
-                result = await self._install(temp, manifest, actual, size)
+                result = await self._install(temp, manifest, actual, size, sender_gone)
         except BaseException:
             self.metrics.pushes.labels("rejected").inc()
             raise
@@ -278,7 +283,14 @@ class CloudService:
             temp.unlink(missing_ok=True)  # gone already when it became the version file
         return result
 
-    async def _install(self, temp: Path, manifest: PushManifest, sha256: str, size: int) -> PushResult:
+    async def _install(
+        self,
+        temp: Path,
+        manifest: PushManifest,
+        sha256: str,
+        size: int,
+        sender_gone: Callable[[], Awaitable[bool]] | None = None,
+    ) -> PushResult:
         """Under the deployment's push lock: check the version, load, then switch atomically."""
         deployment_id, key_version = manifest.deployment_id, manifest.key_version
         current = self._deployments.get(deployment_id)
@@ -290,7 +302,9 @@ class CloudService:
                     raise VersionConflict(f"key version {key_version} is already active with other weights")
                 self.metrics.pushes.labels("unchanged").inc()
                 return PushResult(deployment_id=deployment_id, key_version=key_version, status="active", sha256=sha256)
+        await _check_sender(sender_gone, key_version)
         dep = await anyio.to_thread.run_sync(self._load, temp, manifest, sha256)
+        await _check_sender(sender_gone, key_version)  # the last moment before the switch
         record = await anyio.to_thread.run_sync(
             lambda: self.storage.activate(temp, deployment_id=deployment_id, key_version=key_version, sha256=sha256)
         )
@@ -571,10 +585,15 @@ def inspect_push(path: Path, deployment_id: str) -> PushManifest:
     _check_verify_key(verify_key)
     try:
         family.dims(config)
+        detected = detect_family(config)
     except StipCoreError:
         raise
     except Exception as e:
         raise BadInput(f"{PUSH_CONFIG} is not a {family.name} config: {type(e).__name__}: {_short(e)}") from None
+    if detected.name != family.name:
+        # the model is built from the config, the embedding check uses the family's names:
+        # both must name the same model, or a mislabelled body could carry its embedding table
+        raise BadInput(f"{PUSH_FAMILY} is {family.name!r}, but {PUSH_CONFIG} describes a {detected.name} model")
     if not infos:
         raise BadInput("the push holds no tensors")
     ints = sorted(n for n, i in infos.items() if i.dtype not in WEIGHT_DTYPES)
@@ -603,6 +622,11 @@ def _check_verify_key(text: str) -> None:
 # --- small helpers ---------------------------------------------------------------------------
 
 
+async def _check_sender(sender_gone: Callable[[], Awaitable[bool]] | None, key_version: int) -> None:
+    if sender_gone is not None and await sender_gone():
+        raise SenderGone(f"the sender disconnected before key version {key_version} was activated; nothing changed")
+
+
 def _write(f: IO[bytes], h: "hashlib._Hash", data: bytes, final: bool = False) -> None:
     h.update(data)
     f.write(data)
@@ -618,7 +642,7 @@ def _claimed_deployment(token: str) -> str | None:
         return None
     try:
         payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):  # RecursionError: JSON nested too deep
         return None
     dep = payload.get("dep") if isinstance(payload, dict) else None
     return dep if isinstance(dep, str) else None

@@ -144,7 +144,12 @@ router = APIRouter(responses=ERRORS)
 # --- models --------------------------------------------------------------------------------
 
 
-@router.post("/v1/models", status_code=status.HTTP_201_CREATED, tags=["models"])
+@router.post(
+    "/v1/models",
+    status_code=status.HTTP_201_CREATED,
+    tags=["models"],
+    responses={200: {"model": ModelInfo, "description": "already registered (same path and name)"}},
+)
 def register_model(body: RegisterModel, service: ServiceDep, _: AdminDep, response: Response) -> ModelInfo:
     """Register a local Hugging Face model directory (idempotent on path and name)."""
     info, created = service.register_model(body)
@@ -249,6 +254,11 @@ def ready(request: Request) -> Response:
     return JSONResponse(Health(status="ready").model_dump())
 
 
-@router.get("/metrics", tags=["health"], response_class=Response)
+@router.get(
+    "/metrics",
+    tags=["health"],
+    response_class=Response,
+    responses={200: {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 def metrics(service: ServiceDep) -> Response:
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)

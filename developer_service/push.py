@@ -8,6 +8,7 @@ new version only when the body is complete and the digest matches (PROTOCOL.md s
 
 import hashlib
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,8 +60,20 @@ def _error_detail(response: httpx.Response) -> str:
         return response.text[:200] or response.reason_phrase
 
 
+def _certificate_refused(e: BaseException) -> bool:
+    """Whether a connection failed because P2's TLS certificate did not verify."""
+    cause: BaseException | None = e
+    for _ in range(8):  # httpx.ConnectError <- httpcore.ConnectError <- ssl.SSLCertVerificationError
+        if cause is None:
+            return False
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 class Pusher:
-    """Pushes θ′ to P2 with retries on network errors and 5xx, never on 4xx."""
+    """Pushes θ′ to P2 with retries on network errors and 5xx, never on 4xx or an untrusted certificate."""
 
     def __init__(
         self,
@@ -82,6 +95,11 @@ class Pusher:
             try:
                 response = self._put(request, total, digest, on_progress)
             except httpx.TransportError as e:
+                if _certificate_refused(e):  # permanent: retrying cannot help
+                    raise PushFailed(
+                        f"P2's TLS certificate at {request.url} is not trusted: {e}; if P2 uses a private CA, "
+                        "set STIP_DEVELOPER_CA_BUNDLE"
+                    ) from None
                 error = PushFailed(f"cannot reach P2 at {request.url}: {type(e).__name__}: {e}")
             else:
                 if response.is_success:
@@ -143,10 +161,17 @@ class Pusher:
 
     def cloud_version(self, cloud_url: str, deployment_id: str, timeout_s: float = 10.0) -> int | None:
         """The key version P2 reports active for a deployment, or None (unknown or unreachable)."""
+        return self.probe(cloud_url, deployment_id, timeout_s)[1]
+
+    def probe(self, cloud_url: str, deployment_id: str, timeout_s: float = 10.0) -> tuple[bool, int | None]:
+        """(answered, version): P2's active key version, None when P2 says it has no such
+        deployment (404); answered is False when P2 could not say (unreachable, not ready, 5xx)."""
         try:
             response = self._client.get(f"{cloud_url}/v1/deployments/{deployment_id}", timeout=timeout_s)
+            if response.status_code == 404:
+                return True, None
             if response.status_code != 200:
-                return None
-            return DeploymentInfo.model_validate_json(response.content).key_version
+                return False, None
+            return True, DeploymentInfo.model_validate_json(response.content).key_version
         except (httpx.HTTPError, ValidationError):
-            return None
+            return False, None

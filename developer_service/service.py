@@ -102,10 +102,19 @@ def inspect_model(path: Path) -> tuple[str, list[str], int, int, int]:
     if not path.is_dir():
         raise InvalidModel(f"{path} is not a directory on P1's machine")
     config = read_config(path)
+    archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise InvalidModel(f"{path}/config.json: 'architectures' must be a list of class names")
     family = detect_family(config)
-    dims = family.dims(config)
+    try:
+        dims = family.dims(config)
+    except StipCoreError:
+        raise
+    except Exception as e:  # wrong types, zero heads ...: the family's code cannot read this config
+        problem = f"{type(e).__name__}: {e}"
+        raise InvalidModel(f"{path}/config.json is not a usable {family.name} config: {problem}") from None
     count_tensors(checkpoint_files(path))  # every shard exists and has a readable header
-    return family.name, list(config.get("architectures") or []), dims.d_model, dims.d_out, dims.n_layers
+    return family.name, archs, dims.d_model, dims.d_out, dims.n_layers
 
 
 def _make_http_client(settings: DeveloperSettings, transport: httpx.BaseTransport | None) -> httpx.Client:
@@ -119,7 +128,7 @@ def _make_http_client(settings: DeveloperSettings, transport: httpx.BaseTranspor
 @dataclass
 class _Job:
     thread: threading.Thread
-    kind: str  # "deploy" or "rotate"
+    kind: str  # "deploy", "rotate" or "recover" (settling a job interrupted by a restart)
     version: int
 
 
@@ -181,33 +190,77 @@ class DeveloperService:
         return self.deployment(deployment_id)
 
     def _recover(self) -> None:
-        """Mark jobs a previous run left mid-way, and remove their half-done version dirs.
+        """Settle the jobs a previous run left mid-way, and remove their half-done version dirs.
 
-        Exception: if the interrupted push did reach P2 (P2 reports the pending version
-        active) and the version dir is complete, that version is adopted.
+        A job whose version dir is incomplete never pushed: it is marked interrupted. One whose
+        push may have reached P2 is settled by P2's answer: the pending version is adopted when
+        P2 serves it, else the job is marked interrupted. While P2 cannot answer (down, or still
+        loading after a restart of its own) nothing is decided, since deleting the keys of a
+        version that P2 then serves would leave users stuck: a background check asks again with
+        backoff (every 5 s at most) for up to `push_timeout_s`; the deployment stays `pending` /
+        `rotating` meanwhile and users keep the active version.
         """
         for dep in self.store.list_deployments():
             if dep.status not in ("pending", "rotating"):
                 self._prune(dep.deployment_id, keep=dep.key_version)
                 continue
             pending = dep.pending_key_version or dep.last_version
-            vdir = self._version_dir(dep.deployment_id, pending)
-            if (
-                self._complete(vdir)
-                and self._pusher().cloud_version(dep.cloud_url, dep.deployment_id, timeout_s=5.0) == pending
-            ):
-                log.info("deployment %s: adopting key version %d, active on P2", dep.deployment_id, pending)
-                self._commit(dep.deployment_id, pending)
-                continue
-            message = f"interrupted: P1 stopped while deploying key version {pending}; rotate to try again"
-            log.warning("deployment %s: %s", dep.deployment_id, message)
-            self._mark_failed(dep.deployment_id, pending, message)
+            if not self._complete(self._version_dir(dep.deployment_id, pending)):  # the push never began
+                self._mark_interrupted(dep.deployment_id, pending)
+            elif not self._settle(dep.deployment_id, dep.cloud_url, pending, timeout_s=5.0):
+                message = f"interrupted: P1 stopped while pushing key version {pending}; asking P2 whether it took it"
+                log.warning("deployment %s: %s", dep.deployment_id, message)
+                self.store.update_deployment(dep.deployment_id, error=message)
+                self._start_reconcile(dep.deployment_id, dep.cloud_url, pending)
+
+    def _settle(self, deployment_id: str, cloud_url: str, version: int, *, timeout_s: float) -> bool:
+        """Adopt `version` if P2 serves it, else mark the job interrupted; False when P2 cannot say."""
+        answered, active = self._pusher().probe(cloud_url, deployment_id, timeout_s=timeout_s)
+        if not answered:
+            return False
+        if active == version:
+            log.info("deployment %s: adopting key version %d, active on P2", deployment_id, version)
+            self._commit(deployment_id, version)
+        else:
+            self._mark_interrupted(deployment_id, version)
+        return True
+
+    def _mark_interrupted(self, deployment_id: str, version: int, why: str = "") -> None:
+        message = f"interrupted: P1 stopped while deploying key version {version}{why}; rotate to try again"
+        log.warning("deployment %s: %s", deployment_id, message)
+        self._mark_failed(deployment_id, version, message)
+
+    def _start_reconcile(self, deployment_id: str, cloud_url: str, version: int) -> None:
+        def run() -> None:
+            deadline = time.monotonic() + self.settings.push_timeout_s
+            delay = 0.5
+            try:
+                while not self._closing.wait(delay):  # P1 stopping: its next start decides
+                    if self._settle(deployment_id, cloud_url, version, timeout_s=10.0):
+                        return
+                    if time.monotonic() > deadline:
+                        self._mark_interrupted(deployment_id, version, ", and P2 never said whether it took it")
+                        return
+                    delay = min(2 * delay, 5.0)  # one GET per few seconds: cheap, and quick to settle
+            finally:
+                with self._lock:
+                    job = self._jobs.get(deployment_id)
+                    if job is not None and job.thread is threading.current_thread():
+                        del self._jobs[deployment_id]
+
+        thread = threading.Thread(target=run, name=f"stip-recover-{deployment_id}-v{version}", daemon=True)
+        with self._lock:
+            self._jobs[deployment_id] = _Job(thread=thread, kind="recover", version=version)
+        thread.start()
 
     # --- models ----------------------------------------------------------------------------
 
     def register_model(self, request: RegisterModel) -> tuple[ModelInfo, bool]:
         """Register a local model directory. Idempotent on (path, name): returns (info, created)."""
-        path = Path(request.path).expanduser()
+        try:
+            path = Path(request.path).expanduser()
+        except RuntimeError:  # `~user/...` of an unknown user
+            raise InvalidModel(f"model path {request.path!r}: no home directory for its '~'") from None
         family, archs, d_model, d_out, n_layers = inspect_model(path)
         path = path.resolve()
         name = request.name or path.name

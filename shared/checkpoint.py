@@ -58,8 +58,10 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (KeyError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{index} is malformed: {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index} is malformed: weight_map must map tensor names to file names")
         files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
     elif (model_dir / "model.safetensors").is_file():
         files = [model_dir / "model.safetensors"]

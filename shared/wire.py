@@ -67,7 +67,7 @@ def parse_header(
         raise BadTensor("safetensors header is truncated")
     try:
         raw = json.loads(head[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep
         raise BadTensor("safetensors header is not valid JSON") from None
     if not isinstance(raw, dict):
         raise BadTensor("safetensors header is not a JSON object")
@@ -80,8 +80,10 @@ def parse_header(
             dtype, shape, (start, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise BadTensor(f"tensor {name!r}: malformed header entry") from None
+        if not isinstance(dtype, str):
+            raise BadTensor(f"tensor {name!r}: its dtype is not a string")
         if dtype not in DTYPES:
-            raise BadTensor(f"tensor {name!r}: unsupported dtype {dtype!r}")
+            raise BadTensor(f"tensor {name!r}: unsupported dtype {dtype[:16]!r}")
         if not all(isinstance(s, int) and s >= 0 for s in shape) or not all(
             isinstance(o, int) and o >= 0 for o in (start, end)
         ):

