@@ -314,7 +314,8 @@ async def forward(
     service.check_key_version(dep, key_version)
     body = await read_body(request, service.settings.max_body_bytes)
     options = ForwardOptions(output=output, k=k, session_id=session_id)
-    result = await anyio.to_thread.run_sync(service.forward, dep, body, options, claims)
+    limiter: anyio.CapacityLimiter = request.app.state.forward_limiter  # STIP_CLOUD_FORWARD_THREADS
+    result = await anyio.to_thread.run_sync(service.forward, dep, body, options, claims, limiter=limiter)
     return Response(result.body, media_type=CONTENT_TYPE, headers={KEY_VERSION_HEADER: str(result.key_version)})
 
 

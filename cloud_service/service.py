@@ -511,20 +511,27 @@ class CloudService:
     ) -> tuple[CloudOutput, int]:
         """Run the new rows on the session's cache; the mask sent covers the new rows only."""
         batch, seq = x.shape[0], x.shape[1]
-        if session.batch is not None and session.batch != batch:
-            raise BadInput(f"the session holds {session.batch} rows; this request has {batch}")
-        past = session.length
-        self._check_positions(dep, past, seq)
-        new = mask if mask is not None else torch.ones(batch, seq, dtype=torch.long)
-        new = new.to(dep.model.device)
-        full = new if session.mask is None else torch.cat([session.mask, new], dim=1)  # (B, past + S)
-        _check_rows(full)
-        self.sessions.reserve(session, dep.kv_bytes_per_token * batch * seq)
+        # cache and mask read together, under the session store's lock (a rotation may free them)
+        cache, held = self.sessions.reserve(session, dep.kv_bytes_per_token * batch * seq)  # held: (B, past)
+        past = 0 if held is None else int(held.shape[1])
         try:
-            out = dep.model.forward(x, full, session.cache)
+            if held is not None and held.shape[0] != batch:
+                raise BadInput(f"the session holds {held.shape[0]} rows; this request has {batch}")
+            self._check_positions(dep, past, seq)
+            new = mask if mask is not None else torch.ones(batch, seq, dtype=torch.long)
+            new = new.to(dep.model.device)
+            full = new if held is None else torch.cat([held, new], dim=1)  # (B, past + S)
+            _check_rows(full)
         except BaseException:
             self.sessions.release(session)
-            _rollback(session, past)
+            raise
+        try:
+            out = dep.model.forward(x, full, cache)
+        except BaseException:
+            self.sessions.release(session)
+            if not _rollback(cache, past):  # a cache in an unknown state must not serve another step
+                log.warning("session cache could not be restored after a failed forward; the session ends")
+                self.sessions.delete(session.session_id)
             raise
         nbytes = _cache_nbytes(out.cache) or (session.cache_bytes + dep.kv_bytes_per_token * batch * seq)
         self.sessions.commit(session, cache=out.cache, mask=full, nbytes=nbytes)
@@ -673,16 +680,26 @@ def _cache_nbytes(cache: Any) -> int:
     return 0
 
 
-def _rollback(session: Session, length: int) -> None:
-    """After a failed forward, cut the cache back to what it held before (or drop it)."""
-    cache = session.cache
+def _rollback(cache: Any, length: int) -> bool:
+    """After a failed forward, cut every layer of the cache back to `length` positions.
+
+    False when that cannot be done (the caller then ends the session). transformers 5's
+    `crop(n)` takes the number of tokens to remove, as a negative count, per layer: a layer the
+    failed forward had not reached yet keeps its length.
+    """
     if cache is None:
-        return
+        return True
     try:
-        cache.crop(length)
+        for layer in cache.layers:
+            keys = getattr(layer, "keys", None)
+            if isinstance(keys, torch.Tensor) and keys.dim() >= 2 and keys.shape[-2] > length:
+                layer.crop(length - int(keys.shape[-2]))
+        return all(
+            not isinstance(getattr(layer, "keys", None), torch.Tensor) or layer.keys.shape[-2] == length
+            for layer in cache.layers
+        )
     except Exception:
-        log.warning("session cache could not be restored after a failed forward; it is reset")
-        session.cache, session.mask, session.cache_bytes = None, None, 0
+        return False
 
 
 def _short(e: BaseException, limit: int = 300) -> str:

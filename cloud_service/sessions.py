@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cloud_service.errors import SessionExpired, TooManySessions, UnknownSession
+from cloud_service.errors import KeyOutdated, SessionExpired, TooManySessions, UnknownSession
 
 Clock = Callable[[], float]
 
@@ -152,14 +152,29 @@ class SessionStore:
 
     # --- memory of a forward in flight ----------------------------------------------------
 
-    def reserve(self, session: Session, nbytes: int) -> None:
-        """Reserve cache memory for new tokens; TooManySessions past the bound."""
+    def reserve(self, session: Session, nbytes: int) -> tuple[Any, torch.Tensor | None]:
+        """Reserve cache memory for new tokens (TooManySessions past the bound) and return the
+        session's (cache, mask) as one consistent snapshot.
+
+        A rotation (`drop_stale`), a delete and an expiry free a session's cache under this
+        store's lock, without the deployment's: a forward that passed its checks before one of
+        them hears it here (KeyOutdated, UnknownSession) rather than running on a freed cache
+        with the old mask, which gave wrong outputs.
+        """
         with self._lock:
             if self._used() + nbytes > self.memory_bytes:
                 self._evict_expired()
+            if session.stale:
+                raise KeyOutdated(
+                    f"key version {session.key_version} of this session was replaced while the request "
+                    "waited: fetch the current user key and start a new session"
+                )
+            if self._live.get(session.session_id) is not session:
+                raise UnknownSession("the session ended while the request waited")
             if self._used() + nbytes > self.memory_bytes:
                 raise TooManySessions("the KV cache memory for sessions is exhausted; end a session or retry later")
             session.reserved += nbytes
+            return session.cache, session.mask
 
     def commit(self, session: Session, *, cache: Any, mask: torch.Tensor, nbytes: int) -> bool:
         """Store the extended cache; False when the session ended or went stale meanwhile."""

@@ -42,6 +42,9 @@ class CloudSettings(BaseSettings):
     max_body_bytes: int = Field(128 * MIB, gt=0, description="forward request bodies; 413 past it")
     max_push_bytes: int = Field(256 * GIB, gt=0, description="weight push bodies; 413 past it")
     max_batch: int = Field(64, ge=1, description="rows of one forward request")
+    forward_threads: int = Field(
+        4, ge=1, description="worker threads running forward passes at once; more requests wait their turn"
+    )
 
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None

@@ -2,7 +2,10 @@
 
 Retry policy (exponential backoff with jitter, `Retry-After` honoured up to a cap):
 - a connection that could not be opened (`httpx.ConnectError`, `ConnectTimeout`): every call,
-  since nothing reached the server;
+  since nothing reached the server; except a TLS certificate that does not verify, which is
+  permanent and raised at once;
+- a 503 `not_ready` (a service still loading after a restart refuses every request before it
+  does anything): every call;
 - any other transport failure, a 5xx or a 503: idempotent calls only (GET, DELETE, the bundle
   download and stateless forward passes, which are pure functions of their input).
 A POST that extends a session's KV cache or opens a session is never resent after it may have
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import ssl
 import time
 from collections.abc import Callable
 from typing import IO, Any
@@ -47,6 +52,36 @@ def _retry_after(resp: httpx.Response) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None  # an HTTP date: fall back to our own backoff
+
+
+def tls_verify(verify: bool | str | os.PathLike[str] | ssl.SSLContext) -> bool | ssl.SSLContext:
+    """httpx's `verify` from ours: a bool, an SSL context, or the path of a CA file or directory."""
+    if isinstance(verify, (bool, ssl.SSLContext)):
+        return verify
+    path = os.fspath(verify)
+    try:
+        if os.path.isdir(path):
+            return ssl.create_default_context(capath=path)
+        return ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"verify: cannot load the CA bundle {path!r}: {e}") from None
+
+
+def _certificate_refused(e: BaseException) -> bool:
+    """Whether a connection failed because the server's TLS certificate did not verify."""
+    cause: BaseException | None = e
+    for _ in range(8):  # httpx.ConnectError <- httpcore.ConnectError <- ssl.SSLCertVerificationError
+        if cause is None:
+            return False
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _not_ready(resp: httpx.Response) -> bool:
+    """A 503 `not_ready`: the service refused the request before doing anything with it."""
+    return resp.status_code == 503 and _error_body(resp)[0] == api.E_NOT_READY
 
 
 def _error_body(resp: httpx.Response) -> tuple[str | None, str]:
@@ -108,27 +143,40 @@ class Http:
         if delay > 0:
             time.sleep(delay)
 
-    def _attempts(self, method: str, path: str, idempotent: bool, send: Callable[[], httpx.Response]) -> httpx.Response:
+    def _attempts(
+        self,
+        method: str,
+        path: str,
+        idempotent: bool,
+        send: Callable[[], httpx.Response],
+        retries: int | None = None,
+    ) -> httpx.Response:
         what = f"{self.party} {method} {path}"
         attempt = 0
+        limit = self.retries if retries is None else retries
         while True:
             try:
                 resp = send()
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                if attempt < self.retries:
+                if _certificate_refused(e):  # permanent: retrying cannot help
+                    raise TransportError(
+                        f"{what}: the server's TLS certificate is not trusted: {e}; if the service uses a "
+                        "private CA, pass verify=<CA bundle path> (STIP_CLIENT_VERIFY, --ca-bundle)"
+                    ) from e
+                if attempt < limit:
                     log.warning("%s: cannot connect (%s), retrying", what, type(e).__name__)
                     self._sleep(attempt, None)
                     attempt += 1
                     continue
                 raise TransportError(f"{what}: cannot connect: {e}") from e
             except httpx.TransportError as e:
-                if idempotent and attempt < self.retries:
+                if idempotent and attempt < limit:
                     log.warning("%s: %s, retrying", what, type(e).__name__)
                     self._sleep(attempt, None)
                     attempt += 1
                     continue
                 raise TransportError(f"{what}: {type(e).__name__}: {e}") from e
-            if resp.status_code >= 500 and idempotent and attempt < self.retries:
+            if resp.status_code >= 500 and (idempotent or _not_ready(resp)) and attempt < limit:
                 hint = _retry_after(resp)
                 resp.close()
                 log.warning("%s: HTTP %d, retrying", what, resp.status_code)
@@ -141,9 +189,18 @@ class Http:
                 raise err
             return resp
 
-    def request(self, method: str, path: str, *, idempotent: bool, **kwargs: Any) -> httpx.Response:
-        """Send a request and return the (read) response, or raise a StipError."""
-        return self._attempts(method, path, idempotent, lambda: self.client.request(method, path, **kwargs))
+    def request(
+        self, method: str, path: str, *, idempotent: bool, retries: int | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        """Send a request and return the (read) response, or raise a StipError.
+
+        `retries` overrides the client's count for this call (0: one attempt, e.g. best-effort cleanup).
+        """
+
+        def send() -> httpx.Response:
+            return self.client.request(method, path, **kwargs)
+
+        return self._attempts(method, path, idempotent, send, retries)
 
     def download(self, path: str, sink: Callable[[], IO[bytes]], *, max_bytes: int, **kwargs: Any) -> httpx.Headers:
         """Stream a GET body into a fresh file from `sink()` (retried as a whole); return headers."""

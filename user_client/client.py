@@ -13,12 +13,17 @@ transparently. A generation cannot keep its session (the session's cache was com
 old key), so it opens a new session under the new key and re-sends the prompt plus every token
 generated so far as one prefill, then carries on: the output continues where it was, and the
 sampler's random state is unaffected, so the tokens are those an uninterrupted run would give.
-An expired session (410) is recovered the same way, without a refetch.
+An expired session (410), or one that P2 lost in a restart (404 on the session), is recovered the
+same way, without a refetch. A step that fails in transit (`TransportError`: the connection broke
+after the request may have reached P2) is never sent again, since P2 may already have extended the
+session with it: the generation raises. Connections that could not be opened, and a P2 answering
+`503 not_ready` while it reloads after a restart, are retried with backoff for every call.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -38,9 +43,9 @@ from shared.errors import BadTensor
 from shared.permutation import permute, unpermute
 from shared.pooling import mean_pool
 from shared.pooling import normalize as l2_normalize
-from user_client._http import Http
+from user_client._http import Http, tls_verify
 from user_client.bundle import Bundle, BundleCache
-from user_client.errors import KeyOutdated, NotFound, SessionExpired, StipError
+from user_client.errors import KeyOutdated, NotFound, SessionExpired, StipError, TransportError
 from user_client.sampling import Sampler, SamplingParams, TextAssembler
 from user_client.settings import ClientSettings
 
@@ -105,9 +110,10 @@ class StipClient:
 
     Arguments not given come from `STIP_CLIENT_*` environment variables (see
     `user_client.settings`). `transport` serves both services (tests pass an in-process one);
-    `developer_transport` / `cloud_transport` override it per party. `verify` is a bool or the
-    path of a CA bundle. `retries` applies to idempotent calls (bundle download, deletes and
-    stateless forward passes), with exponential backoff starting at `backoff` seconds.
+    `developer_transport` / `cloud_transport` override it per party. `verify` is a bool, an
+    `ssl.SSLContext` or the path of a CA bundle (file or directory). `retries` applies to
+    idempotent calls (bundle download, deletes and stateless forward passes), with exponential
+    backoff starting at `backoff` seconds.
     """
 
     def __init__(
@@ -122,7 +128,7 @@ class StipClient:
         developer_transport: httpx.BaseTransport | None = None,
         cloud_transport: httpx.BaseTransport | None = None,
         timeout: float | httpx.Timeout | None = None,
-        verify: bool | str | ssl.SSLContext | None = None,
+        verify: bool | str | os.PathLike[str] | ssl.SSLContext | None = None,
         retries: int | None = None,
         backoff: float = 0.5,
         settings: ClientSettings | None = None,
@@ -152,9 +158,7 @@ class StipClient:
             else httpx.Timeout(timeout, connect=min(DEFAULT_CONNECT_TIMEOUT, timeout))
         )
         verify = env.verify if verify is None else verify
-        self._verify: bool | ssl.SSLContext = (
-            ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
-        )
+        self._verify = tls_verify(verify)
         self._retries = env.retries if retries is None else retries
         self._backoff = backoff
         self._cloud_transport = cloud_transport or transport
@@ -332,18 +336,22 @@ class StipClient:
         self._sessions.add(session)
         return session
 
-    def close_session(self, session: Session) -> None:
-        """Delete a session on P2; one that already expired counts as closed."""
+    def close_session(self, session: Session, *, retries: int | None = None) -> None:
+        """Delete a session on P2; one that already expired counts as closed. `retries`
+        overrides the client's retry count for this call (0: a single attempt)."""
         if session.closed:
             return
         session.closed = True
         self._sessions.discard(session)
+        path = f"/v1/sessions/{quote(session.session_id, safe='')}"
         with suppress(NotFound, SessionExpired):  # already gone counts as closed
-            self._cloud_http().request("DELETE", f"/v1/sessions/{quote(session.session_id, safe='')}", idempotent=True)
+            self._cloud_http().request("DELETE", path, idempotent=True, retries=retries)
 
     def _close_session_quietly(self, session: Session) -> None:
+        """Best effort, one attempt: a session P2 no longer answers for expires after its idle
+        TTL, and the error that ended a generation is not held back by retries of the cleanup."""
         try:
-            self.close_session(session)
+            self.close_session(session, retries=0)
         except StipError as e:
             log.warning("could not delete session %s: %s", session.session_id, e.message)
 
@@ -405,17 +413,37 @@ class StipClient:
         if session is not None:
             params["session_id"] = session.session_id
         path = f"/v1/deployments/{quote(self.deployment_id, safe='')}/forward"
-        resp = self._cloud_http().request(
-            "POST",
-            path,
-            idempotent=session is None,  # a stateless forward is a pure function of its input
-            params=params,
-            content=wire.encode(tensors),
-            headers={
-                "Content-Type": wire.CONTENT_TYPE,
-                api.KEY_VERSION_HEADER: str(bundle.key_version),
-            },
-        )
+        try:
+            resp = self._cloud_http().request(
+                "POST",
+                path,
+                idempotent=session is None,  # a stateless forward is a pure function of its input
+                params=params,
+                content=wire.encode(tensors),
+                headers={
+                    "Content-Type": wire.CONTENT_TYPE,
+                    api.KEY_VERSION_HEADER: str(bundle.key_version),
+                },
+            )
+        except NotFound as e:
+            if session is None:
+                raise
+            # P2 keeps sessions in memory: after a restart it no longer knows this one
+            raise SessionExpired(
+                f"{e.message}: P2 lost session {session.session_id} (it restarted, or the session was "
+                "deleted); open a new session",
+                code=e.code,
+                status=e.status,
+            ) from e
+        except TransportError as e:
+            if session is None:
+                raise
+            raise TransportError(
+                f"{e.message}; the step may have reached P2 and extended the session, so it is not sent "
+                "again: the session's state is unknown, open a new one",
+                code=e.code,
+                status=e.status,
+            ) from e
         try:
             out, meta = wire.decode(resp.content)
         except BadTensor as e:

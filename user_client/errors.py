@@ -4,7 +4,7 @@
     ├── AuthError             401 / 403: missing, invalid, expired or other deployment's credential
     ├── KeyOutdated           409 key_outdated that a bundle refetch could not cure
     ├── NotFound              404: unknown deployment or session
-    ├── SessionExpired        410: the P2 session expired or was evicted
+    ├── SessionExpired        410: the P2 session expired or was evicted (or lost in a P2 restart)
     ├── RateLimited           429: e.g. too many open sessions; `retry_after` in seconds if given
     ├── BadRequest            400 / 413 / 422: the service rejected the input
     ├── ServerError           5xx
@@ -48,7 +48,11 @@ class NotFound(StipError):
 
 
 class SessionExpired(StipError):
-    """410: the P2 session expired (idle timeout) or was evicted; open a new one."""
+    """410: the P2 session expired (idle timeout) or was evicted; open a new one.
+
+    Also raised for a 404 on a session that P2 no longer knows (P2 keeps sessions in memory, so
+    a restart ends them all); `status` then says 404.
+    """
 
 
 class RateLimited(StipError):
