@@ -230,6 +230,22 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def forward_limiter(request: Request, dep: Deployment) -> anyio.CapacityLimiter:
+    """The worker threads one deployment's forwards may use (STIP_CLOUD_FORWARD_THREADS).
+
+    Its forwards run one at a time anyway (the model lock); the bound keeps waiting requests
+    out of threads. Every thread that enters torch keeps its own allocator arena and OpenMP
+    team: under 32 clients (benchmarks/load.py), anyio's shared pool of 40 threads grew P2 by
+    about 370 MiB that stayed; two threads per deployment by about 60. One limiter per
+    deployment also keeps a busy deployment from starving the others' requests of threads.
+    """
+    limiters: dict[str, anyio.CapacityLimiter] = request.app.state.forward_limiters
+    limiter = limiters.get(dep.deployment_id)
+    if limiter is None:  # created in the event loop, which is the only thread that reads the dict
+        limiter = limiters[dep.deployment_id] = anyio.CapacityLimiter(request.app.state.settings.forward_threads)
+    return limiter
+
+
 # --- routes --------------------------------------------------------------------------------
 
 # Bodies of forward and push are read from the raw stream, so FastAPI cannot infer them: the
@@ -314,7 +330,7 @@ async def forward(
     service.check_key_version(dep, key_version)
     body = await read_body(request, service.settings.max_body_bytes)
     options = ForwardOptions(output=output, k=k, session_id=session_id)
-    limiter: anyio.CapacityLimiter = request.app.state.forward_limiter  # STIP_CLOUD_FORWARD_THREADS
+    limiter = forward_limiter(request, dep)
     result = await anyio.to_thread.run_sync(service.forward, dep, body, options, claims, limiter=limiter)
     return Response(result.body, media_type=CONTENT_TYPE, headers={KEY_VERSION_HEADER: str(result.key_version)})
 

@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio
 from fastapi import FastAPI
 
 from cloud_service.api import install_error_handlers, router
@@ -34,10 +33,8 @@ def create_app(settings: CloudSettings | None = None, *, clock: Clock = time.mon
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = CloudService(settings, metrics=metrics, clock=clock)
         app.state.service = service
-        # Forwards run in worker threads; bounded, because every thread that enters torch keeps
-        # its own allocator arena and OpenMP team: with anyio's default 40 threads, P2's memory
-        # grew by 230 MiB and kept creeping under 32 clients (benchmarks/load.py), with 4 by 50.
-        app.state.forward_limiter = anyio.CapacityLimiter(settings.forward_threads)
+        # deployment id -> the worker threads its forwards may use (api.forward_limiter)
+        app.state.forward_limiters = {}
         service.prepare()
         if settings.push_token is None:
             log.warning("STIP_CLOUD_PUSH_TOKEN is not set: weight pushes are refused")

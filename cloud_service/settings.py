@@ -43,7 +43,7 @@ class CloudSettings(BaseSettings):
     max_push_bytes: int = Field(256 * GIB, gt=0, description="weight push bodies; 413 past it")
     max_batch: int = Field(64, ge=1, description="rows of one forward request")
     forward_threads: int = Field(
-        4, ge=1, description="worker threads running forward passes at once; more requests wait their turn"
+        2, ge=1, description="worker threads per deployment for forward passes; more requests wait their turn"
     )
 
     tls_certfile: Path | None = None

@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,9 @@ import torch
 
 from shared import wire
 from shared.pooling import mean_pool, normalize
+from user_client._http import tls_verify
 from user_client.client import StipClient
+from user_client.settings import ClientSettings
 
 log = logging.getLogger("stip.demo")
 
@@ -166,13 +169,15 @@ def _script(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 180.0) -> None:
+def wait_ready(
+    url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 180.0, *, verify: bool | ssl.SSLContext = True
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the service for {url} exited with {proc.returncode}")
         try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/health/ready", timeout=2, verify=verify).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -213,8 +218,11 @@ class Services:
 
 
 @contextmanager
-def local_services(work: Path) -> Iterator[Services]:
-    """P2 and P1 as separate processes on loopback, with fresh tokens and data directories."""
+def local_services(work: Path, *, cloud_env: dict[str, str] | None = None) -> Iterator[Services]:
+    """P2 and P1 as separate processes on loopback, with fresh tokens and data directories.
+
+    `cloud_env` adds `STIP_CLOUD_*` settings for P2 (the load benchmark shortens the session TTL).
+    """
     admin, push = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     cloud_port, dev_port = free_port(), free_port()
     cloud_url, dev_url = f"http://127.0.0.1:{cloud_port}", f"http://127.0.0.1:{dev_port}"
@@ -223,7 +231,7 @@ def local_services(work: Path) -> Iterator[Services]:
         cloud = stack.enter_context(
             _process(
                 [_script("stip-cloud"), "serve", *host, "--port", str(cloud_port), "--data-dir", str(work / "cloud")],
-                {"STIP_CLOUD_PUSH_TOKEN": push},
+                {**(cloud_env or {}), "STIP_CLOUD_PUSH_TOKEN": push},
                 work / "cloud.log",
             )
         )
@@ -359,6 +367,8 @@ def _report(seen: dict[str, Seen], timings: dict[str, float]) -> None:
 def run(args: argparse.Namespace) -> int:
     from developer_service.client import DeveloperAdminClient
 
+    # TLS: --ca-bundle, else STIP_CLIENT_VERIFY, verifies both services for every client below
+    verify = tls_verify(args.ca_bundle if args.ca_bundle else ClientSettings().verify)
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stip-demo-")))
         models_dir = Path(args.models_dir) if args.models_dir else work / "models"
@@ -366,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
         if args.developer_url and args.cloud_url:
             admin_token = args.admin_token or _token_from_env()
             services = Services(args.developer_url.rstrip("/"), args.cloud_url.rstrip("/"), admin_token, [])
-            wait_ready(services.developer_url, None)
+            wait_ready(services.developer_url, None, verify=verify)
             _say(f"Attached to P1 at {services.developer_url} and P2 at {services.cloud_url}")
         elif args.developer_url or args.cloud_url:
             raise SystemExit("give both --developer-url and --cloud-url, or neither")
@@ -376,7 +386,13 @@ def run(args: argparse.Namespace) -> int:
             _say(f"  P2 at {services.cloud_url}, P1 at {services.developer_url}; logs in {work}")
 
         llama_dir = make_random_llama(models_dir / RANDOM_LLAMA)
-        admin = stack.enter_context(DeveloperAdminClient(services.developer_url, admin_token=services.admin_token))
+        admin = stack.enter_context(
+            DeveloperAdminClient(
+                services.developer_url,
+                admin_token=services.admin_token,
+                transport=httpx.HTTPTransport(verify=verify),
+            )
+        )
         _say("\nP1 (developer): register, draw keys, transform, push θ′ to P2")
         minilm_dep = _deploy(admin, minilm_path(), services.cloud_url, "all-MiniLM-L6-v2")
         llama_dep = _deploy(admin, llama_dir, services.cloud_url, "random-llama-gqa (RANDOM weights)")
@@ -392,8 +408,8 @@ def run(args: argparse.Namespace) -> int:
                 deployment_id=dep,
                 credential=credential,
                 cache_dir=cache,
-                developer_transport=Recorder(seen["P1 (developer), user channel"]),
-                cloud_transport=Recorder(seen["P2 (cloud)"]),
+                developer_transport=Recorder(seen["P1 (developer), user channel"], verify=verify),
+                cloud_transport=Recorder(seen["P2 (cloud)"], verify=verify),
             )
             with client:
                 if task == "embed":
@@ -422,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--developer-url", help="attach to a running P1 (with --cloud-url)")
     p.add_argument("--cloud-url", help="attach to a running P2 (with --developer-url)")
     p.add_argument("--admin-token", help="P1's admin token when attaching (or STIP_CLIENT_ADMIN_TOKEN[_FILE])")
+    p.add_argument("--ca-bundle", help="CA bundle verifying both services' TLS certificates (or STIP_CLIENT_VERIFY)")
     p.add_argument("--models-dir", help="where the random demo model is written (must be visible to P1)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     return p
