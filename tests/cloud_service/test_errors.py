@@ -54,7 +54,8 @@ def test_credentials_missing_forged_expired_or_for_another_deployment(
     other, _ = signer.issue(subject="alice", deployment_id="another-deployment", ttl_s=3600)
     forged_other, _ = Signer.generate().issue(subject="alice", deployment_id="another-deployment", ttl_s=3600)
     payload, signature = credential.split(".")[1:]
-    tampered = f"stip1.{payload}.{signature[:-2]}AA"
+    flipped = "B" if signature[10] == "A" else "A"  # a full 6-bit character: always another signature
+    tampered = f"stip1.{payload}.{signature[:10]}{flipped}{signature[11:]}"
     cases = [
         (None, 401, E_UNAUTHORIZED),
         ("", 401, E_UNAUTHORIZED),

@@ -306,7 +306,7 @@ def test_user_key_refuses_every_wrong_credential(p1, model_dir: Path) -> None:
         _error(client.get(url, headers=bearer(PUSH)), 401, api.E_UNAUTHORIZED)
         forged, _ = Signer.generate().issue(subject="mallory", deployment_id=dep_a, ttl_s=60)
         _error(client.get(url, headers=bearer(forged)), 401, api.E_UNAUTHORIZED)
-        tampered = token_a[:-2] + ("AA" if not token_a.endswith("AA") else "BB")
+        tampered = token_a[:-10] + ("A" if token_a[-10] != "A" else "B") + token_a[-9:]  # a full 6-bit character
         _error(client.get(url, headers=bearer(tampered)), 401, api.E_UNAUTHORIZED)
         # the admin API refuses user credentials, other tokens and no token
         for headers in ({}, bearer(token_a), bearer(PUSH), bearer(ADMIN + "x")):
