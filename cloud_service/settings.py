@@ -11,6 +11,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.settings_util import resolve_secret
+
 ENV_PREFIX = "STIP_CLOUD_"
 DEFAULT_PORT = 8002
 MIB = 1 << 20
@@ -56,28 +58,10 @@ class CloudSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _secrets_and_tls(self) -> "CloudSettings":
-        self.push_token = _resolve_secret(self.push_token, self.push_token_file)
+        self.push_token = resolve_secret(ENV_PREFIX + "PUSH_TOKEN", self.push_token, self.push_token_file)
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError(f"set both {ENV_PREFIX}TLS_CERTFILE and {ENV_PREFIX}TLS_KEYFILE, or neither")
         return self
-
-
-def _resolve_secret(value: SecretStr | None, file: Path | None) -> SecretStr | None:
-    """The push token from the variable or from the file it names; both at once is an error."""
-    env_name = ENV_PREFIX + "PUSH_TOKEN"
-    if file is not None:
-        if value is not None:
-            raise ValueError(f"set {env_name} or {env_name}_FILE, not both")
-        try:
-            text = file.read_text().strip()
-        except OSError as e:
-            raise ValueError(f"{env_name}_FILE: cannot read {file}: {e.strerror}") from None
-        if not text:
-            raise ValueError(f"{env_name}_FILE: {file} is empty")
-        return SecretStr(text)
-    if value is not None and not value.get_secret_value().strip():
-        raise ValueError(f"{env_name} is empty")
-    return value
 
 
 def load_settings(**overrides: Any) -> CloudSettings:

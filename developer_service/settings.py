@@ -10,34 +10,14 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.settings_util import resolve_secret
+
 ENV_PREFIX = "STIP_DEVELOPER_"
 DEFAULT_PORT = 8001
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 DAY_S = 86_400
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-
-
-def _read_secret_file(path: Path, env_name: str) -> SecretStr:
-    try:
-        text = path.read_text().strip()
-    except OSError as e:
-        raise ValueError(f"{env_name}_FILE: cannot read {path}: {e.strerror}") from None
-    if not text:
-        raise ValueError(f"{env_name}_FILE: {path} is empty")
-    return SecretStr(text)
-
-
-def _resolve_secret(name: str, value: SecretStr | None, file: Path | None) -> SecretStr | None:
-    """The secret from the variable or from the file it names; both at once is an error."""
-    env_name = ENV_PREFIX + name.upper()
-    if file is not None:
-        if value is not None:
-            raise ValueError(f"set {env_name} or {env_name}_FILE, not both")
-        return _read_secret_file(file, env_name)
-    if value is not None and not value.get_secret_value().strip():
-        raise ValueError(f"{env_name} is empty")
-    return value
 
 
 class DeveloperSettings(BaseSettings):
@@ -82,8 +62,8 @@ class DeveloperSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _secrets_and_tls(self) -> "DeveloperSettings":
-        self.admin_token = _resolve_secret("admin_token", self.admin_token, self.admin_token_file)
-        self.push_token = _resolve_secret("push_token", self.push_token, self.push_token_file)
+        self.admin_token = resolve_secret(ENV_PREFIX + "ADMIN_TOKEN", self.admin_token, self.admin_token_file)
+        self.push_token = resolve_secret(ENV_PREFIX + "PUSH_TOKEN", self.push_token, self.push_token_file)
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError(f"set both {ENV_PREFIX}TLS_CERTFILE and {ENV_PREFIX}TLS_KEYFILE, or neither")
         return self
@@ -102,7 +82,7 @@ class DeveloperClientSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _secrets(self) -> "DeveloperClientSettings":
-        self.admin_token = _resolve_secret("admin_token", self.admin_token, self.admin_token_file)
+        self.admin_token = resolve_secret(ENV_PREFIX + "ADMIN_TOKEN", self.admin_token, self.admin_token_file)
         self.url = self.url.rstrip("/")
         return self
 
