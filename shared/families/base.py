@@ -185,3 +185,34 @@ def transform_layer_tensor(
     if col_idx is not None:
         t = t.index_select(1, col_idx)
     return (t.T if conv1d and t.dim() == 2 else t).contiguous()
+
+
+class CausalLMFamily(Family):
+    """A decoder served by a stock `AutoModelForCausalLM` class with a KV cache."""
+
+    def build_cloud_model(self, config: Config) -> nn.Module:
+        import transformers
+
+        cfg = transformers.AutoConfig.for_model(**self.cloud_config(config))
+        return transformers.AutoModelForCausalLM.from_config(cfg)
+
+    def position_ids(self, attention_mask: torch.Tensor | None, seq: int) -> torch.Tensor | None:
+        """Positions P2 passes to the stock class (None: its default, past length + arange)."""
+        return None
+
+    def cloud_forward(
+        self,
+        model: nn.Module,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Any = None,
+    ) -> CloudOutput:
+        # inputs_embeds (B, S, d) permuted by π; attention_mask (B, past + S) as in HF
+        out = model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=self.position_ids(attention_mask, inputs_embeds.shape[1]),
+            cache=cache,
+            use_cache=True,
+        )
+        return CloudOutput(output=out.logits, cache=out.cache)  # (B, S, V) permuted by π_c

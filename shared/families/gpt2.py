@@ -20,17 +20,14 @@ checkpoints use bare `h.0.attn.c_attn.weight`); the cloud names are the canonica
 
 import re
 from collections.abc import Iterator
-from typing import Any
 
 import torch
-import transformers
 from torch import nn
 
 from shared.errors import CheckpointError
 from shared.families.base import (
-    CloudOutput,
+    CausalLMFamily,
     Config,
-    Family,
     Piece,
     cols,
     config_get,
@@ -63,7 +60,7 @@ LAYER_TENSORS = {
 BUFFERS = ("attn.bias", "attn.masked_bias", "crossattention.bias", "crossattention.masked_bias")
 
 
-class GPT2Family(Family):
+class GPT2Family(CausalLMFamily):
     name = "gpt2"
     architectures = ("GPT2LMHeadModel",)
     model_types = ("gpt2",)
@@ -159,26 +156,7 @@ class GPT2Family(Family):
             raise ValueError(f"position {int(positions.max())} is beyond the model's {wpe.shape[0]} positions")
         return nn.functional.embedding(input_ids, wte) + nn.functional.embedding(positions, wpe)
 
-    def build_cloud_model(self, config: Config) -> nn.Module:
-        cfg = transformers.AutoConfig.for_model(**self.cloud_config(config))
-        return transformers.AutoModelForCausalLM.from_config(cfg)
-
-    def cloud_forward(
-        self,
-        model: nn.Module,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: Any = None,
-    ) -> CloudOutput:
-        # inputs_embeds (B, S, d) permuted by π, positions already added by P3; the stock
-        # class adds its zero position table. attention_mask (B, past + S) as in HF.
-        out = model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            use_cache=True,
-        )
-        return CloudOutput(output=out.logits, cache=out.cache)  # (B, S, V) permuted by π_c
+    # cloud_forward: CausalLMFamily's; positions were added by P3 and P2's position table is zero
 
 
 def _tied(config: Config) -> bool:

@@ -5,17 +5,13 @@ permutation), grouped-query attention, optional Q/K/V biases (Qwen2) and tied or
 Names follow the stock checkpoints: `model.layers.{i}.self_attn.q_proj.weight`, ...
 """
 
-from typing import Any
-
 import torch
-import transformers
 from torch import nn
 
 from shared.errors import CheckpointError
 from shared.families.base import (
-    CloudOutput,
+    CausalLMFamily,
     Config,
-    Family,
     Piece,
     cols,
     config_get,
@@ -49,7 +45,7 @@ LAYER_TENSORS = {
 HEAD = "lm_head.weight"
 
 
-class LlamaFamily(Family):
+class LlamaFamily(CausalLMFamily):
     name = "llama"
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
     model_types = ("llama", "mistral", "qwen2")
@@ -123,27 +119,8 @@ class LlamaFamily(Family):
         # RoPE positions are applied by P2 from its cache length; nothing positional here.
         return nn.functional.embedding(input_ids, embedding[EMBED])
 
-    def build_cloud_model(self, config: Config) -> nn.Module:
-        cfg = transformers.AutoConfig.for_model(**self.cloud_config(config))
-        return transformers.AutoModelForCausalLM.from_config(cfg)
-
-    def cloud_forward(
-        self,
-        model: nn.Module,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: Any = None,
-    ) -> CloudOutput:
-        position_ids = None
-        if attention_mask is not None:
-            # As generate() does for padded batches: positions count the real tokens only.
-            full = attention_mask.long()
-            position_ids = (full.cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
-        out = model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-        )
-        return CloudOutput(output=out.logits, cache=out.cache)
+    def position_ids(self, attention_mask: torch.Tensor | None, seq: int) -> torch.Tensor | None:
+        if attention_mask is None:
+            return None
+        # As generate() does for padded batches: RoPE positions count the real tokens only.
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
