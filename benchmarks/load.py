@@ -42,23 +42,15 @@ import httpx
 import torch
 
 from user_client import RateLimited, StipClient, StipError
+from user_client.demo import SENTENCES
 
 MIB = 1 << 20
 Kind = Literal["generate", "embed"]
 KINDS: tuple[Kind, ...] = ("generate", "embed")
 MIN_COSINE = 0.99999
 
-CORPUS = [
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The girl is carrying a baby.",
-    "A man is riding a horse.",
-    "A woman is playing violin.",
-    "Two men pushed carts through the woods.",
-    "A man is riding a white horse on an enclosed ground.",
-    "A monkey is playing drums.",
-    "Someone in a gorilla costume is playing a set of drums.",
-    "Secure inference keeps both the model and the data private.",
+CORPUS = [  # the demo's sentences and a few of other lengths
+    *SENTENCES,
     "The cloud runs the same network on permuted weights.",
     "Permutations hide the order of the coordinates, not their values.",
     "A considerably longer sentence, with punctuation, numbers like 1763 and several clauses, to pad a batch.",

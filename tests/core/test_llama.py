@@ -17,15 +17,21 @@ from hypothesis import strategies as st
 from shared.errors import CheckpointError
 from shared.families import get_family
 from shared.families.llama import EMBED, HEAD
-from shared.keys import DeveloperKey, LayerKey, ModelDims, draw_key
-from shared.permutation import permute, random_permutation, unpermute
+from shared.keys import DeveloperKey, draw_key
+from shared.permutation import permute, unpermute
 from shared.transform import transform_state_dict
-from tests.support import max_abs_diff, randomize_parameters
+from tests.support import (
+    TOL,
+    assert_close,
+    generate_positions,
+    left_padded,
+    max_abs_diff,
+    nonidentity_key,
+    randomize_parameters,
+)
 
-TOL = 1e-4
 FAMILY = get_family("llama")
 VOCAB = 101
-DELTAS: list[float] = []  # every max |Δ| measured, for reporting
 
 CLASSES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -77,30 +83,6 @@ def deploy(
     with torch.no_grad():  # ... and never uses its own: NaN would poison every output
         cloud_model.get_input_embeddings().weight.fill_(float("nan"))
     return config, key, cloud_model, user
-
-
-def left_padded(batch: int, seq: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (B, S) and a mask with row b padded on the left by b tokens (pad id 0)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (batch, seq), generator=g)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    for b in range(batch):
-        mask[b, :b] = 0
-        ids[b, :b] = 0
-    return ids, mask
-
-
-def generate_positions(mask: torch.Tensor) -> torch.Tensor:
-    """What generate() passes as position_ids for a padded batch: real tokens count from 0."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
-def assert_close(ref: torch.Tensor, got: torch.Tensor) -> None:
-    assert torch.isfinite(got).all()
-    assert 0.5 < float(ref.abs().max()) < 50  # logits of order 1-10: the tolerance means something
-    delta = max_abs_diff(ref, got)
-    DELTAS.append(delta)
-    assert delta <= TOL, f"max |Δ| = {delta:.3g}"
 
 
 @torch.no_grad()
@@ -172,7 +154,7 @@ def test_left_padding(variant: str) -> None:
     kind, kw = VARIANTS[variant]
     model = original_model(make_config(kind, **kw))
     config, key, cloud_model, user = deploy(model)
-    ids, mask = left_padded(3, 8)
+    ids, mask = left_padded(3, 8, vocab=VOCAB)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=generate_positions(mask)).logits
     got, _ = cloud_logits(config, key, cloud_model, user, ids, mask)
@@ -184,7 +166,7 @@ def test_left_padding(variant: str) -> None:
 def test_kv_cache_matches_full_forward(padded: bool) -> None:
     model = original_model(make_config("qwen2", num_key_value_heads=1))
     config, key, cloud_model, user = deploy(model)
-    ids, mask = left_padded(3, 10)
+    ids, mask = left_padded(3, 10, vocab=VOCAB)
     if not padded:
         mask = torch.ones_like(mask)
     with torch.no_grad():
@@ -205,7 +187,7 @@ def test_greedy_generation_matches_generate(variant: str) -> None:
     kind, kw = VARIANTS[variant]
     model = original_model(make_config(kind, **kw))
     config, key, cloud_model, user = deploy(model)
-    ids, mask = left_padded(2, 6)
+    ids, mask = left_padded(2, 6, vocab=VOCAB)
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8, pad_token_id=0)
     got = cloud_greedy(config, key, cloud_model, user, ids, mask, 8)
@@ -249,38 +231,16 @@ def test_property_any_dims(
     )
     model = original_model(config, seed=seed)
     cfg, key, cloud_model, user = deploy(model)
-    ids, mask = left_padded(2, 5, seed=seed)
+    ids, mask = left_padded(2, 5, seed=seed, vocab=VOCAB)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=generate_positions(mask)).logits
     got, _ = cloud_logits(cfg, key, cloud_model, user, ids, mask)
     real = mask.bool()
     delta = max_abs_diff(ref[real], got[real])
-    DELTAS.append(delta)
     assert delta <= TOL
 
 
 # --- the transform really hides things ---------------------------------------------------
-
-
-def _nonidentity(n: int) -> torch.Tensor:
-    while True:
-        p = random_permutation(n)
-        if not torch.equal(p, torch.arange(n)):
-            return p
-
-
-def _nonidentity_key(dims: ModelDims) -> DeveloperKey:
-    """A valid key where every permutation, inner ones included, moves something."""
-    g = dims.group_size
-    layers = []
-    for _ in range(dims.n_layers):
-        kv_head = _nonidentity(dims.n_kv_heads)
-        head = torch.cat([kv_head[c] * g + _nonidentity(g) for c in range(dims.n_kv_heads)])
-        v = torch.stack([_nonidentity(dims.head_dim) for _ in range(dims.n_kv_heads)])
-        layers.append(LayerKey(kv_head=kv_head, head=head, qk=None, v=v, ffn=_nonidentity(dims.d_ff)))
-    key = draw_key(dims)
-    user = replace(key.user, pi=_nonidentity(dims.d_model), pi_c=_nonidentity(dims.d_out))
-    return DeveloperKey(user=user, dims=dims, layers=tuple(layers))
 
 
 def _without(key: DeveloperKey, part: str) -> DeveloperKey:
@@ -339,7 +299,7 @@ def test_each_permutation_changes_the_cloud_weights(part: str) -> None:
     """Would fail if the family skipped a permutation, or applied it where it does not belong."""
     model = original_model(make_config("llama", num_key_value_heads=2, attention_bias=True, mlp_bias=True))
     config = model.config.to_dict()
-    key = _nonidentity_key(FAMILY.dims(config))
+    key = nonidentity_key(FAMILY.dims(config))
     cloud, _ = transform_state_dict(FAMILY, model.state_dict(), key, config)
     other, _ = transform_state_dict(FAMILY, model.state_dict(), _without(key, part), config)
     changed = {n for n in cloud if not torch.equal(cloud[n], other[n])}
