@@ -10,11 +10,14 @@ from shared.permutation import random_permutation
 
 
 @torch.no_grad()
-def randomize_parameters(model: nn.Module, scale: float = 0.5, seed: int = 0) -> nn.Module:
+def randomize_parameters(model: nn.Module, scale: float = 0.25, seed: int = 0) -> nn.Module:
     """Give EVERY parameter random values, norm weights and biases included.
 
     Freshly initialised norms (ones, zero bias) hide the most common transform bug, so the
-    tests never use them. Norm weights are drawn around 1 so activations stay of order 1.
+    tests never use them. Norm weights are drawn around 1 and the default scale keeps the tiny
+    test models' outputs of order 1 (std about 2), which is what the fp32 bound TOL assumes:
+    at scale 0.5 logits reach 12 and fp32 rounding alone comes within 2x of TOL. Every exactness
+    test in the suite passes at TOL / 4 with this default.
     """
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
