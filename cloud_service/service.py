@@ -428,16 +428,17 @@ class CloudService:
         x, mask = self._check_inputs(dep, tensors)
         self._check_options(dep, options)
         batch, seq = x.shape[0], x.shape[1]
+        last_only = options.output != "all"
         with dep.lock:
             if options.session_id is None:
                 self._check_positions(dep, 0, seq)
                 if mask is not None:
                     _check_rows(mask)
-                out = dep.model.forward(x, mask, None)
+                out = dep.model.forward(x, mask, None, last_only=last_only)
                 length = seq
             else:
                 session = self._session_for(dep, options.session_id, claims)
-                out, length = self._extend(dep, session, x, mask)
+                out, length = self._extend(dep, session, x, mask, last_only)
         outputs = self._outputs(dep, out, options, x.dtype)
         meta = {
             META_DEPLOYMENT: dep.deployment_id,
@@ -507,7 +508,7 @@ class CloudService:
             raise BadInput(f"{where} positions exceed the model's {dep.max_positions}")
 
     def _extend(
-        self, dep: Deployment, session: Session, x: torch.Tensor, mask: torch.Tensor | None
+        self, dep: Deployment, session: Session, x: torch.Tensor, mask: torch.Tensor | None, last_only: bool
     ) -> tuple[CloudOutput, int]:
         """Run the new rows on the session's cache; the mask sent covers the new rows only."""
         batch, seq = x.shape[0], x.shape[1]
@@ -526,7 +527,7 @@ class CloudService:
             self.sessions.release(session)
             raise
         try:
-            out = dep.model.forward(x, full, cache)
+            out = dep.model.forward(x, full, cache, last_only=last_only)
         except BaseException:
             self.sessions.release(session)
             if not _rollback(cache, past):  # a cache in an unknown state must not serve another step

@@ -30,12 +30,18 @@ class CloudModel:
 
     @torch.inference_mode()
     def forward(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: Any = None
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Any = None,
+        *,
+        last_only: bool = False,
     ) -> CloudOutput:
-        """(B, S, d) permuted by π -> permuted output, on this model's device and dtype."""
+        """(B, S, d) permuted by π -> permuted output, on this model's device and dtype.
+        `last_only`: only the last position's output is needed (see `Family.cloud_forward`)."""
         x = inputs_embeds.to(self.device, self.dtype)
         mask = attention_mask.to(self.device) if attention_mask is not None else None
-        return self.family.cloud_forward(self.model, x, mask, cache)
+        return self.family.cloud_forward(self.model, x, mask, cache, last_only)
 
 
 def load_cloud_model(

@@ -17,6 +17,7 @@ deleted once a newer one is installed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -442,18 +443,28 @@ class BundleCache:
         return bundle
 
     def _install(self, root: Path, bundle: Bundle) -> Path:
+        """Move a verified bundle into place as v<version>, atomically.
+
+        Another client may install the same version between our check and our rename (two
+        processes sharing a cold cache): its copy is kept when it holds the same key, and a
+        broken or different copy is replaced.
+        """
         final = self.dir / f"v{bundle.key_version}"
-        if final.exists():
+        os.chmod(root, DIR_MODE)
+        for _ in range(3):
             try:
-                existing = load_bundle(final, deployment_id=self.deployment_id)
-                if existing.fingerprint == bundle.fingerprint:
-                    return final  # another client installed the same version meanwhile
+                os.rename(root, final)  # replaces an empty directory, refuses a full one
+                return final
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            try:
+                if load_bundle(final, deployment_id=self.deployment_id).fingerprint == bundle.fingerprint:
+                    return final
             except BundleError:
                 pass
-            shutil.rmtree(final)
-        os.chmod(root, DIR_MODE)
-        os.rename(root, final)
-        return final
+            shutil.rmtree(final, ignore_errors=True)
+        raise BundleError(f"cannot install the bundle at {final}: other clients keep replacing it")
 
     def _prune(self, *, older_than: int) -> None:
         for version in self.versions():

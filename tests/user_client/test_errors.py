@@ -112,7 +112,7 @@ def test_error_codes_map_to_exceptions(
         body = {"error": {"code": code, "message": "something went wrong"}}
         return httpx.Response(status, json=body, headers={"Retry-After": "0"})
 
-    client = make_client(cloud_url="http://mock.test", cloud_transport=httpx.MockTransport(handler))
+    client = make_client(cloud_url="http://mock.test", cloud_transport=httpx.MockTransport(handler), retries=3)
     with pytest.raises(exc) as e:
         client.forward(IDS)
     assert type(e.value) is exc
