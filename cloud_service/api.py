@@ -49,6 +49,8 @@ from shared.api import (
     KEY_VERSION_HEADER,
     ErrorBody,
     OutputMode,
+    Revocations,
+    RevocationsResult,
 )
 from shared.credentials import Claims
 from shared.errors import (
@@ -72,6 +74,7 @@ PUSH_PATH = DEPLOYMENT_PATH + "/weights"
 SESSIONS_PATH = DEPLOYMENT_PATH + "/sessions"
 SESSION_PATH = "/v1/sessions/{session_id}"
 FORWARD_PATH = DEPLOYMENT_PATH + "/forward"
+REVOCATIONS_PATH = DEPLOYMENT_PATH + "/revocations"
 
 # The one place that turns an exception into a status and a code: first match wins.
 ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
@@ -288,6 +291,22 @@ async def push_weights(
         key_version=key_version,
         sender_gone=request.is_disconnected,
     )
+
+
+async def push_authorized(service: ServiceDep, token: TokenDep) -> None:
+    """P1's push token, checked before the body is validated."""
+    service.authorize_push(token)
+
+
+@v1.put(
+    REVOCATIONS_PATH,
+    response_model=RevocationsResult,
+    tags=["P1 -> P2"],
+    dependencies=[Depends(push_authorized)],
+)
+async def put_revocations(deployment_id: str, body: Revocations, service: ServiceDep) -> RevocationsResult:
+    """Replace the deployment's revoked credentials: P2 refuses them (401) until they expire."""
+    return await anyio.to_thread.run_sync(service.set_revocations, deployment_id, body)
 
 
 @v1.get(DEPLOYMENT_PATH, response_model=DeploymentInfo, tags=["public"])

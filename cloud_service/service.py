@@ -69,6 +69,9 @@ from shared.api import (
     TOPK_VALUES,
     DeploymentInfo,
     PushResult,
+    Revocations,
+    RevocationsResult,
+    Revoked,
     SessionCreated,
 )
 from shared.credentials import Claims
@@ -147,6 +150,8 @@ class CloudService:
         )
         self.ready = False
         self._deployments: dict[str, Deployment] = {}
+        self._revoked: dict[str, dict[str, int]] = {}  # deployment -> {jti: expires_at}, from P1
+        self._revocations_lock = threading.Lock()
         self._push_locks: dict[str, anyio.Lock] = {}
         self.metrics.bind(
             sessions=lambda: self.sessions.count,
@@ -180,6 +185,7 @@ class CloudService:
                 log.error("deployment %s not reloaded: %s", record.deployment_id, message)
                 continue
             self._deployments[dep.deployment_id] = dep
+            self._revoked[dep.deployment_id] = _unexpired(self.storage.read_revocations(dep.deployment_id))
             log.info(
                 "deployment %s reloaded: %s, key version %d, on %s",
                 dep.deployment_id,
@@ -218,11 +224,15 @@ class CloudService:
         if not token:
             raise Unauthorized("a user credential is required: Authorization: Bearer <credential>")
         try:
-            return credentials.verify(token, dep.verify_key, deployment_id=dep.deployment_id)
+            claims = credentials.verify(token, dep.verify_key, deployment_id=dep.deployment_id)
         except CredentialError as e:
             other = _claimed_deployment(token)
             if other is None or other == dep.deployment_id:
                 raise Unauthorized(f"invalid user credential: {e}") from None
+        else:
+            if claims.jti in self._revoked.get(dep.deployment_id, {}):
+                raise Unauthorized("the user credential has been revoked by the model owner")
+            return claims
         # Signed for another deployment: genuine (403) or not (401)?
         peer = self._deployments.get(other)
         try:
@@ -230,6 +240,21 @@ class CloudService:
         except CredentialError as e:
             raise Unauthorized(f"invalid user credential: {e}") from None
         raise Forbidden(f"the credential is for another deployment, not {dep.deployment_id!r}")
+
+    def set_revocations(self, deployment_id: str, revocations: Revocations) -> RevocationsResult:
+        """Replace a deployment's revoked credentials with P1's list, durably (blocking: disk).
+
+        P2 checks credentials offline; this list is how a revocation on P1 reaches it before the
+        credential expires. Entries already expired are dropped: the signature check refuses those.
+        """
+        self.deployment(deployment_id)  # 404: P1 sends the list again after its next push
+        live = _unexpired(revocations)
+        kept = Revocations(revoked=[Revoked(jti=j, expires_at=e) for j, e in sorted(live.items())])
+        with self._revocations_lock:  # two lists in flight: the file and the dict end up the same one
+            self.storage.write_revocations(deployment_id, kept)
+            self._revoked[deployment_id] = live
+        log.info("deployment %s: %d revoked credential(s) refused until they expire", deployment_id, len(live))
+        return RevocationsResult(deployment_id=deployment_id, revoked=len(live))
 
     def check_key_version(self, dep: Deployment, key_version: int | None) -> None:
         if key_version is not None and key_version != dep.key_version:
@@ -641,6 +666,11 @@ def _write(f: IO[bytes], h: "hashlib._Hash", data: bytes, final: bool = False) -
     if final:
         f.flush()
         os.fsync(f.fileno())
+
+
+def _unexpired(revocations: Revocations) -> dict[str, int]:
+    now = int(time.time())
+    return {r.jti: r.expires_at for r in revocations.revoked if r.expires_at > now}
 
 
 def _claimed_deployment(token: str) -> str | None:

@@ -3,6 +3,7 @@
     DATA/tmp/push-<random>.partial        a push being received (removed on any failure)
     DATA/deployments/{id}/v{N}.safetensors the weights of key version N (one body, as pushed)
     DATA/deployments/{id}/active.json      which file serves (ActiveRecord), tmp + os.replace
+    DATA/deployments/{id}/revoked.json     credentials P1 revoked (shared.api.Revocations), tmp + os.replace
 
 A version file appears only when its push is complete, verified and loaded; `active.json`
 switches to it in one rename, and the previous version file is removed after the switch.
@@ -21,10 +22,12 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cloud_service.schemas import ActiveRecord
+from shared.api import Revocations
 
 log = logging.getLogger("stip.cloud.storage")
 
 ACTIVE = "active.json"
+REVOKED = "revoked.json"
 DEPLOYMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -57,7 +60,7 @@ class Storage:
             record = self.read_active(d.name)
             keep = record.file if record else None
             for f in d.iterdir():
-                if f.name not in (ACTIVE, keep):
+                if f.name not in (ACTIVE, REVOKED, keep):
                     log.warning("removing %s/%s: not the active version", d.name, f.name)
                     _remove(f)
             if record is None and not any(d.iterdir()):
@@ -117,19 +120,30 @@ class Storage:
                 size=size,
                 activated_at=int(time.time()),
             )
-            tmp = d / (ACTIVE + ".tmp")
-            with tmp.open("w") as f:
-                f.write(record.model_dump_json(indent=2))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, d / ACTIVE)
-            _fsync_dir(d)
+            _write_durably(d / ACTIVE, record.model_dump_json(indent=2))
         except BaseException:
-            # never active: leave no orphan (the previous active.json still names the old file)
-            (d / (ACTIVE + ".tmp")).unlink(missing_ok=True)
-            final.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)  # never active: leave no orphan (active.json still names the old file)
             raise
         return record
+
+    def read_revocations(self, deployment_id: str) -> Revocations:
+        """The revocation list P1 last sent for a deployment (empty if none, or unreadable)."""
+        path = self.deployments_dir / deployment_id / REVOKED
+        if not path.is_file():
+            return Revocations(revoked=[])
+        try:
+            return Revocations.model_validate_json(path.read_bytes())
+        except (OSError, ValidationError) as e:  # fail loudly in the log; P1 re-sends it on its next push
+            log.error(
+                "%s is unreadable (%s): no credential of %s counts as revoked", path, type(e).__name__, deployment_id
+            )
+            return Revocations(revoked=[])
+
+    def write_revocations(self, deployment_id: str, revocations: Revocations) -> None:
+        d = self.deployments_dir / deployment_id
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o700)
+        _write_durably(d / REVOKED, revocations.model_dump_json())
 
     def remove_inactive(self, record: ActiveRecord) -> None:
         """Delete every version file of the deployment except the active one."""
@@ -144,6 +158,22 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename, synced: readers see the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -18,7 +18,7 @@ import httpx
 from pydantic import ValidationError
 
 from developer_service.errors import JobCancelled, PushFailed
-from shared.api import DIGEST_HEADER, KEY_VERSION_HEADER, DeploymentInfo, PushResult
+from shared.api import DIGEST_HEADER, KEY_VERSION_HEADER, DeploymentInfo, PushResult, Revocations
 from shared.wire import CONTENT_TYPE, concat_files
 
 log = logging.getLogger("stip.developer.push")
@@ -158,6 +158,25 @@ class Pusher:
                 f"expected version {request.key_version} with {digest[:12]}…"
             )
         return result
+
+    def send_revocations(
+        self, cloud_url: str, deployment_id: str, revocations: Revocations, timeout_s: float = 10.0
+    ) -> bool:
+        """Replace P2's list of the deployment's revoked credentials; True once P2 holds it.
+
+        A P2 without the deployment (404) needs no list: the next push sends it along.
+        """
+        url = f"{cloud_url}/v1/deployments/{deployment_id}/revocations"
+        headers = {"Authorization": f"Bearer {self._token}"}
+        try:
+            response = self._client.put(url, json=revocations.model_dump(), headers=headers, timeout=timeout_s)
+        except httpx.HTTPError as e:
+            log.warning("cannot send revocations to P2 at %s: %s", url, type(e).__name__)
+            return False
+        if response.is_success or response.status_code == 404:
+            return True
+        log.warning("P2 refused the revocations (HTTP %d): %s", response.status_code, _error_detail(response))
+        return False
 
     def cloud_version(self, cloud_url: str, deployment_id: str, timeout_s: float = 10.0) -> int | None:
         """The key version P2 reports active for a deployment, or None (unknown or unreachable)."""

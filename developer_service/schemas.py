@@ -6,7 +6,7 @@ re-exported here; P1-only models (credential listings, health) are defined below
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from shared.api import (
     BundleManifest,
@@ -35,6 +35,11 @@ class CredentialInfo(BaseModel):
     expires_at: int
     revoked: bool
     revoked_at: int | None = None
+    cloud_synced: bool | None = Field(
+        default=None,
+        description="in a revocation's answer: whether P2 already refuses the credential; when false, "
+        "P1 keeps sending the list to P2 in the background until it does",
+    )
 
     @classmethod
     def from_record(cls, record: "CredentialRecord") -> "CredentialInfo":

@@ -56,6 +56,8 @@ from shared.api import (
     PUSH_KEY_VERSION,
     PUSH_VERIFY_KEY,
     BundleManifest,
+    Revocations,
+    Revoked,
 )
 from shared.checkpoint import checkpoint_files, count_tensors, read_config, transform_model_dir
 from shared.credentials import Claims, Signer, verify
@@ -155,6 +157,7 @@ class DeveloperService:
         self._closing = threading.Event()
         self._lock = threading.RLock()  # serialises job start/commit against reads of versions
         self._jobs: dict[str, _Job] = {}
+        self._revocation_syncs: dict[str, threading.Thread] = {}  # deployment -> retrying sender
         self._progress: dict[str, Progress] = {}
         self._slots = threading.Semaphore(settings.max_parallel_jobs)
         self.ready = False
@@ -164,6 +167,9 @@ class DeveloperService:
     def start(self) -> None:
         """Recover from an interrupted run, then accept requests."""
         self._recover()
+        for dep in self.store.list_deployments():  # P2 may have missed a revocation while P1 was down
+            if dep.key_version is not None and self._revocations(dep.deployment_id).revoked:
+                self._start_revocation_sync(dep.deployment_id)
         if self.settings.admin_token is None:
             log.warning("no admin token configured: the /v1 admin routes answer 503")
         if self.settings.push_token is None:
@@ -178,8 +184,9 @@ class DeveloperService:
         self.ready = False
         self._closing.set()
         deadline = time.monotonic() + timeout_s
-        for job in list(self._jobs.values()):
-            job.thread.join(max(0.0, deadline - time.monotonic()))
+        threads = [job.thread for job in list(self._jobs.values())] + list(self._revocation_syncs.values())
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._http.close()
 
     def wait(self, deployment_id: str, timeout_s: float | None = None) -> DeploymentStatus:
@@ -437,6 +444,8 @@ class DeveloperService:
         self.metrics.pushed_bytes.inc(self._progress[deployment_id].total)
         log.info("deployment %s: P2 activated key version %d (sha256 %s)", deployment_id, version, pushed.sha256)
         self._commit(deployment_id, version)
+        if not self._send_revocations(deployment_id):  # a P2 that lost its list gets it back
+            self._start_revocation_sync(deployment_id)
 
     def _commit(self, deployment_id: str, version: int) -> None:
         """P2 serves `version`: hand it to users and delete every older version's material."""
@@ -566,9 +575,64 @@ class DeveloperService:
         return [CredentialInfo.from_record(c) for c in self.store.list_credentials(deployment_id)]
 
     def revoke_credential(self, deployment_id: str, user_id: str) -> CredentialInfo:
+        """Revoke on P1 (no more bundles), then tell P2, which checks credentials offline.
+
+        When P2 cannot be told now, a background sender retries until it can (and P1's next
+        start or push sends the list again); `cloud_synced` says which happened.
+        """
         record = self.store.revoke_credential(deployment_id, user_id)
         log.info("deployment %s: revoked credential %s", deployment_id, user_id)
-        return CredentialInfo.from_record(record)
+        synced = self._send_revocations(deployment_id)
+        if not synced:
+            self._start_revocation_sync(deployment_id)
+        return CredentialInfo.from_record(record).model_copy(update={"cloud_synced": synced})
+
+    def _revocations(self, deployment_id: str) -> Revocations:
+        """The deployment's revoked credentials that have not expired: what P2 must refuse."""
+        now = int(time.time())
+        return Revocations(
+            revoked=[
+                Revoked(jti=c.jti, expires_at=c.expires_at)
+                for c in self.store.list_credentials(deployment_id)
+                if c.revoked_at is not None and c.expires_at > now
+            ]
+        )
+
+    def _send_revocations(self, deployment_id: str) -> bool:
+        """One attempt to replace P2's list with the current one; True when P2 holds it."""
+        dep = self.store.get_deployment(deployment_id)
+        if dep.key_version is None and dep.pending_key_version is None:
+            return True  # nothing on P2 to protect; the first push sends the list
+        return self._pusher().send_revocations(dep.cloud_url, deployment_id, self._revocations(deployment_id))
+
+    def _start_revocation_sync(self, deployment_id: str) -> None:
+        """Send the list again with backoff (up to 30 s apart) until P2 holds it or P1 stops.
+
+        One sender per deployment; each attempt reads the current list, so revocations made
+        meanwhile ride along.
+        """
+
+        def run() -> None:
+            delay = 1.0
+            try:
+                while not self._closing.wait(delay):
+                    if self._send_revocations(deployment_id):
+                        log.info("deployment %s: P2 now holds the revocation list", deployment_id)
+                        return
+                    delay = min(2 * delay, 30.0)
+            finally:
+                with self._lock:
+                    self._revocation_syncs.pop(deployment_id, None)
+
+        with self._lock:
+            if deployment_id in self._revocation_syncs:
+                return
+            thread = threading.Thread(target=run, name=f"stip-revocations-{deployment_id}", daemon=True)
+            self._revocation_syncs[deployment_id] = thread
+        log.warning(
+            "deployment %s: P2 does not hold the revocation list yet; retrying in the background", deployment_id
+        )
+        thread.start()
 
     # --- authentication --------------------------------------------------------------------
 

@@ -84,6 +84,25 @@ class PushResult(BaseModel):
     sha256: str
 
 
+MAX_REVOCATIONS = 100_000  # entries in one revocation list (about 5 MB of JSON)
+
+
+class Revoked(BaseModel):
+    jti: str = Field(min_length=1, max_length=64, description="the credential's unique id")
+    expires_at: int = Field(description="the credential's expiry (Unix seconds): P2 forgets it after that")
+
+
+class Revocations(BaseModel):
+    """P1 -> P2: the full list of a deployment's revoked, unexpired credentials (it replaces the last)."""
+
+    revoked: list[Revoked] = Field(max_length=MAX_REVOCATIONS)
+
+
+class RevocationsResult(BaseModel):
+    deployment_id: str
+    revoked: int = Field(description="entries P2 now holds (expired ones dropped)")
+
+
 class SessionCreated(BaseModel):
     session_id: str
     deployment_id: str

@@ -78,9 +78,21 @@ class FakeCloud:
     gate: threading.Event | None = None  # hold pushes until set
     pushing: threading.Event = field(default_factory=threading.Event)
     reported: dict[str, int] = field(default_factory=dict)  # what GET /v1/deployments/{id} says
+    revocations: dict[str, list[dict[str, object]]] = field(default_factory=dict)  # the lists P1 sent
+    refuse_revocations: int | None = None  # answer revocation lists with this status
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         parts = request.url.path.strip("/").split("/")
+        if request.method == "PUT" and len(parts) == 4 and parts[3] == "revocations":
+            if request.headers.get("authorization") != f"Bearer {PUSH}":
+                return _error(401, api.E_UNAUTHORIZED, "bad push token")
+            if self.refuse_revocations is not None:
+                return _error(self.refuse_revocations, "refused", "the fake cloud refuses")
+            if parts[2] not in self.reported:
+                return _error(404, api.E_NOT_FOUND, "unknown deployment")
+            body = api.Revocations.model_validate_json(request.read())
+            self.revocations[parts[2]] = [r.model_dump() for r in body.revoked]
+            return httpx.Response(200, json={"deployment_id": parts[2], "revoked": len(body.revoked)})
         if request.method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "deployments"]:
             version = self.reported.get(parts[2])
             if version is None:

@@ -27,7 +27,7 @@ from shared.keys import DeveloperKey
 from shared.permutation import permute
 from tests.e2e.processes import CLOUD, DEVELOPER, USER, fill, free_port, start, stop, wait_ready
 from tests.e2e.proxy import RecordingProxy
-from user_client import StipClient
+from user_client import AuthError, StipClient
 from user_client.demo import make_random_gpt2, make_random_llama, minilm_path
 
 SENTENCES = [
@@ -311,6 +311,26 @@ def test_restart_of_p2_then_p1_keeps_everything(cluster: Cluster) -> None:
         )
         with fresh:
             assert fresh.generate_ids(ids, max_new_tokens=8, eos=False) == before
+
+
+def test_a_revocation_on_p1_is_refused_by_p2(cluster: Cluster) -> None:
+    """P2 checks credentials offline; P1 sends it the revoked ones, and P2 keeps them across a restart."""
+    ids = _prompt_ids(cluster.model_dirs["llama"])
+    dep = cluster.deployments["llama"]
+    issued = cluster.admin.issue_credential(dep, name="e2e-revoked")
+    client = StipClient(
+        cluster.developer_url, deployment_id=dep, credential=issued.credential, cache_dir=cluster.work / "revoked"
+    )
+    with client, cluster.client("llama", cache="not-revoked") as other:
+        client.forward([ids])  # the bundle is cached: from here on only P2 is asked
+        assert cluster.admin.revoke_credential(dep, issued.user_id).cloud_synced is True
+        with pytest.raises(AuthError, match="revoked"):
+            client.forward([ids])
+        stop(cluster.procs.pop("cloud"))
+        cluster.start("cloud")
+        with pytest.raises(AuthError, match="revoked"):
+            client.forward([ids])
+        assert other.forward([ids]).shape[1] == len(ids)  # everyone else is served
 
 
 def test_the_user_container_command_runs_the_demo_against_the_services(cluster: Cluster) -> None:

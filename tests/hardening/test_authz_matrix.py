@@ -2,8 +2,8 @@
 
 The route tables below are checked against the applications' own routes, so a route added
 without a line here fails `test_every_route_is_in_the_matrix`. Each protected route is called
-with: no credential, malformed headers, a forged, tampered or expired credential, a revoked one
-(P1), a genuine credential of ANOTHER deployment, the admin token, the push token and the user
+with: no credential, malformed headers, a forged, tampered, expired or revoked credential, a
+genuine credential of ANOTHER deployment, the admin token, the push token and the user
 credential, each where another is due; the expected answer is 401 (403 for a genuine credential
 of another deployment) in the one error shape, without the token in it and without a side
 effect; with its own credential the route succeeds. Health, metrics, the API docs and P2's
@@ -103,8 +103,8 @@ COMMON_KINDS = [
     "push",
     "user",
 ]
-CLOUD_KINDS = [*COMMON_KINDS, "cross-signed"]  # for deployment A, signed with B's key
-DEVELOPER_KINDS = [*COMMON_KINDS, "revoked"]  # P2 checks offline: it cannot know (README, Limits)
+CLOUD_KINDS = [*COMMON_KINDS, "revoked", "cross-signed"]  # cross-signed: for deployment A, signed with B's key
+DEVELOPER_KINDS = [*COMMON_KINDS, "revoked"]
 
 
 def expected(needs: str, kind: str) -> int:
@@ -152,6 +152,12 @@ def _push(s: Service, h: Headers) -> Reply:
     return s.client.put(url, content=body, headers={**h, DIGEST_HEADER: digest, "Content-Type": wire.CONTENT_TYPE})
 
 
+def _revocations(s: Service, h: Headers) -> Reply:
+    """P1 sends the same list again (the revoked credential stays revoked for the other calls)."""
+    url = f"/v1/deployments/{DEPLOYMENT}/revocations"
+    return s.client.put(url, json=s.data["revocations"], headers=h)
+
+
 def _get(path: str) -> Call:
     return lambda s, h: s.client.get(path, headers=h)
 
@@ -171,6 +177,7 @@ CLOUD_ROUTES: dict[tuple[str, str], tuple[str, int, Call]] = {
     **DOCS,
     ("GET", "/v1/deployments/{deployment_id}"): ("open", 200, _get(f"/v1/deployments/{DEPLOYMENT}")),
     ("PUT", "/v1/deployments/{deployment_id}/weights"): ("push", 200, _push),
+    ("PUT", "/v1/deployments/{deployment_id}/revocations"): ("push", 200, _revocations),
     ("POST", "/v1/deployments/{deployment_id}/sessions"): (
         "user",
         201,
@@ -192,6 +199,10 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         expired, _ = model.signer.issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=60, now=1_000_000)
         forged, _ = Signer.generate().issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=3600)
         cross, _ = model.other_signer.issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=3600)
+        revoked, claims = model.signer.issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=3600)
+        revocations = {"revoked": [{"jti": claims.jti, "expires_at": claims.exp}]}
+        reply = client.put(f"/v1/deployments/{DEPLOYMENT}/revocations", json=revocations, headers=_bearer(PUSH_TOKEN))
+        assert reply.status_code == 200, reply.text
         tokens = {
             "user": user,
             "push": PUSH_TOKEN,
@@ -201,14 +212,16 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             "expired": expired,
             "other deployment": model.credential(OTHER_DEPLOYMENT),
             "cross-signed": cross,
+            "revoked": revoked,
             "nested json": _nested(OTHER_DEPLOYMENT),
         }
+        revoked_file = root / "data" / "deployments" / DEPLOYMENT / "revoked.json"
 
         def state() -> Any:
             infos = [client.get(f"/v1/deployments/{d}").json() for d in (DEPLOYMENT, OTHER_DEPLOYMENT)]
-            return [(i["deployment_id"], i["key_version"]) for i in infos]
+            return [(i["deployment_id"], i["key_version"]) for i in infos], revoked_file.read_text()
 
-        data = {"request": model.valid_request()[0], "push": model.push_body()}
+        data = {"request": model.valid_request()[0], "push": model.push_body(), "revocations": revocations}
         yield Service(client, tokens, state, data)
 
 
