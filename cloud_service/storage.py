@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from cloud_service.schemas import ActiveRecord
 from shared.api import Revocations
+from shared.files import write_atomic
 
 log = logging.getLogger("stip.cloud.storage")
 
@@ -120,7 +121,7 @@ class Storage:
                 size=size,
                 activated_at=int(time.time()),
             )
-            _write_durably(d / ACTIVE, record.model_dump_json(indent=2))
+            write_atomic(d / ACTIVE, record.model_dump_json(indent=2).encode())
         except BaseException:
             final.unlink(missing_ok=True)  # never active: leave no orphan (active.json still names the old file)
             raise
@@ -143,7 +144,7 @@ class Storage:
         d = self.deployments_dir / deployment_id
         d.mkdir(exist_ok=True)
         os.chmod(d, 0o700)
-        _write_durably(d / REVOKED, revocations.model_dump_json())
+        write_atomic(d / REVOKED, revocations.model_dump_json().encode())
 
     def remove_inactive(self, record: ActiveRecord) -> None:
         """Delete every version file of the deployment except the active one."""
@@ -158,32 +159,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def _write_durably(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename, synced: readers see the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -8,8 +8,6 @@ Key material does not live here: it sits in `DATA/deployments/{id}/v{n}/`, writt
 """
 
 import json
-import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from developer_service.errors import StateError, UnknownCredential, UnknownDeployment, UnknownModel
 from shared.api import ModelInfo, Progress
+from shared.files import write_atomic
 
 STATE_FORMAT = 1
 
@@ -61,26 +60,6 @@ class State(BaseModel):
     models: dict[str, ModelRecord] = {}
     deployments: dict[str, DeploymentRecord] = {}
     credentials: dict[str, CredentialRecord] = {}
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to `path` so that readers see the old or the new content, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class Store:

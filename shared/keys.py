@@ -7,16 +7,16 @@ a metadata header (format version, family, dims, key version, creation time, fin
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from shared.errors import KeyFormatError
+from shared.files import write_atomic
 from shared.permutation import is_permutation, random_permutation
 
 KEY_FORMAT_VERSION = "1"
@@ -234,12 +234,7 @@ def draw_key(dims: ModelDims, *, key_version: int = 1) -> DeveloperKey:
 def _save_private(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
     """Write key material with owner-only permissions, atomically (tmp file then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

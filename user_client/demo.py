@@ -264,7 +264,10 @@ def _deploy(admin: Any, path: Path, cloud_url: str, name: str) -> str:
     last = [""]
 
     def show(status: Any) -> None:
-        line = f"    {name}: {status.progress.stage} {status.progress.done}/{status.progress.total}"
+        progress = status.progress
+        unit = " bytes" if progress.stage in ("pushing", "done") else " tensors"
+        counts = f" {progress.done:,}/{progress.total:,}{unit}" if progress.total else ""
+        line = f"    {name}: {progress.stage}{counts}"
         if line != last[0]:
             _say(line)
             last[0] = line
