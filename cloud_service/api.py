@@ -267,22 +267,26 @@ router = APIRouter(responses=ERROR_RESPONSES)
 v1 = APIRouter(dependencies=[Depends(require_ready)], responses=ERROR_RESPONSES)
 
 
+async def push_authorized(service: ServiceDep, token: TokenDep) -> None:
+    """P1's push token, checked before the body is validated."""
+    service.authorize_push(token)
+
+
 @v1.put(
     PUSH_PATH,
     response_model=PushResult,
     tags=["P1 -> P2"],
+    dependencies=[Depends(push_authorized)],
     openapi_extra=safetensors_body("θ′ as one safetensors body; its metadata names deployment, key version, config"),
 )
 async def push_weights(
     deployment_id: str,
     request: Request,
     service: ServiceDep,
-    token: TokenDep,
     digest: DigestHeader = None,
     key_version: KeyVersionHeader = None,
 ) -> PushResult:
     """Receive θ′ as one streamed safetensors body; activate it when complete and verified."""
-    service.authorize_push(token)
     return await service.push(
         deployment_id,
         request.stream(),
@@ -291,11 +295,6 @@ async def push_weights(
         key_version=key_version,
         sender_gone=request.is_disconnected,
     )
-
-
-async def push_authorized(service: ServiceDep, token: TokenDep) -> None:
-    """P1's push token, checked before the body is validated."""
-    service.authorize_push(token)
 
 
 @v1.put(

@@ -33,7 +33,7 @@ from fastapi.testclient import TestClient
 from cloud_service.app import create_app as create_cloud
 from developer_service.app import create_app as create_developer
 from shared import wire
-from shared.api import DIGEST_HEADER, E_FORBIDDEN, E_UNAUTHORIZED
+from shared.api import DIGEST_HEADER, E_FORBIDDEN, E_UNAUTHORIZED, KEY_VERSION_HEADER
 from shared.credentials import Signer
 from tests.cloud_service.helpers import DEPLOYMENT, PUSH_TOKEN, Reply, push, serve
 from tests.cloud_service.helpers import settings_for as cloud_settings
@@ -336,6 +336,26 @@ def developer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 @pytest.mark.parametrize("route", DEVELOPER_ROUTES, ids=" ".join)
 def test_developer(developer: Service, route: tuple[str, str], kind: str) -> None:
     check(developer, DEVELOPER_ROUTES[route], kind)
+
+
+def test_credentials_are_checked_before_the_request_is(cloud: Service, developer: Service) -> None:
+    """A caller without the right credential learns nothing of what a valid request looks like:
+    malformed headers, queries and bodies get 401 from every protected route, not 400/422."""
+    dep = developer.data["ids"]["a"]
+    calls = [
+        (cloud, "PUT", f"/v1/deployments/{DEPLOYMENT}/weights", {"headers": {KEY_VERSION_HEADER: "x"}}),
+        (cloud, "PUT", f"/v1/deployments/{DEPLOYMENT}/revocations", {"json": {"revoked": [{"jti": ""}]}}),
+        (cloud, "POST", f"/v1/deployments/{DEPLOYMENT}/forward", {"params": {"k": "x", "output": "?"}}),
+        (cloud, "POST", f"/v1/deployments/{DEPLOYMENT}/sessions", {"headers": {KEY_VERSION_HEADER: "0"}}),
+        (developer, "POST", "/v1/models", {"json": {"nope": 1}}),
+        (developer, "POST", "/v1/deployments", {"json": []}),
+        (developer, "POST", f"/v1/deployments/{dep}/users", {"json": {"ttl_s": -1}}),
+    ]
+    for service, method, path, kwargs in calls:
+        extra = kwargs.pop("headers", {})
+        for kind in ("none", "garbage"):
+            reply = service.client.request(method, path, headers={**service.headers(kind), **extra}, **kwargs)
+            assert reply.status_code == 401, (method, path, kind, reply.status_code, reply.text)
 
 
 # --- the check ------------------------------------------------------------------------------------
