@@ -134,9 +134,12 @@ class Storage:
             return Revocations(revoked=[])
         try:
             return Revocations.model_validate_json(path.read_bytes())
-        except (OSError, ValidationError) as e:  # fail loudly in the log; P1 re-sends it on its next push
+        except (OSError, ValidationError) as e:  # written in one rename: only tampering or a disk fault gets here
             log.error(
-                "%s is unreadable (%s): no credential of %s counts as revoked", path, type(e).__name__, deployment_id
+                "%s is unreadable (%s): no credential of %s counts as revoked until P1 sends its list again",
+                path,
+                type(e).__name__,
+                deployment_id,
             )
             return Revocations(revoked=[])
 

@@ -222,4 +222,4 @@ class CausalLMFamily(Family):
             use_cache=True,
             logits_to_keep=1 if last_only else 0,  # the head on one position, not (S, V) per row
         )
-        return CloudOutput(output=out.logits, cache=out.cache)  # (B, S, V) permuted by π_c
+        return CloudOutput(output=out.logits, cache=out.cache)  # (B, S or 1, V) permuted by π_c
