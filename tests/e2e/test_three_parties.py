@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -23,6 +23,7 @@ import transformers
 from safetensors.torch import load_file
 
 from developer_service.client import DeveloperAdminClient
+from shared.api import CredentialIssued
 from shared.keys import DeveloperKey
 from shared.permutation import permute
 from tests.e2e.processes import CLOUD, DEVELOPER, USER, fill, free_port, start, stop, wait_ready
@@ -59,13 +60,19 @@ class Cluster:
     procs: dict[str, subprocess.Popen]
     deployments: dict[str, str]  # name -> deployment id
     model_dirs: dict[str, Path]
+    issued: list[str] = field(default_factory=list)  # every user credential handed out
+
+    def issue(self, name: str, user: str) -> CredentialIssued:
+        issued = self.admin.issue_credential(self.deployments[name], name=user)
+        self.issued.append(issued.credential)
+        return issued
 
     @property
     def cloud_url(self) -> str:  # what P1 and P3 use: the recording proxy in front of P2
         return f"http://127.0.0.1:{self.proxy.port}"
 
     def client(self, name: str, cache: str = "cache", **kwargs: object) -> StipClient:
-        credential = self.admin.issue_credential(self.deployments[name], name=f"e2e-{name}").credential
+        credential = self.issue(name, f"e2e-{name}").credential
         return StipClient(
             self.developer_url,
             deployment_id=self.deployments[name],
@@ -129,8 +136,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             proxy=proxy,
             cloud_port=cloud_port,
             dev_port=dev_port,
-            env_cloud={"STIP_CLOUD_PUSH_TOKEN": push_token},
-            env_dev={"STIP_DEVELOPER_ADMIN_TOKEN": admin_token, "STIP_DEVELOPER_PUSH_TOKEN": push_token},
+            env_cloud={"STIP_CLOUD_PUSH_TOKEN": push_token, "STIP_CLOUD_LOG_LEVEL": "DEBUG"},
+            env_dev={
+                "STIP_DEVELOPER_ADMIN_TOKEN": admin_token,
+                "STIP_DEVELOPER_PUSH_TOKEN": push_token,
+                "STIP_DEVELOPER_LOG_LEVEL": "DEBUG",
+            },
             procs={},
             deployments={},
             model_dirs=models,
@@ -317,7 +328,7 @@ def test_a_revocation_on_p1_is_refused_by_p2(cluster: Cluster) -> None:
     """P2 checks credentials offline; P1 sends it the revoked ones, and P2 keeps them across a restart."""
     ids = _prompt_ids(cluster.model_dirs["llama"])
     dep = cluster.deployments["llama"]
-    issued = cluster.admin.issue_credential(dep, name="e2e-revoked")
+    issued = cluster.issue("llama", "e2e-revoked")
     client = StipClient(
         cluster.developer_url, deployment_id=dep, credential=issued.credential, cache_dir=cluster.work / "revoked"
     )
@@ -344,3 +355,16 @@ def test_the_user_container_command_runs_the_demo_against_the_services(cluster: 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "All private results equal plaintext inference" in result.stdout
     assert "min cosine to plaintext" in result.stdout and "32/32 equal to plaintext" in result.stdout
+
+
+def test_no_token_or_credential_in_the_services_logs(cluster: Cluster) -> None:
+    """Last in the module: the DEBUG logs of everything above (pushes, rotations, restarts,
+    revocations, refused calls) name no admin token, push token or user credential."""
+    logs = {name: (cluster.work / name).read_text(errors="replace") for name in ("cloud.log", "dev.log")}
+    assert all(len(text) > 1000 for text in logs.values())  # the services did log, at DEBUG
+    secrets_ = [cluster.env_dev["STIP_DEVELOPER_ADMIN_TOKEN"], cluster.env_dev["STIP_DEVELOPER_PUSH_TOKEN"]]
+    assert len(cluster.issued) >= 5
+    for name, text in logs.items():
+        for secret in secrets_ + cluster.issued:
+            assert secret not in text, f"{name} holds a token"
+            assert secret.rpartition(".")[2] not in text, f"{name} holds a credential's signature"
