@@ -88,3 +88,20 @@ def test_only_p1_sends_revocations(deployed: TestClient, credential: str) -> Non
         headers={"Authorization": f"Bearer {PUSH_TOKEN}"},
     )
     assert bad.status_code == 422 and set(bad.json()["error"]) == {"code", "message"}
+
+
+def test_an_unreadable_list_does_not_keep_p2_from_serving(
+    tmp_path: Path, v1: Deployed, signer: Signer, original: transformers.PreTrainedModel
+) -> None:
+    alice, claims = signer.issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=3600)
+    request = embeds(original, torch.tensor([[3, 5, 7]]), v1.pi)
+    data = tmp_path / "data"
+    with serve(data) as client:
+        body, digest = v1.body(signer)
+        assert push(client, body, digest).status_code == 200
+        assert put_revocations(client, [(claims.jti, claims.exp)]).status_code == 200
+    (data / "deployments" / DEPLOYMENT / "revoked.json").write_text('{"revoked": [')  # a disk fault
+    with serve(data) as client:  # the deployment still serves; the next list from P1 restores the refusal
+        assert works(client, alice, request)
+        assert put_revocations(client, [(claims.jti, claims.exp)]).status_code == 200
+        assert not works(client, alice, request)
