@@ -59,6 +59,28 @@ class Family(ABC):
         Raises CheckpointError for an unknown name or a tensor of the wrong shape.
         """
 
+    def layer_pieces(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        key: DeveloperKey,
+        match: tuple[int, str] | None,
+        table: dict[str, str],
+        prefix: str,
+        *,
+        conv1d: bool = False,
+    ) -> list[Piece]:
+        """A transformer block's tensor for the cloud, as `{prefix}.{i}.{rest}`.
+
+        `match` is (i, rest), the block index and the name inside the block (None: `name` is
+        no block's); `table` maps names inside a block to their role (see LAYER_ROLES).
+        """
+        if match is None or match[0] >= key.dims.n_layers or match[1] not in table:
+            raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
+        i, rest = match
+        t = transform_layer_tensor(table[rest], name, tensor, key.layers[i], key.dims, key.pi, conv1d=conv1d)
+        return [Piece("cloud", f"{prefix}.{i}.{rest}", t)]
+
     def extra_cloud_tensors(self, key: DeveloperKey, config: Config) -> Iterator[Piece]:
         """Cloud tensors that have no counterpart in the checkpoint (e.g. GPT-2's zero position table)."""
         return iter(())
@@ -119,6 +141,12 @@ def cols(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def expect_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
     if tuple(t.shape) != shape:
         raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+
+
+def head_weight(name: str, tensor: torch.Tensor, key: DeveloperKey) -> torch.Tensor:
+    """An output head [d_out, d] (nn.Linear layout) for the cloud: W_c′ = πᵀ W_c π_c."""
+    expect_shape(name, tensor, (key.dims.d_out, key.dims.d_model))
+    return cols(rows(tensor, key.pi_c), key.pi)
 
 
 def layer_match(pattern: str, name: str) -> tuple[int, str] | None:
@@ -192,8 +220,33 @@ def transform_layer_tensor(
     return (t.T if conv1d and t.dim() == 2 else t).contiguous()
 
 
+HEAD = "lm_head.weight"  # the stock causal-LM classes' output head
+
+
 class CausalLMFamily(Family):
-    """A decoder served by a stock `AutoModelForCausalLM` class with a KV cache."""
+    """A decoder served by a stock `AutoModelForCausalLM` class with a KV cache.
+
+    The cloud's head is always its own tensor, πᵀ W_c π_c: a tied head is untied, since the
+    cloud holds no embedding table to tie it to.
+    """
+
+    def cloud_config(self, config: Config) -> Config:
+        return dict(config, tie_word_embeddings=False)
+
+    def token_table_pieces(
+        self, name: str, tensor: torch.Tensor, key: DeveloperKey, *, user_name: str, tied: bool
+    ) -> list[Piece]:
+        """The token embedding table: to the user as is; with a tied head, also the cloud's head."""
+        expect_shape(name, tensor, (key.dims.d_out, key.dims.d_model))
+        pieces = [Piece("user", user_name, tensor)]
+        if tied:
+            pieces.append(Piece("cloud", HEAD, head_weight(name, tensor, key)))
+        return pieces
+
+    def head_pieces(self, name: str, tensor: torch.Tensor, key: DeveloperKey, *, tied: bool) -> list[Piece]:
+        if tied:
+            return []  # a stored copy of the tied table: the cloud's head comes from the token table
+        return [Piece("cloud", HEAD, head_weight(name, tensor, key))]
 
     def build_cloud_model(self, config: Config) -> nn.Module:
         import transformers

@@ -38,7 +38,6 @@ from shared.families.base import (
     config_get,
     expect_shape,
     rows,
-    transform_layer_tensor,
 )
 from shared.keys import DeveloperKey, ModelDims
 
@@ -127,14 +126,8 @@ class BertFamily(Family):
             expect_shape(name, tensor, (d,))
             return [Piece("cloud", local, rows(tensor, pi))]
         m = _LAYER.fullmatch(local)
-        if m is None or int(m.group(1)) >= dims.n_layers:
-            raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
-        i, rest = int(m.group(1)), m.group(2)
-        role = LAYER_TENSORS.get(rest)
-        if role is None:
-            raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
-        transformed = transform_layer_tensor(role, name, tensor, key.layers[i], dims, pi)
-        return [Piece("cloud", f"encoder.layer.{i}.{rest}", transformed)]
+        match = (int(m.group(1)), m.group(2)) if m else None
+        return self.layer_pieces(name, tensor, key, match, LAYER_TENSORS, "encoder.layer")
 
     def embed(
         self,

@@ -26,21 +26,19 @@ from torch import nn
 
 from shared.errors import CheckpointError
 from shared.families.base import (
+    HEAD,
     CausalLMFamily,
     Config,
     Piece,
-    cols,
     config_get,
     expect_shape,
     rows,
-    transform_layer_tensor,
 )
 from shared.keys import DeveloperKey, ModelDims
 
 PREFIX = "transformer."
 WTE = "transformer.wte.weight"
 WPE = "transformer.wpe.weight"
-HEAD = "lm_head.weight"
 # Non-parameter buffers that old checkpoints carry (the causal mask); the stock class rebuilds them.
 # layer tensor names (after `transformer.h.{i}.`) -> their role in shared.families.base
 LAYER_TENSORS = {
@@ -82,46 +80,29 @@ class GPT2Family(CausalLMFamily):
             rope=False,
         )
 
-    def cloud_config(self, config: Config) -> Config:
-        return dict(config, tie_word_embeddings=False)
-
     def embedding_names(self, config: Config) -> tuple[str, ...]:
         return (WTE, WPE)
 
     def transform(self, name: str, tensor: torch.Tensor, key: DeveloperKey, config: Config) -> list[Piece]:
-        dims = key.dims
-        d, pi, pi_c = dims.d_model, key.pi, key.pi_c
+        d = key.dims.d_model
         tied = _tied(config)
         canon = name if name.startswith(PREFIX) or name == HEAD else PREFIX + name
         if canon == WTE:
-            expect_shape(name, tensor, (dims.d_out, d))
-            pieces = [Piece("user", WTE, tensor)]
-            if tied:  # the cloud gets an untied, transformed head: W_c' = πᵀ W_c π_c
-                pieces.append(Piece("cloud", HEAD, cols(rows(tensor, pi_c), pi)))
-            return pieces
+            return self.token_table_pieces(name, tensor, key, user_name=WTE, tied=tied)
         if canon == WPE:
             expect_shape(name, tensor, (_n_positions(config), d))
             return [Piece("user", WPE, tensor)]  # the cloud's table is zero: extra_cloud_tensors
         if canon == HEAD:
-            if tied:
-                return []  # a stored copy of the tied table: the head comes from wte
-            expect_shape(name, tensor, (dims.d_out, d))
-            return [Piece("cloud", HEAD, cols(rows(tensor, pi_c), pi))]
+            return self.head_pieces(name, tensor, key, tied=tied)
         if canon in ("transformer.ln_f.weight", "transformer.ln_f.bias"):
             expect_shape(name, tensor, (d,))
-            return [Piece("cloud", canon, rows(tensor, pi))]
+            return [Piece("cloud", canon, rows(tensor, key.pi))]
         m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", canon)
-        if m is None or int(m[1]) >= dims.n_layers:
-            raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
-        i, rest = int(m[1]), m[2]
-        if rest in BUFFERS:
+        match = (int(m[1]), m[2]) if m else None
+        if match and match[0] < key.dims.n_layers and match[1] in BUFFERS:
             return []
-        role = LAYER_TENSORS.get(rest)
-        if role is None:
-            raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
         # Conv1D stores [in, out], the transpose of nn.Linear's layout
-        transformed = transform_layer_tensor(role, name, tensor, key.layers[i], dims, pi, conv1d=True)
-        return [Piece("cloud", f"transformer.h.{i}.{rest}", transformed)]
+        return self.layer_pieces(name, tensor, key, match, LAYER_TENSORS, "transformer.h", conv1d=True)
 
     def extra_cloud_tensors(self, key: DeveloperKey, config: Config) -> Iterator[Piece]:
         # Positions are added on the user side; the stock class adds this all-zero table.

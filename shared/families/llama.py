@@ -10,15 +10,14 @@ from torch import nn
 
 from shared.errors import CheckpointError
 from shared.families.base import (
+    HEAD,
     CausalLMFamily,
     Config,
     Piece,
-    cols,
     config_get,
     expect_shape,
     layer_match,
     rows,
-    transform_layer_tensor,
 )
 from shared.keys import DeveloperKey, ModelDims
 
@@ -42,7 +41,6 @@ LAYER_TENSORS = {
     "input_layernorm.weight": "norm",
     "post_attention_layernorm.weight": "norm",
 }
-HEAD = "lm_head.weight"
 
 
 class LlamaFamily(CausalLMFamily):
@@ -68,44 +66,22 @@ class LlamaFamily(CausalLMFamily):
             rope=True,
         )
 
-    def cloud_config(self, config: Config) -> Config:
-        return dict(config, tie_word_embeddings=False)
-
     def embedding_names(self, config: Config) -> tuple[str, ...]:
         return (EMBED,)
 
     def transform(self, name: str, tensor: torch.Tensor, key: DeveloperKey, config: Config) -> list[Piece]:
-        dims = key.dims
-        d, pi, pi_c = dims.d_model, key.pi, key.pi_c
         tied = bool(config.get("tie_word_embeddings", False))
         if name.endswith("rotary_emb.inv_freq"):
             return []  # a buffer the stock class recomputes
         if name.endswith("embed_tokens.weight"):
-            expect_shape(name, tensor, (dims.d_out, d))
-            pieces = [Piece("user", EMBED, tensor)]
-            if tied:  # the cloud gets an untied, transformed head: W_c' = πᵀ W_c π_c
-                pieces.append(Piece("cloud", HEAD, cols(rows(tensor, pi_c), pi)))
-            return pieces
+            return self.token_table_pieces(name, tensor, key, user_name=EMBED, tied=tied)
         if name == HEAD:
-            if tied:
-                return []  # a stored copy of the tied table: the head comes from embed_tokens
-            expect_shape(name, tensor, (dims.d_out, d))
-            return [Piece("cloud", HEAD, cols(rows(tensor, pi_c), pi))]
-        if name.endswith("norm.weight") and layer_match("layers", name) is None:
-            expect_shape(name, tensor, (d,))
-            return [Piece("cloud", "model.norm.weight", rows(tensor, pi))]
+            return self.head_pieces(name, tensor, key, tied=tied)
         m = layer_match("layers", name)
-        if m is None or m[0] >= dims.n_layers:
-            raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
-        i, rest = m
-        role = LAYER_TENSORS.get(rest)
-        if role is None:
-            raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
-        return [
-            Piece(
-                "cloud", f"model.layers.{i}.{rest}", transform_layer_tensor(role, name, tensor, key.layers[i], dims, pi)
-            )
-        ]
+        if name.endswith("norm.weight") and m is None:
+            expect_shape(name, tensor, (key.dims.d_model,))
+            return [Piece("cloud", "model.norm.weight", rows(tensor, key.pi))]
+        return self.layer_pieces(name, tensor, key, m, LAYER_TENSORS, "model.layers")
 
     def embed(
         self,

@@ -40,11 +40,10 @@ from shared.families.base import (
     Config,
     Family,
     Piece,
-    cols,
     expect_shape,
+    head_weight,
     layer_match,
     rows,
-    transform_layer_tensor,
 )
 from shared.keys import DeveloperKey, ModelDims
 
@@ -253,29 +252,20 @@ class PaperFamily(Family):
 
     def transform(self, name: str, tensor: torch.Tensor, key: DeveloperKey, config: Config) -> list[Piece]:
         dims = key.dims
-        d, pi, pi_c = dims.d_model, key.pi, key.pi_c
+        d, pi_c = dims.d_model, key.pi_c
         if name == EMBED:
             expect_shape(name, tensor, (dims.d_out, d))
             return [Piece("user", EMBED, tensor)]
         if name == POSITIONS:
             expect_shape(name, tensor, (PaperConfig.from_json(config).max_position_embeddings, d))
             return [Piece("user", POSITIONS, tensor)]
-        if name == "lm_head.weight":  # W_c′ = πᵀ W_c π_c
-            expect_shape(name, tensor, (dims.d_out, d))
-            return [Piece("cloud", name, cols(rows(tensor, pi_c), pi))]
+        if name == "lm_head.weight":
+            return [Piece("cloud", name, head_weight(name, tensor, key))]
         if name == "lm_head.bias":
             expect_shape(name, tensor, (dims.d_out,))
             return [Piece("cloud", name, rows(tensor, pi_c))]
-        m = layer_match("layers", name)
-        if m is None or not name.startswith("layers.") or m[0] >= dims.n_layers:
-            raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
-        i, rest = m
-        role = LAYER_TENSORS.get(rest)
-        if role is None:
-            raise CheckpointError(f"unexpected tensor {name!r} for the {self.name} family")
-        return [
-            Piece("cloud", f"layers.{i}.{rest}", transform_layer_tensor(role, name, tensor, key.layers[i], dims, pi))
-        ]
+        m = layer_match("layers", name) if name.startswith("layers.") else None
+        return self.layer_pieces(name, tensor, key, m, LAYER_TENSORS, "layers")
 
     def embed(
         self,
