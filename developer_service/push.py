@@ -8,7 +8,6 @@ new version only when the body is complete and the digest matches (PROTOCOL.md s
 
 import hashlib
 import logging
-import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pydantic import ValidationError
 
 from developer_service.errors import JobCancelled, PushFailed
 from shared.api import DIGEST_HEADER, KEY_VERSION_HEADER, DeploymentInfo, PushResult, Revocations
+from shared.tls import certificate_refused
 from shared.wire import CONTENT_TYPE, concat_files
 
 log = logging.getLogger("stip.developer.push")
@@ -60,18 +60,6 @@ def _error_detail(response: httpx.Response) -> str:
         return response.text[:200] or response.reason_phrase
 
 
-def _certificate_refused(e: BaseException) -> bool:
-    """Whether a connection failed because P2's TLS certificate did not verify."""
-    cause: BaseException | None = e
-    for _ in range(8):  # httpx.ConnectError <- httpcore.ConnectError <- ssl.SSLCertVerificationError
-        if cause is None:
-            return False
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
-
-
 class Pusher:
     """Pushes θ′ to P2 with retries on network errors and 5xx, never on 4xx or an untrusted certificate."""
 
@@ -95,7 +83,7 @@ class Pusher:
             try:
                 response = self._put(request, total, digest, on_progress)
             except httpx.TransportError as e:
-                if _certificate_refused(e):  # permanent: retrying cannot help
+                if certificate_refused(e):  # permanent: retrying cannot help
                     raise PushFailed(
                         f"P2's TLS certificate at {request.url} is not trusted: {e}; if P2 uses a private CA, "
                         "set STIP_DEVELOPER_CA_BUNDLE"

@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import shutil
-import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from shared.checkpoint import checkpoint_files, count_tensors, read_config, tran
 from shared.credentials import Claims, Signer, verify
 from shared.errors import CredentialError, StipCoreError
 from shared.families import detect_family
+from shared.tls import tls_verify
 
 log = logging.getLogger("stip.developer")
 
@@ -120,9 +120,7 @@ def inspect_model(path: Path) -> tuple[str, list[str], int, int, int]:
 
 
 def _make_http_client(settings: DeveloperSettings, transport: httpx.BaseTransport | None) -> httpx.Client:
-    verify_tls: ssl.SSLContext | bool = True
-    if settings.ca_bundle is not None:
-        verify_tls = ssl.create_default_context(cafile=str(settings.ca_bundle))
+    verify_tls = tls_verify(settings.ca_bundle) if settings.ca_bundle is not None else True
     timeout = httpx.Timeout(settings.push_timeout_s, connect=15.0)
     return httpx.Client(transport=transport, verify=verify_tls, timeout=timeout, follow_redirects=False)
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import ssl
 import time
 from collections.abc import Callable
 from typing import IO, Any
@@ -26,6 +24,7 @@ from typing import IO, Any
 import httpx
 
 from shared import api
+from shared.tls import certificate_refused
 from user_client.errors import (
     AuthError,
     BadRequest,
@@ -52,31 +51,6 @@ def _retry_after(resp: httpx.Response) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None  # an HTTP date: fall back to our own backoff
-
-
-def tls_verify(verify: bool | str | os.PathLike[str] | ssl.SSLContext) -> bool | ssl.SSLContext:
-    """httpx's `verify` from ours: a bool, an SSL context, or the path of a CA file or directory."""
-    if isinstance(verify, (bool, ssl.SSLContext)):
-        return verify
-    path = os.fspath(verify)
-    try:
-        if os.path.isdir(path):
-            return ssl.create_default_context(capath=path)
-        return ssl.create_default_context(cafile=path)
-    except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"verify: cannot load the CA bundle {path!r}: {e}") from None
-
-
-def _certificate_refused(e: BaseException) -> bool:
-    """Whether a connection failed because the server's TLS certificate did not verify."""
-    cause: BaseException | None = e
-    for _ in range(8):  # httpx.ConnectError <- httpcore.ConnectError <- ssl.SSLCertVerificationError
-        if cause is None:
-            return False
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
 
 
 def _not_ready(resp: httpx.Response) -> bool:
@@ -158,7 +132,7 @@ class Http:
             try:
                 resp = send()
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                if _certificate_refused(e):  # permanent: retrying cannot help
+                if certificate_refused(e):  # permanent: retrying cannot help
                     raise TransportError(
                         f"{what}: the server's TLS certificate is not trusted: {e}; if the service uses a "
                         "private CA, pass verify=<CA bundle path> (STIP_CLIENT_VERIFY, --ca-bundle)"

@@ -43,7 +43,8 @@ from shared.errors import BadTensor
 from shared.permutation import permute, unpermute
 from shared.pooling import mean_pool
 from shared.pooling import normalize as l2_normalize
-from user_client._http import Http, tls_verify
+from shared.tls import tls_verify
+from user_client._http import Http
 from user_client.bundle import Bundle, BundleCache
 from user_client.errors import KeyOutdated, NotFound, SessionExpired, StipError, TransportError
 from user_client.sampling import Sampler, SamplingParams, TextAssembler
