@@ -3,20 +3,21 @@
 import asyncio
 import threading
 from contextlib import suppress
+from typing import Self
 
 
-class RecordingProxy:
-    """Forwards 127.0.0.1:<port> to the target and keeps every client-to-P2 byte stream."""
+class LoopbackProxy:
+    """A TCP proxy on 127.0.0.1:<port> in front of the target port, run in its own thread;
+    subclasses say what happens to a connection (`_handle`)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
-        self.streams: list[bytearray] = []  # one per connection, everything P2 received on it
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "RecordingProxy":
+    def __enter__(self) -> Self:
         self._thread.start()
         self._ready.wait(10)
         return self
@@ -25,10 +26,6 @@ class RecordingProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
-    @property
-    def received(self) -> bytes:
-        return b"".join(bytes(s) for s in self.streams)
-
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
@@ -36,6 +33,21 @@ class RecordingProxy:
         self._ready.set()
         self._loop.run_forever()
         server.close()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class RecordingProxy(LoopbackProxy):
+    """Forwards 127.0.0.1:<port> to the target and keeps every client-to-P2 byte stream."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.streams: list[bytearray] = []  # one per connection, everything P2 received on it
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(bytes(s) for s in self.streams)
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         record = bytearray()

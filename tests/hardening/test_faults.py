@@ -35,6 +35,7 @@ from developer_service.client import DeveloperAdminClient
 from shared.api import DeploymentStatus
 from tests.developer_service.conftest import LLAMA, TOKENIZER_FILES
 from tests.e2e.processes import CLOUD, DEVELOPER, free_port, start, stop, wait_ready
+from tests.e2e.proxy import LoopbackProxy
 from tests.support import max_abs_diff, randomize_parameters
 from user_client import StipClient
 from user_client._http import Http
@@ -71,26 +72,13 @@ class _Conn:
         self.answer_gate: Gate | None = None
 
 
-class FaultProxy:
+class FaultProxy(LoopbackProxy):
     """TCP proxy in front of P2 (127.0.0.1:<port> -> target) with one-shot gates."""
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
+        super().__init__(target_port)
         self._armed: Gate | None = None
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "FaultProxy":
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
 
     def arm(self, gate: Gate) -> Gate:
         with self._lock:
@@ -102,14 +90,6 @@ class FaultProxy:
             gate, self._armed = self._armed, None
         if gate is not None:
             gate.release()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
-        server.close()
 
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         try:
