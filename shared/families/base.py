@@ -179,6 +179,19 @@ LAYER_ROLES = (
 )  # fmt: skip
 
 
+# Attention named as transformers' Llama-style modules name it (our paper module borrows the names).
+PROJ_ATTENTION = {
+    "self_attn.q_proj.weight": "q.weight",
+    "self_attn.k_proj.weight": "k.weight",
+    "self_attn.v_proj.weight": "v.weight",
+    "self_attn.q_proj.bias": "q.bias",
+    "self_attn.k_proj.bias": "k.bias",
+    "self_attn.v_proj.bias": "v.bias",
+    "self_attn.o_proj.weight": "o.weight",
+    "self_attn.o_proj.bias": "o.bias",
+}
+
+
 def _role_spec(
     role: str, lk: LayerKey, dims: ModelDims, pi: torch.Tensor
 ) -> tuple[tuple[int, ...], torch.Tensor | None, torch.Tensor | None]:

@@ -11,6 +11,7 @@ from torch import nn
 from shared.errors import CheckpointError
 from shared.families.base import (
     HEAD,
+    PROJ_ATTENTION,
     CausalLMFamily,
     Config,
     Piece,
@@ -24,14 +25,7 @@ from shared.keys import DeveloperKey, ModelDims
 EMBED = "model.embed_tokens.weight"
 # layer tensor names (after `model.layers.{i}.`) -> their role in shared.families.base
 LAYER_TENSORS = {
-    "self_attn.q_proj.weight": "q.weight",
-    "self_attn.k_proj.weight": "k.weight",
-    "self_attn.v_proj.weight": "v.weight",
-    "self_attn.q_proj.bias": "q.bias",
-    "self_attn.k_proj.bias": "k.bias",
-    "self_attn.v_proj.bias": "v.bias",
-    "self_attn.o_proj.weight": "o.weight",
-    "self_attn.o_proj.bias": "o.bias",
+    **PROJ_ATTENTION,
     "mlp.gate_proj.weight": "ffn_in.weight",  # SwiGLU: gate and up share the hidden permutation
     "mlp.up_proj.weight": "ffn_in.weight",
     "mlp.gate_proj.bias": "ffn_in.bias",

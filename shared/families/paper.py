@@ -36,6 +36,7 @@ from torch import nn
 
 from shared.errors import BadTensor, CheckpointError
 from shared.families.base import (
+    PROJ_ATTENTION,
     CloudOutput,
     Config,
     Family,
@@ -51,14 +52,7 @@ EMBED = "embed_tokens.weight"
 POSITIONS = "embed_positions.weight"
 # layer tensor names (after `layers.{i}.`) -> their role in shared.families.base
 LAYER_TENSORS = {
-    "self_attn.q_proj.weight": "q.weight",
-    "self_attn.k_proj.weight": "k.weight",
-    "self_attn.v_proj.weight": "v.weight",
-    "self_attn.q_proj.bias": "q.bias",
-    "self_attn.k_proj.bias": "k.bias",
-    "self_attn.v_proj.bias": "v.bias",
-    "self_attn.o_proj.weight": "o.weight",
-    "self_attn.o_proj.bias": "o.bias",
+    **PROJ_ATTENTION,
     "attn_norm.weight": "norm",
     "attn_norm.bias": "norm",
     "fc1.weight": "ffn_in.weight",
