@@ -11,6 +11,7 @@ P3 mirrors it with a per-row offset of `-n_pad` (then `past_length - n_pad` when
 """
 
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -22,11 +23,13 @@ from shared.errors import CheckpointError
 from shared.families import get_family
 from shared.families.gpt2 import HEAD, WPE, WTE
 from shared.keys import DeveloperKey, draw_key
-from shared.permutation import permute, unpermute
 from shared.transform import transform_state_dict
 from tests.support import (
     TOL,
     assert_close,
+    decoder_greedy,
+    decoder_logits,
+    deploy_decoder,
     generate_positions,
     left_padded,
     max_abs_diff,
@@ -62,64 +65,11 @@ def original_model(config: transformers.GPT2Config, seed: int = 0) -> torch.nn.M
 def deploy(
     model: torch.nn.Module, key: DeveloperKey | None = None
 ) -> tuple[dict, DeveloperKey, torch.nn.Module, dict[str, torch.Tensor]]:
-    """P1 transforms, P2 loads θ′ into the stock class.
-
-    Returns (config, key, cloud model, user embedding module).
-    """
-    config = model.config.to_dict()
-    key = key or draw_key(FAMILY.dims(config))
-    cloud, user = transform_state_dict(FAMILY, model.state_dict(), key, config)
-    cloud_model = FAMILY.build_cloud_model(config).eval()
-    missing, unexpected = cloud_model.load_state_dict(cloud, strict=False)
-    assert unexpected == []
-    assert missing == [WTE]  # P2 never receives the token table ...
-    with torch.no_grad():  # ... and never uses its own: NaN would poison every output
-        cloud_model.get_input_embeddings().weight.fill_(float("nan"))
-    return config, key, cloud_model, user
+    return deploy_decoder(FAMILY, model, WTE, key)
 
 
-@torch.no_grad()
-def cloud_logits(
-    config: dict,
-    key: DeveloperKey,
-    cloud_model: torch.nn.Module,
-    user: dict[str, torch.Tensor],
-    ids: torch.Tensor,
-    mask: torch.Tensor | None,
-    cache: object = None,
-) -> tuple[torch.Tensor, object]:
-    """P3 embeds (at the positions its mask implies) and permutes, P2 runs θ′, P3 un-permutes."""
-    offset: int | torch.Tensor = 0
-    if mask is not None:  # mask (B, past + S): row b's real tokens so far start at position 0
-        offset = mask.shape[1] - ids.shape[1] - (mask == 0).sum(-1)
-    elif cache is not None:
-        offset = cache.get_seq_length()
-    x = FAMILY.embed(user, config, ids, position_offset=offset)  # (B, S, d)
-    out = FAMILY.cloud_forward(cloud_model, permute(x, key.pi), mask, cache)  # permuted by π_c
-    return unpermute(out.output, key.pi_c), out.cache
-
-
-@torch.no_grad()
-def cloud_greedy(
-    config: dict,
-    key: DeveloperKey,
-    cloud_model: torch.nn.Module,
-    user: dict[str, torch.Tensor],
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    n: int,
-) -> torch.Tensor:
-    """Greedy decoding on the user side, one row per step sent to P2, which keeps the cache."""
-    logits, cache = cloud_logits(config, key, cloud_model, user, ids, mask)
-    tokens = []
-    for step in range(n):
-        nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-        tokens.append(nxt)
-        if step == n - 1:
-            break
-        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        logits, cache = cloud_logits(config, key, cloud_model, user, nxt, mask, cache)
-    return torch.cat([ids, *tokens], dim=1)
+cloud_logits = partial(decoder_logits, FAMILY)
+cloud_greedy = partial(decoder_greedy, FAMILY)
 
 
 # --- equivalence with the stock class ----------------------------------------------------

@@ -7,6 +7,7 @@ embeds locally, sends x·π and un-permutes the logits with π_c.
 """
 
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -18,11 +19,13 @@ from shared.errors import CheckpointError
 from shared.families import get_family
 from shared.families.llama import EMBED, HEAD
 from shared.keys import DeveloperKey, draw_key
-from shared.permutation import permute, unpermute
 from shared.transform import transform_state_dict
 from tests.support import (
     TOL,
     assert_close,
+    decoder_greedy,
+    decoder_logits,
+    deploy_decoder,
     generate_positions,
     left_padded,
     max_abs_diff,
@@ -69,62 +72,11 @@ def original_model(config: transformers.PretrainedConfig, seed: int = 0) -> torc
 def deploy(
     model: torch.nn.Module, key: DeveloperKey | None = None
 ) -> tuple[dict, DeveloperKey, torch.nn.Module, dict[str, torch.Tensor]]:
-    """P1 transforms, P2 loads θ′ into the stock class.
-
-    Returns (config, key, cloud model, user embedding module).
-    """
-    config = model.config.to_dict()
-    key = key or draw_key(FAMILY.dims(config))
-    cloud, user = transform_state_dict(FAMILY, model.state_dict(), key, config)
-    cloud_model = FAMILY.build_cloud_model(config).eval()
-    missing, unexpected = cloud_model.load_state_dict(cloud, strict=False)
-    assert unexpected == []
-    assert missing == [EMBED]  # P2 never receives the embedding table ...
-    with torch.no_grad():  # ... and never uses its own: NaN would poison every output
-        cloud_model.get_input_embeddings().weight.fill_(float("nan"))
-    return config, key, cloud_model, user
+    return deploy_decoder(FAMILY, model, EMBED, key)
 
 
-@torch.no_grad()
-def cloud_logits(
-    config: dict,
-    key: DeveloperKey,
-    cloud_model: torch.nn.Module,
-    user: dict[str, torch.Tensor],
-    ids: torch.Tensor,
-    mask: torch.Tensor | None,
-    cache: object = None,
-    last_only: bool = False,
-) -> tuple[torch.Tensor, object]:
-    """P3 embeds and permutes, P2 runs θ′, P3 un-permutes: plaintext logits (B, S or 1, V)."""
-    x = FAMILY.embed(user, config, ids)  # (B, S, d)
-    out = FAMILY.cloud_forward(cloud_model, permute(x, key.pi), mask, cache, last_only)  # permuted by π_c
-    return unpermute(out.output, key.pi_c), out.cache
-
-
-@torch.no_grad()
-def cloud_greedy(
-    config: dict,
-    key: DeveloperKey,
-    cloud_model: torch.nn.Module,
-    user: dict[str, torch.Tensor],
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    n: int,
-) -> torch.Tensor:
-    """Greedy decoding on the user side, one row per step sent to P2, which keeps the cache and
-    computes the head on the last position only (as it serves output=last)."""
-    logits, cache = cloud_logits(config, key, cloud_model, user, ids, mask, last_only=True)
-    tokens = []
-    for step in range(n):
-        assert logits.shape[1] == 1
-        nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-        tokens.append(nxt)
-        if step == n - 1:
-            break
-        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        logits, cache = cloud_logits(config, key, cloud_model, user, nxt, mask, cache, last_only=True)
-    return torch.cat([ids, *tokens], dim=1)
+cloud_logits = partial(decoder_logits, FAMILY)
+cloud_greedy = partial(decoder_greedy, FAMILY)
 
 
 # --- equivalence with the stock classes --------------------------------------------------
