@@ -11,13 +11,12 @@ from fastapi.testclient import TestClient
 from shared.checkpoint import transform_model_dir
 from shared.credentials import Signer
 from tests.cloud_service.helpers import CONFIG, DEPLOYMENT, Deployed, push, serve
-from tests.support import randomize_parameters
+from tests.support import random_causal_lm
 
 
 @pytest.fixture(scope="session")
 def original() -> transformers.PreTrainedModel:
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**CONFIG))
-    randomize_parameters(model, seed=1)
+    model = random_causal_lm(CONFIG, seed=1)
     return model
 
 

@@ -30,23 +30,13 @@ from shared.api import (
 from shared.checkpoint import TransformResult
 from shared.credentials import Signer
 from shared.permutation import permute
+from tests.support import TINY_LLAMA
 
 Reply = Any  # the TestClient's response (httpx's interface)
 PUSH_TOKEN = "push-token-for-tests-0123456789"
 DEPLOYMENT = "dep-llama"
-D, V = 32, 61  # model width, vocabulary
-CONFIG: dict[str, Any] = dict(
-    model_type="llama",
-    architectures=["LlamaForCausalLM"],
-    hidden_size=D,
-    intermediate_size=48,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_hidden_layers=2,
-    vocab_size=V,
-    tie_word_embeddings=False,
-    max_position_embeddings=24,
-)
+CONFIG: dict[str, Any] = dict(TINY_LLAMA, max_position_embeddings=24)
+D, V = CONFIG["hidden_size"], CONFIG["vocab_size"]  # model width, vocabulary
 
 
 @dataclass

@@ -17,27 +17,15 @@ from shared.families import get_family
 from shared.keys import DeveloperKey, UserKey
 from shared.permutation import permute, unpermute
 from shared.runtime import load_cloud_model
-from tests.support import randomize_parameters
+from tests.support import TINY_LLAMA, random_causal_lm, randomize_parameters
 
-CONFIG = dict(
-    model_type="llama",
-    architectures=["LlamaForCausalLM"],
-    hidden_size=32,
-    intermediate_size=48,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_hidden_layers=3,
-    vocab_size=61,
-    tie_word_embeddings=True,
-    max_position_embeddings=64,
-)
+CONFIG = dict(TINY_LLAMA, num_hidden_layers=3, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
     path = tmp_path_factory.mktemp("model")
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**CONFIG))
-    randomize_parameters(model)
+    model = random_causal_lm(CONFIG)
     model.save_pretrained(path, max_shard_size="20KB")  # several input shards + an index
     (path / "tokenizer_config.json").write_text("{}")
     (path / "README.md").write_text("not copied")

@@ -13,40 +13,27 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import transformers
 from fastapi.testclient import TestClient
 
 from developer_service.app import create_app
 from developer_service.settings import DeveloperSettings
 from shared import api
 from shared.wire import decode
-from tests.support import randomize_parameters
+from tests.support import TINY_LLAMA, random_causal_lm
 from user_client.demo import copy_tokenizer
 
 ADMIN = "admin-token-for-tests-0123456789"
 PUSH = "push-token-for-tests-0123456789"
 CLOUD_URL = "http://cloud.test:8002"
 
-LLAMA = dict(
-    model_type="llama",
-    architectures=["LlamaForCausalLM"],
-    hidden_size=32,
-    intermediate_size=48,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_hidden_layers=2,
-    vocab_size=61,
-    tie_word_embeddings=False,
-    max_position_embeddings=64,
-)
+LLAMA = TINY_LLAMA
 
 
 @pytest.fixture(scope="session")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
     """A random tiny LlamaForCausalLM saved as a Hugging Face directory, with tokenizer files."""
     path = tmp_path_factory.mktemp("llama")
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**LLAMA))
-    randomize_parameters(model, seed=1)
+    model = random_causal_lm(LLAMA, seed=1)
     model.save_pretrained(path)
     copy_tokenizer(path)
     return path, model

@@ -18,7 +18,7 @@ from shared.checkpoint import transform_model_dir
 from shared.credentials import Signer
 from shared.permutation import permute, unpermute
 from tests.cloud_service.helpers import CONFIG, DEPLOYMENT, Deployed
-from tests.support import randomize_parameters
+from tests.support import random_causal_lm
 from user_client.demo import copy_tokenizer
 
 OTHER_DEPLOYMENT = "dep-other"  # a second deployment on P2, signed by another P1 key
@@ -57,8 +57,7 @@ class CloudModel:
 
 
 def build_cloud_model(root: Path) -> CloudModel:
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**CONFIG))
-    randomize_parameters(model, seed=1)
+    model = random_causal_lm(CONFIG, seed=1)
     model.save_pretrained(root / "llama")
     result = transform_model_dir(root / "llama", root / "v1", key_version=1, progress=False)
     return CloudModel(model, Deployed(result, 1), Signer.generate(), Signer.generate())
@@ -67,8 +66,7 @@ def build_cloud_model(root: Path) -> CloudModel:
 def developer_model_dir(root: Path) -> Path:
     """A random tiny LlamaForCausalLM directory with tokenizer files, as P1 registers it."""
     path = root / "llama-p1"
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**CONFIG))
-    randomize_parameters(model, seed=2)
+    model = random_causal_lm(CONFIG, seed=2)
     model.save_pretrained(path)
     copy_tokenizer(path)
     return path

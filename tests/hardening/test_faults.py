@@ -34,7 +34,7 @@ from shared.api import DeploymentStatus
 from tests.developer_service.conftest import LLAMA
 from tests.e2e.processes import CLOUD, DEVELOPER, free_port, start, stop, wait_ready
 from tests.e2e.proxy import LoopbackProxy
-from tests.support import max_abs_diff, randomize_parameters
+from tests.support import max_abs_diff, random_causal_lm
 from user_client import StipClient
 from user_client._http import Http
 from user_client.demo import copy_tokenizer
@@ -286,9 +286,7 @@ class Cluster:
 
 def _model_dir(root: Path) -> tuple[Path, transformers.PreTrainedModel]:
     path = root / "llama"
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**LLAMA))
-    randomize_parameters(model, seed=5)
-    model.eval()
+    model = random_causal_lm(LLAMA, seed=5)
     model.save_pretrained(path)
     copy_tokenizer(path)
     return path, model

@@ -55,7 +55,7 @@ from shared.checkpoint import transform_model_dir
 from shared.credentials import Signer
 from shared.permutation import permute, unpermute
 from tests.cloud_service.helpers import CONFIG, DEPLOYMENT, PUSH_TOKEN, Deployed, settings_for
-from tests.support import max_abs_diff, randomize_parameters
+from tests.support import max_abs_diff, random_causal_lm
 
 TOL = 1e-4
 SEED = 20231763
@@ -108,9 +108,7 @@ class Versions:
 @pytest.fixture(scope="module")
 def m(tmp_path_factory: pytest.TempPathFactory) -> Versions:
     work = tmp_path_factory.mktemp("push-integrity")
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**CONFIG))
-    randomize_parameters(model, seed=3)
-    model.eval()
+    model = random_causal_lm(CONFIG, seed=3)
     model.save_pretrained(work / "llama")
     # small shards for v1: its body concatenates several files
     r1 = transform_model_dir(work / "llama", work / "v1", key_version=1, shard_bytes=20_000, progress=False)

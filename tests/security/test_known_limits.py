@@ -12,7 +12,7 @@ from shared.families import get_family
 from shared.keys import draw_key
 from shared.permutation import permute
 from shared.transform import transform_state_dict
-from tests.support import randomize_parameters
+from tests.support import TINY_LLAMA, random_causal_lm
 from user_client.demo import minilm_path
 
 
@@ -36,22 +36,11 @@ def test_public_embedding_table_reveals_tokens_from_x_pi() -> None:
 def test_tied_head_maps_inputs_to_permuted_vocabulary_indices() -> None:
     """With a tied head P2 holds πᵀ E π_c; each input row x·π equals one of its rows exactly,
     which gives P2 the π_c-index of every input token: a substitution cipher on the tokens."""
-    import transformers
 
     config = dict(
-        model_type="llama",
-        architectures=["LlamaForCausalLM"],
-        hidden_size=32,
-        intermediate_size=48,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=1,
-        vocab_size=200,
-        tie_word_embeddings=True,
+        TINY_LLAMA, num_hidden_layers=1, vocab_size=200, tie_word_embeddings=True, max_position_embeddings=2048
     )
-    model = randomize_parameters(
-        transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
-    )
+    model = random_causal_lm(config)
     family = get_family("llama")
     key = draw_key(family.dims(config))
     cloud, user = transform_state_dict(family, model.state_dict(), key, config)
