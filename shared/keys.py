@@ -38,6 +38,11 @@ class ModelDims:
     # Encoders return the residual stream itself (d_out == d_model), so the output
     # permutation is π: draw_key sets π_c = π. Defaulted so older key files still load.
     encoder: bool = False
+    # Mixture-of-experts layers (0: none): experts per layer, each expert's hidden width, and
+    # the width of an always-on shared expert (Qwen2-MoE; 0: none).
+    n_experts: int = 0
+    d_expert: int = 0
+    d_shared: int = 0
 
     @property
     def group_size(self) -> int:
@@ -65,6 +70,12 @@ class LayerKey:
     qk: torch.Tensor | None  # (n_kv_heads, head_dim) within-head Q/K dims, per transformed KV head; None with RoPE
     v: torch.Tensor  # (n_kv_heads, head_dim) within-head V dims, per transformed KV head
     ffn: torch.Tensor  # (d_ff,) feed-forward hidden units (SwiGLU gate and up share it)
+    # Mixture of experts (None without): transformed expert j is original expert `experts[j]`
+    # (router rows and expert order together); each expert's hidden units, per ORIGINAL expert
+    # (gate and up share them, mirrored in down); the shared expert's hidden units.
+    experts: torch.Tensor | None = None  # (n_experts,)
+    expert_ffn: torch.Tensor | None = None  # (n_experts, d_expert), row e for original expert e
+    shared_ffn: torch.Tensor | None = None  # (d_shared,)
 
     def q_rows(self, dims: ModelDims) -> torch.Tensor:
         """Row index of the transformed Q projection ((n_heads*head_dim,) into the original rows)."""
@@ -90,6 +101,9 @@ class LayerKey:
         return p
 
 
+LAYER_TENSORS = ("kv_head", "head", "qk", "v", "ffn", "experts", "expert_ffn", "shared_ffn")  # in key files
+
+
 def _draw_layer(dims: ModelDims) -> LayerKey:
     g = dims.group_size
     kv_head = random_permutation(dims.n_kv_heads)
@@ -98,7 +112,13 @@ def _draw_layer(dims: ModelDims) -> LayerKey:
     if not dims.rope:
         qk = torch.stack([random_permutation(dims.head_dim) for _ in range(dims.n_kv_heads)])
     v = torch.stack([random_permutation(dims.head_dim) for _ in range(dims.n_kv_heads)])
-    return LayerKey(kv_head=kv_head, head=head, qk=qk, v=v, ffn=random_permutation(dims.d_ff))
+    moe: dict[str, torch.Tensor] = {}
+    if dims.n_experts:
+        moe["experts"] = random_permutation(dims.n_experts)
+        moe["expert_ffn"] = torch.stack([random_permutation(dims.d_expert) for _ in range(dims.n_experts)])
+    if dims.d_shared:
+        moe["shared_ffn"] = random_permutation(dims.d_shared)
+    return LayerKey(kv_head=kv_head, head=head, qk=qk, v=v, ffn=random_permutation(dims.d_ff), **moe)
 
 
 @dataclass(frozen=True)
@@ -179,7 +199,7 @@ class DeveloperKey:
     def save(self, path: str | Path) -> None:
         tensors = {"pi": self.pi, "pi_c": self.pi_c}
         for i, layer in enumerate(self.layers):
-            for name in ("kv_head", "head", "qk", "v", "ffn"):
+            for name in LAYER_TENSORS:
                 t = getattr(layer, name)
                 if t is not None:
                     tensors[f"layers.{i}.{name}"] = t
@@ -199,6 +219,9 @@ class DeveloperKey:
                     qk=tensors.get(f"layers.{i}.qk"),
                     v=tensors[f"layers.{i}.v"],
                     ffn=tensors[f"layers.{i}.ffn"],
+                    experts=tensors.get(f"layers.{i}.experts"),
+                    expert_ffn=tensors.get(f"layers.{i}.expert_ffn"),
+                    shared_ffn=tensors.get(f"layers.{i}.shared_ffn"),
                 )
                 for i in range(dims.n_layers)
             )

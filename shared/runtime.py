@@ -69,6 +69,7 @@ def load_cloud_model(
         with safe_open(str(path), "pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118
                 state[name] = f.get_tensor(name).to(dev, torch_dtype)
+    state = fam.module_state(state, config)
     expected = dict(model.state_dict(keep_vars=True))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(n for n in state if n in expected and tuple(expected[n].shape) != tuple(state[n].shape))
@@ -121,6 +122,8 @@ def _is_placeholder(name: str) -> bool:
             "embeddings.LayerNorm",
             "tok_emb",
             "pos_emb",
+            "embeddings.cls_token",
+            "patch_embeddings",
         )
     )
 

@@ -5,9 +5,13 @@ from shared.families.base import CloudOutput, Config, Family, Piece
 from shared.families.bert import BertFamily
 from shared.families.gpt2 import GPT2Family
 from shared.families.llama import LlamaFamily
+from shared.families.moe import MixtralFamily, Qwen2MoeFamily
 from shared.families.paper import PaperFamily
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2Family(), LlamaFamily(), BertFamily(), PaperFamily())}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (GPT2Family(), LlamaFamily(), MixtralFamily(), Qwen2MoeFamily(), BertFamily(), PaperFamily())
+}
 
 
 def get_family(name: str) -> Family:

@@ -89,6 +89,12 @@ class Family(ABC):
         """The config.json the cloud receives (e.g. with the head untied)."""
         return dict(config)
 
+    def module_state(self, state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
+        """θ′ in the checkpoint's layout -> the stock module's `state_dict` layout, as the installed
+        transformers converts a checkpoint in `from_pretrained` (fused experts, renamed modules).
+        θ′ on disk keeps the checkpoint layout; P2's loader assigns this one."""
+        return state
+
     @abstractmethod
     def embedding_names(self, config: Config) -> tuple[str, ...]:
         """Canonical names of the embedding module's tensors, as stored in the user bundle."""
