@@ -7,10 +7,20 @@ from shared.families.gpt2 import GPT2Family
 from shared.families.llama import LlamaFamily
 from shared.families.moe import MixtralFamily, Qwen2MoeFamily
 from shared.families.paper import PaperFamily
+from shared.families.vit import ViTClassifierFamily, ViTEncoderFamily
 
 FAMILIES: dict[str, Family] = {
     f.name: f
-    for f in (GPT2Family(), LlamaFamily(), MixtralFamily(), Qwen2MoeFamily(), BertFamily(), PaperFamily())
+    for f in (
+        GPT2Family(),
+        LlamaFamily(),
+        MixtralFamily(),
+        Qwen2MoeFamily(),
+        BertFamily(),
+        ViTClassifierFamily(),
+        ViTEncoderFamily(),
+        PaperFamily(),
+    )
 }
 
 
