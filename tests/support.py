@@ -35,6 +35,15 @@ def random_causal_lm(config: dict[str, Any], seed: int = 0) -> nn.Module:
     return randomize_parameters(model, seed=seed)
 
 
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors as `save_pretrained` writes them: transformers' load-time conversion reverted
+    (per-expert MoE tensors, ViT's `encoder.layer.*` names). The same as `state_dict()` for the
+    families without a conversion (Llama, GPT-2, BERT)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return dict(revert_weight_conversion(model, model.state_dict()))
+
+
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
@@ -75,7 +84,8 @@ def nonidentity(n: int) -> torch.Tensor:
 def nonidentity_key(dims: ModelDims) -> DeveloperKey:
     """A valid key where every permutation, inner ones included, moves something.
 
-    GQA groups are respected; the within-head Q/K permutation exists only without RoPE.
+    GQA groups are respected; the within-head Q/K permutation exists only without RoPE; MoE
+    layers get their expert and per-expert permutations.
     """
     g = dims.group_size
     layers = []
@@ -89,7 +99,13 @@ def nonidentity_key(dims: ModelDims) -> DeveloperKey:
         )
         qk = None if dims.rope else torch.stack([nonidentity(dims.head_dim) for _ in range(dims.n_kv_heads)])
         v = torch.stack([nonidentity(dims.head_dim) for _ in range(dims.n_kv_heads)])
-        layers.append(LayerKey(kv_head=kv_head, head=head, qk=qk, v=v, ffn=nonidentity(dims.d_ff)))
+        moe: dict[str, torch.Tensor] = {}
+        if dims.n_experts:  # mixture of experts: the experts' order and each expert's hidden units
+            moe["experts"] = nonidentity(dims.n_experts)
+            moe["expert_ffn"] = torch.stack([nonidentity(dims.d_expert) for _ in range(dims.n_experts)])
+        if dims.d_shared:
+            moe["shared_ffn"] = nonidentity(dims.d_shared)
+        layers.append(LayerKey(kv_head=kv_head, head=head, qk=qk, v=v, ffn=nonidentity(dims.d_ff), **moe))
     key = draw_key(dims)
     user = replace(key.user, pi=nonidentity(dims.d_model), pi_c=nonidentity(dims.d_out))
     return DeveloperKey(user=user, dims=dims, layers=tuple(layers))
@@ -105,9 +121,9 @@ def deploy_decoder(
     embedding module); `embed_name` is the token table's name, the one tensor P2 must lack."""
     config = model.config.to_dict()
     key = key or draw_key(family.dims(config))
-    cloud, user = transform_state_dict(family, model.state_dict(), key, config)
+    cloud, user = transform_state_dict(family, checkpoint_state(model), key, config)
     cloud_model = family.build_cloud_model(config).eval()
-    missing, unexpected = cloud_model.load_state_dict(cloud, strict=False)
+    missing, unexpected = cloud_model.load_state_dict(family.module_state(cloud, config), strict=False)
     assert unexpected == []
     assert missing == [embed_name]  # P2 never receives the token table ...
     with torch.no_grad():  # ... and never uses its own: NaN would poison every output
