@@ -5,6 +5,7 @@
     with StipClient("https://developer.example", deployment_id="dep-1", credential=token) as c:
         c.generate("Once upon a time", max_new_tokens=32)
         c.embed(["a sentence", "another"])
+        c.classify(["cat.jpg"])           # ViT: [[Classification(label, index, score), ...]]
 
 The client fetches and caches the user bundle from P1 (π, π_c, the embedding module, the
 tokenizer), embeds and permutes locally, sends only x·π to P2, un-permutes what comes back and
@@ -25,6 +26,7 @@ from user_client.errors import (
     StipError,
     TransportError,
 )
+from user_client.images import Classification, ImageEmbedding
 from user_client.sampling import SamplingParams
 from user_client.settings import ClientSettings
 
@@ -34,7 +36,9 @@ __all__ = [
     "Bundle",
     "BundleCache",
     "BundleError",
+    "Classification",
     "ClientSettings",
+    "ImageEmbedding",
     "KeyOutdated",
     "NotFound",
     "RateLimited",

@@ -2,6 +2,7 @@
 
     stip generate "Once upon a time" --max-new-tokens 32 [--stream] [--temperature 0.8 --seed 1]
     stip embed "a sentence" "another"          # one JSON array per line
+    stip classify cat.jpg dog.png --top-k 3     # ViT: one JSON object per image
     stip demo ...                               # the three-party demo (user_client.demo)
 
 Connection options fall back to the STIP_CLIENT_* environment variables (DEVELOPER_URL,
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
     emb.add_argument("--batch-size", type=int, default=32)
     _connection_options(emb)
+
+    cls = sub.add_parser("classify", help="classify images (ViT deployments), one JSON object per image")
+    cls.add_argument("images", nargs="+", metavar="IMAGE")
+    cls.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    cls.add_argument("--batch-size", type=int, default=32)
+    _connection_options(cls)
 
     sub.add_parser("demo", help="run the three-party demo (options: stip demo --help)", add_help=False)
     return parser
@@ -116,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             _generate(args)
+        elif args.command == "classify":
+            from user_client.images import classify_command  # lazily: PIL and the image processor
+
+            classify_command(_client(args), args.images, top_k=args.top_k, batch_size=args.batch_size)
         else:
             _embed(args)
     except ValueError as e:  # missing settings, bad sampling options

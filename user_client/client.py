@@ -44,6 +44,7 @@ from shared.permutation import permute, unpermute
 from shared.pooling import mean_pool
 from shared.pooling import normalize as l2_normalize
 from shared.tls import tls_verify
+from user_client import images as images_
 from user_client._http import Http
 from user_client.bundle import Bundle, BundleCache
 from user_client.errors import KeyOutdated, NotFound, SessionExpired, StipError, TransportError
@@ -804,6 +805,79 @@ class StipClient:
             chunks.append(_pool(hidden, mask, pooling.mode))
         out = torch.cat(chunks)
         return l2_normalize(out) if normalize else out
+
+    # --- images (ViT deployments) ---------------------------------------------------------------
+
+    def _image_batches(
+        self, images: images_.Images, batch_size: int, call: Callable[[Bundle, torch.Tensor], T]
+    ) -> list[T]:
+        """Preprocess here, batch by batch, and run `call(bundle, pixels)` on each (n, C, H, W)."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        bundle = self.bundle
+        if not hasattr(bundle.family, "embed_images"):
+            raise ValueError(f"images need a ViT deployment; {bundle.family.name} takes token ids")
+        items = images_.as_list(images)
+        if not items:
+            raise ValueError("no images given")
+        out = []
+        for start in range(0, len(items), batch_size):
+            pixels = images_.pixel_values(bundle, items[start : start + batch_size])
+            out.append(self._stateless(partial(call, pixels=pixels)))
+        return out
+
+    def _post_images(self, bundle: Bundle, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pixels (n, C, H, W) -> x (n, 1 + N, d) with the bundle's embedding module -> P2 gets x·π."""
+        try:
+            x = bundle.family.embed_images(bundle.embedding, bundle.config, pixels)  # type: ignore[attr-defined]
+        except BadTensor as e:
+            raise ValueError(str(e)) from None
+        return self._post_forward(bundle, permute(x, bundle.key.pi), None, session=None, output="all")
+
+    def _class_logits(self, bundle: Bundle, pixels: torch.Tensor) -> torch.Tensor:
+        if bundle.is_encoder:
+            raise ValueError(f"classify needs a ViTForImageClassification; {bundle.family.name} has no classifier")
+        out = self._post_images(bundle, pixels)
+        logits = self._expect(out, api.LOGITS, (pixels.shape[0], 1, bundle.vocab_size))  # permuted by π_c
+        return unpermute(logits[:, 0].float(), bundle.key.pi_c)  # (n, C)
+
+    def _image_embedding(self, bundle: Bundle, pixels: torch.Tensor) -> images_.ImageEmbedding:
+        if not bundle.is_encoder:
+            raise ValueError(f"embed_images needs a ViTModel deployment; {bundle.family.name} is a classifier")
+        out = self._post_images(bundle, pixels)
+        n, d = pixels.shape[0], int(bundle.key.pi.numel())
+        hidden = unpermute(self._expect(out, api.HIDDEN_STATES, (n, None, d)).float(), bundle.key.pi)
+        pooled = out.get(api.POOLED)
+        if pooled is not None:
+            pooled = unpermute(self._expect(out, api.POOLED, (n, d)).float(), bundle.key.pi)
+        return images_.ImageEmbedding(hidden, pooled)
+
+    def image_logits(self, images: images_.Images, *, batch_size: int = 32) -> torch.Tensor:
+        """Plaintext class logits (n, C) of a ViT classifier deployment, in id2label's order.
+
+        `images`: paths, PIL images, numpy arrays or tensors, one or a list. The bundle's image
+        processor runs here; P2 receives x·π only, and returns logits permuted by π_c."""
+        return torch.cat(self._image_batches(images, batch_size, self._class_logits))
+
+    def classify(
+        self, images: images_.Images, *, top_k: int | None = 5, batch_size: int = 32
+    ) -> list[list[images_.Classification]]:
+        """Per image, its `top_k` classes (None: all), best first: (label, index, score), the
+        scores as transformers' image-classification pipeline computes them (softmax, or
+        sigmoid for multi-label models)."""
+        if top_k is not None and top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        logits = self.image_logits(images, batch_size=batch_size)
+        return images_.top_classes(self.bundle, logits, top_k)
+
+    def embed_images(self, images: images_.Images, *, batch_size: int = 32) -> images_.ImageEmbedding:
+        """A ViTModel deployment's plaintext hidden states (n, 1 + N, d) and pooled output (n, d)."""
+        parts = self._image_batches(images, batch_size, self._image_embedding)
+        pooled = [p.pooled for p in parts]
+        return images_.ImageEmbedding(
+            torch.cat([p.hidden_states for p in parts]),
+            None if any(p is None for p in pooled) else torch.cat(pooled),  # type: ignore[arg-type]
+        )
 
 
 def _pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

@@ -71,7 +71,9 @@ class _MoEFamily(LlamaFamily):
         """A sparse block's tensor, `rest` named inside the block: [(cloud name inside it, θ′ tensor)]."""
         dims, lk, pi = key.dims, key.layers[i], key.pi
         if lk.experts is None or lk.expert_ffn is None:
-            raise CheckpointError(f"the key has no expert permutations for layer {i}: draw it for the {self.name} family")
+            raise CheckpointError(
+                f"the key has no expert permutations for layer {i}: draw it for the {self.name} family"
+            )
         down = self.expert_names[2]
         if rest == "gate.weight":  # the router (E, d): rows by σ, columns by π
             expect_shape(name, tensor, (dims.n_experts, dims.d_model))

@@ -145,13 +145,17 @@ class _ViTFamily(Family):
     ) -> torch.Tensor:
         raise BadTensor(f"a {self.name} model embeds images, not token ids: use embed_images")
 
-    def embed_images(self, embedding: dict[str, torch.Tensor], config: Config, pixel_values: torch.Tensor) -> torch.Tensor:
+    def embed_images(
+        self, embedding: dict[str, torch.Tensor], config: Config, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
         """User side, exactly `ViTEmbeddings` in eval mode: pixels (B, C, H, W), as the image
         processor returns them -> x (B, 1 + N, d), not yet permuted."""
         size = _pair(config_get(config, "image_size"))
         channels = int(config_get(config, "num_channels", default=3))
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (channels, *size):
-            raise BadTensor(f"pixel values must be (B, {channels}, {size[0]}, {size[1]}), got {tuple(pixel_values.shape)}")
+            raise BadTensor(
+                f"pixel values must be (B, {channels}, {size[0]}, {size[1]}), got {tuple(pixel_values.shape)}"
+            )
         w = embedding[PATCH_W]
         pixels = pixel_values.to(w.dtype)
         patches = nn.functional.conv2d(pixels, w, embedding[PATCH_B], stride=tuple(w.shape[2:]))  # (B, d, h, w)

@@ -32,7 +32,9 @@ from tests.cloud_service.helpers import DEPLOYMENT, Deployed, assert_error, deco
 from tests.support import assert_close, max_abs_diff, randomize_parameters
 
 MOE = dict(vocab_size=53, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=16, patch_size=4)
+VIT = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=16, patch_size=4
+)
 MODELS = {
     "mixtral": lambda: transformers.MixtralForCausalLM(
         transformers.MixtralConfig(**MOE, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)

@@ -76,7 +76,10 @@ def original_model(config: transformers.PretrainedConfig, seed: int = 0) -> torc
 
 VARIANTS = {
     "mixtral-top2": ("mixtral", {}),
-    "mixtral-top1-mqa-tied": ("mixtral", {"num_experts_per_tok": 1, "num_key_value_heads": 1, "tie_word_embeddings": True}),
+    "mixtral-top1-mqa-tied": (
+        "mixtral",
+        {"num_experts_per_tok": 1, "num_key_value_heads": 1, "tie_word_embeddings": True},
+    ),
     "mixtral-top3-of-5": ("mixtral", {"num_local_experts": 5, "num_experts_per_tok": 3, "head_dim": 12}),
     "qwen2_moe": ("qwen2_moe", {}),
     "qwen2_moe-normtopk-dense": (
@@ -185,9 +188,7 @@ def test_routing_is_identical_token_by_token(variant: str) -> None:
     sparse = [i for i in range(config["num_hidden_layers"]) if family.is_sparse(config, i)]  # type: ignore[attr-defined]
     assert len(ref) == len(got) == len(sparse) > 0
     k = config["num_experts_per_tok"]
-    for layer, (r_logits, r_weights, r_experts), (g_logits, g_weights, g_experts) in zip(
-        sparse, ref, got, strict=True
-    ):
+    for layer, (r_logits, r_weights, r_experts), (g_logits, g_weights, g_experts) in zip(sparse, ref, got, strict=True):
         sigma = key.layers[layer].experts  # transformed expert j is original expert sigma[j]
         assert sigma is not None and not torch.equal(sigma, torch.arange(sigma.numel()))
         probs = r_logits.softmax(-1).sort(-1, descending=True).values
@@ -362,4 +363,3 @@ def test_property_any_dims(
     got, _ = logits(model, cfg, key, cloud_model, user, ids, mask)
     real = mask.bool()
     assert max_abs_diff(ref[real], got[real]) <= TOL
-

@@ -233,7 +233,11 @@ def test_bad_checkpoints_are_refused_by_name() -> None:
         transform_state_dict(CLASSIFIER, dict(state, **{q: state[q][:-1]}), key, config)
     with pytest.raises(CheckpointError, match="position_embeddings"):
         CLASSIFIER.transform("vit.embeddings.position_embeddings", torch.zeros(1, 5, 32), key, config)
-    for name in ("vit.layers.0.attention.q_proj.weight", "vit.encoder.layer.2.output.dense.bias", "pooler.dense.weight"):
+    for name in (
+        "vit.layers.0.attention.q_proj.weight",
+        "vit.encoder.layer.2.output.dense.bias",
+        "pooler.dense.weight",
+    ):
         with pytest.raises(CheckpointError, match="unexpected"):
             CLASSIFIER.transform(name, torch.zeros(32), key, config)
     no_embedding = {n: t for n, t in state.items() if "cls_token" not in n}
