@@ -229,6 +229,10 @@ class DeveloperKey:
             raise KeyFormatError(f"{path}: developer key lacks or garbles {e}") from None
         if meta.get("fingerprint") != user.fingerprint:
             raise KeyFormatError(f"{path}: fingerprint does not match its permutations")
+        for i, lk in enumerate(layers):
+            experts_missing = bool(dims.n_experts) and (lk.experts is None or lk.expert_ffn is None)
+            if experts_missing or (bool(dims.d_shared) and lk.shared_ffn is None):
+                raise KeyFormatError(f"{path}: layer {i} lacks its expert permutations")
         return cls(user=user, dims=dims, layers=layers)
 
 

@@ -5,7 +5,7 @@
     with StipClient("https://developer.example", deployment_id="dep-1", credential=token) as c:
         c.generate("Once upon a time", max_new_tokens=32)
         c.embed(["a sentence", "another"])
-        c.classify(["cat.jpg"])           # ViT: [[Classification(label, index, score), ...]]
+        c.classify(["cat.jpg"])           # ViT: [[Classification(label, score, class_id), ...]]
 
 The client fetches and caches the user bundle from P1 (π, π_c, the embedding module, the
 tokenizer), embeds and permutes locally, sends only x·π to P2, un-permutes what comes back and

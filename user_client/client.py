@@ -823,7 +823,7 @@ class StipClient:
         out = []
         for start in range(0, len(items), batch_size):
             pixels = images_.pixel_values(bundle, items[start : start + batch_size])
-            out.append(self._stateless(partial(call, pixels=pixels)))
+            out.append(self._stateless(lambda b, px=pixels: call(b, px)))  # type: ignore[misc]
         return out
 
     def _post_images(self, bundle: Bundle, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -862,7 +862,7 @@ class StipClient:
     def classify(
         self, images: images_.Images, *, top_k: int | None = 5, batch_size: int = 32
     ) -> list[list[images_.Classification]]:
-        """Per image, its `top_k` classes (None: all), best first: (label, index, score), the
+        """Per image, its `top_k` classes (None: all), best first: (label, score, class_id), the
         scores as transformers' image-classification pipeline computes them (softmax, or
         sigmoid for multi-label models)."""
         if top_k is not None and top_k < 1:

@@ -27,11 +27,11 @@ Images = ImageInput | Sequence[ImageInput]
 
 
 class Classification(NamedTuple):
-    """One class of one image: its name (from the bundle's id2label), index and score."""
+    """One class of one image: its name (from the bundle's id2label), its score and its id."""
 
     label: str
-    index: int
     score: float
+    class_id: int
 
 
 class ImageEmbedding(NamedTuple):
@@ -96,13 +96,13 @@ def top_classes(bundle: Bundle, logits: torch.Tensor, top_k: int | None) -> list
     k = s.shape[-1] if top_k is None else min(top_k, s.shape[-1])
     values, indices = torch.topk(s, k, dim=-1)
     return [
-        [Classification(str(names.get(str(i), f"LABEL_{i}")), i, float(v)) for v, i in zip(vs, idx, strict=True)]
+        [Classification(str(names.get(str(i), f"LABEL_{i}")), float(v), i) for v, i in zip(vs, idx, strict=True)]
         for vs, idx in zip(values.tolist(), indices.tolist(), strict=True)
     ]
 
 
 def classify_command(client: StipClient, paths: Sequence[str], *, top_k: int, batch_size: int) -> None:
-    """`stip classify IMAGE...`: one JSON line per image, `{"image", "classes": [{label, index, score}]}`."""
+    """`stip classify IMAGE...`: one JSON line per image, `{"image", "classes": [{label, score, class_id}]}`."""
     import json
     import sys
 

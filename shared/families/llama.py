@@ -39,8 +39,8 @@ LAYER_TENSORS = {
 
 class LlamaFamily(CausalLMFamily):
     name = "llama"
-    architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-    model_types = ("llama", "mistral", "qwen2")
+    architectures: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    model_types: tuple[str, ...] = ("llama", "mistral", "qwen2")
 
     def dims(self, config: Config) -> ModelDims:
         d = config_get(config, "hidden_size")

@@ -163,7 +163,7 @@ class _ViTFamily(Family):
         cls = embedding[CLS].expand(pixels.shape[0], -1, -1)  # (B, 1, d)
         return torch.cat([cls, patches], dim=1) + embedding[POSITIONS]
 
-    def encode(self, vit: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def encode(self, vit: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The stock ViTModel's layers and final norm on x·π (B, S, d) -> (B, S, d) permuted by π."""
         mask = create_bidirectional_mask(config=vit.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         hidden = inputs_embeds

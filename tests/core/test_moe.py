@@ -14,9 +14,11 @@ import torch
 import transformers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from shared.checkpoint import transform_model_dir
-from shared.errors import CheckpointError
+from shared.errors import CheckpointError, KeyFormatError
 from shared.families import detect_family, get_family
 from shared.families.llama import EMBED, HEAD
 from shared.keys import DeveloperKey, draw_key
@@ -305,6 +307,13 @@ def test_developer_key_keeps_the_expert_permutations(tmp_path: Path) -> None:
         for name in ("experts", "expert_ffn", "shared_ffn"):
             assert torch.equal(getattr(a, name), getattr(b, name))
     assert back.dims == key.dims and back.dims.n_experts == 4 and back.dims.d_shared == 20
+    with safe_open(str(tmp_path / "key.safetensors"), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(tmp_path / "key.safetensors"))
+    del tensors["layers.1.expert_ffn"]
+    save_file(tensors, str(tmp_path / "cut.safetensors"), metadata=meta)
+    with pytest.raises(KeyFormatError, match="layer 1 lacks its expert permutations"):
+        DeveloperKey.load(tmp_path / "cut.safetensors")
 
 
 # --- bad checkpoints ---------------------------------------------------------------------------

@@ -104,9 +104,9 @@ def test_classify_equals_the_stock_model_on_the_processors_pixels(world: tuple, 
     top = client.classify(imgs, top_k=3)
     probs = ref.softmax(-1)
     for row, p in zip(top, probs, strict=True):
-        assert [c.index for c in row] == p.argsort(descending=True)[:3].tolist()
-        assert [c.label for c in row] == [LABELS[c.index] for c in row]
-        assert max(abs(c.score - float(p[c.index])) for c in row) <= 1e-5
+        assert [c.class_id for c in row] == p.argsort(descending=True)[:3].tolist()
+        assert [c.label for c in row] == [LABELS[c.class_id] for c in row]
+        assert max(abs(c.score - float(p[c.class_id])) for c in row) <= 1e-5
     every = client.classify(imgs[0], top_k=None)
     assert len(every) == 1 and sorted(c.label for c in every[0]) == sorted(LABELS)
 
@@ -168,7 +168,7 @@ def test_stip_classify(
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["image"] for r in rows] == paths
-    assert [[(c["label"], c["index"]) for c in r["classes"]] for r in rows] == [
-        [(c.label, c.index) for c in row] for row in expected
+    assert [[(c["label"], c["class_id"]) for c in r["classes"]] for r in rows] == [
+        [(c.label, c.class_id) for c in row] for row in expected
     ]
     assert rows[0]["classes"][0]["score"] == pytest.approx(expected[0][0].score)
