@@ -41,7 +41,8 @@ def create_app(settings: GatewaySettings, *, client_factory: ClientFactory | Non
     app.state.api_key = api_key
     app.include_router(router)
 
-    @app.get("/health")
+    @app.get("/health/live")
+    @app.get("/health/ready")  # the models' clients exist once the lifespan has run
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
