@@ -39,7 +39,7 @@ from user_client.gateway.app import create_app
 from user_client.gateway.settings import GatewaySettings
 
 PROMPT = "private inference on permuted weights"
-CHAT = [
+CHAT: list[Any] = [
     {"role": "system", "content": "you answer briefly"},
     {"role": "user", "content": "what does the cloud see of my secret question?"},
 ]
@@ -116,9 +116,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             admin = DeveloperAdminClient(dev_url, admin_token=admin_token)
             deployments, env = {}, {}
             for name, path in (("llama", llama_dir), ("minilm", minilm_path())):
-                dep = admin.deploy(
-                    admin.register(path, name=name).model_id, cloud_url=f"http://127.0.0.1:{proxy.port}"
-                )
+                dep = admin.deploy(admin.register(path, name=name).model_id, cloud_url=f"http://127.0.0.1:{proxy.port}")
                 status = admin.wait(dep.deployment_id, timeout_s=300)
                 assert status.status == "active", status.error
                 deployments[name] = dep.deployment_id
@@ -151,9 +149,7 @@ credential_env = "MINILM_CREDENTIAL"
                 "STIP_CLIENT_CACHE_DIR": str(work / "gateway-cache"),
                 "STIP_CLIENT_RETRIES": "1",  # P2 down answers after one retry, not five
             }
-            procs.append(
-                start(GATEWAY, env, work / "gateway.log", host="127.0.0.1", port=gateway_port, config=config)
-            )
+            procs.append(start(GATEWAY, env, work / "gateway.log", host="127.0.0.1", port=gateway_port, config=config))
             gateway_url = f"http://127.0.0.1:{gateway_port}"
             wait_ready(gateway_url, procs[-1])
             yield Stack(work, admin, proxy, gateway_url, deployments, llama_dir, env, config, [PROMPT])
@@ -325,7 +321,7 @@ def test_async_chat_with_the_template_equals_generate(stack: Stack, chat_greedy:
     async def run() -> Any:
         async with stack.aio() as client:
             return await client.chat.completions.create(
-                model="llama", messages=CHAT, max_tokens=MAX_TOKENS, temperature=0  # type: ignore[arg-type]
+                model="llama", messages=CHAT, max_tokens=MAX_TOKENS, temperature=0
             )
 
     out = asyncio.run(run())
@@ -343,7 +339,7 @@ def test_async_chat_stream_with_logprobs(stack: Stack, chat_greedy: tuple[list[i
         async with stack.aio() as client:
             stream = await client.chat.completions.create(
                 model="llama",
-                messages=CHAT,  # type: ignore[arg-type]
+                messages=CHAT,
                 max_tokens=MAX_TOKENS,
                 temperature=0,
                 stream=True,
@@ -370,7 +366,7 @@ def test_sync_chat_stream(stack: Stack, chat_greedy: tuple[list[int], str]) -> N
     _, text = chat_greedy
     stream = stack.sync().chat.completions.create(
         model="llama",
-        messages=CHAT,  # type: ignore[arg-type]
+        messages=CHAT,
         max_tokens=MAX_TOKENS,
         temperature=0,
         stream=True,
@@ -427,7 +423,7 @@ def test_errors_have_openai_shapes_and_statuses(stack: Stack) -> None:
         client.embeddings.create(model="llama", input="x")
     assert e.value.param == "model"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="llama-no-template", messages=CHAT)  # type: ignore[arg-type]
+        client.chat.completions.create(model="llama-no-template", messages=CHAT)
     assert e.value.code == "chat_template_missing" and "chat_template_file" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="llama", prompt="x", temperature=3)
@@ -488,7 +484,7 @@ def test_rotation_under_traffic(stack: Stack, chat_greedy: tuple[list[int], str]
         while not done.is_set():
             try:
                 stream = client.chat.completions.create(
-                    model="llama", messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, stream=True  # type: ignore[arg-type]
+                    model="llama", messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, stream=True
                 )
                 results.append("".join(c.choices[0].delta.content or "" for c in stream))
             except BaseException as e:
