@@ -232,6 +232,10 @@ def test_greedy_completion_equals_generate(stack: Stack, greedy: tuple[list[int]
     assert out.usage.prompt_tokens == len(_completion_ids(stack))
     assert out.usage.completion_tokens == len(new)
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    by_ids = stack.sync().completions.create(
+        model="llama", prompt=_completion_ids(stack), max_tokens=MAX_TOKENS, temperature=0
+    )
+    assert by_ids.choices[0].text == text  # a prompt of token ids, tokenised by the caller
 
 
 def test_streamed_completion_joins_to_the_same_text(stack: Stack, greedy: tuple[list[int], str]) -> None:

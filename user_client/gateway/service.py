@@ -17,7 +17,8 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -231,21 +232,21 @@ class Gateway:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         first = _primed(self._run(model, runs[0][0], opts, runs[0][1]))
 
-        def chunks() -> Iterator[dict[str, Any]]:
+        def chunks() -> Generator[dict[str, Any], None, None]:
             completion_tokens = 0
             for index, (prompt, seed) in enumerate(runs):
-                pieces = first if index == 0 else self._run(model, prompt, opts, seed)
-                for piece in pieces:
-                    completion_tokens += piece.n_tokens
-                    if not (piece.text or piece.tokens or piece.finish_reason):
-                        continue
-                    choice = s.CompletionChoice(
-                        index=index,
-                        text=piece.text,
-                        finish_reason=piece.finish_reason,
-                        logprobs=_completion_logprobs(piece.tokens) if opts.logprobs is not None else None,
-                    )
-                    yield s.Completion(id=cid, created=created, model=model.name, choices=[choice]).model_dump()
+                with closing(first if index == 0 else self._run(model, prompt, opts, seed)) as pieces:
+                    for piece in pieces:
+                        completion_tokens += piece.n_tokens
+                        if not (piece.text or piece.tokens or piece.finish_reason):
+                            continue
+                        choice = s.CompletionChoice(
+                            index=index,
+                            text=piece.text,
+                            finish_reason=piece.finish_reason,
+                            logprobs=_completion_logprobs(piece.tokens) if opts.logprobs is not None else None,
+                        )
+                        yield s.Completion(id=cid, created=created, model=model.name, choices=[choice]).model_dump()
             if include_usage:
                 usage = _usage(sum(len(p) for p in prompts), completion_tokens)
                 yield s.Completion(id=cid, created=created, model=model.name, choices=[], usage=usage).model_dump()
@@ -317,14 +318,15 @@ class Gateway:
             out = s.ChatCompletionChunk(id=cid, created=created, model=model.name, choices=[choice])
             return out.model_dump(exclude_none=True)
 
-        def chunks() -> Iterator[dict[str, Any]]:
+        def chunks() -> Generator[dict[str, Any], None, None]:
             completion_tokens = 0
             for index, (ids, seed) in enumerate(runs):
                 yield chunk(index, s.ChatDelta(role="assistant", content=""))
-                for piece in first if index == 0 else self._run(model, ids, opts, seed):
-                    completion_tokens += piece.n_tokens
-                    if piece.text or piece.tokens or piece.finish_reason:
-                        yield chunk(index, s.ChatDelta(content=piece.text or None), piece)
+                with closing(first if index == 0 else self._run(model, ids, opts, seed)) as pieces:
+                    for piece in pieces:
+                        completion_tokens += piece.n_tokens
+                        if piece.text or piece.tokens or piece.finish_reason:
+                            yield chunk(index, s.ChatDelta(content=piece.text or None), piece)
             if include_usage:
                 usage = _usage(len(prompt), completion_tokens)
                 yield s.ChatCompletionChunk(
@@ -409,7 +411,7 @@ class Gateway:
             )
         return model
 
-    def _run(self, model: Model, prompt: list[int], opts: GenOptions, seed: int | None) -> Iterator[Piece]:
+    def _run(self, model: Model, prompt: list[int], opts: GenOptions, seed: int | None) -> Generator[Piece, None, None]:
         """One choice: a Piece per step, then one with the rest of the text and the finish reason."""
         client = model.client
         try:
@@ -474,10 +476,16 @@ def _fan_out(prompts: list[list[int]], n: int, seed: int | None) -> list[tuple[l
     return [(prompt, None if seed is None else seed + j) for prompt, j in itertools.product(prompts, range(n))]
 
 
-def _primed(pieces: Iterator[Piece]) -> Iterator[Piece]:
-    """Run the first step now (the prefill); the rest when iterated."""
+def _primed(pieces: Generator[Piece, None, None]) -> Generator[Piece, None, None]:
+    """Run the first step now (the prefill); the rest when iterated. Closing the result closes
+    `pieces` (and so deletes the P2 session)."""
     first = next(pieces)
-    return itertools.chain([first], pieces)
+
+    def rest() -> Generator[Piece, None, None]:
+        yield first
+        yield from pieces
+
+    return rest()
 
 
 def _collect(pieces: Iterator[Piece]) -> tuple[str, list[TokenInfo], int, FinishReason]:
@@ -490,11 +498,13 @@ def _collect(pieces: Iterator[Piece]) -> tuple[str, list[TokenInfo], int, Finish
     return "".join(text), infos, n_tokens, finish  # type: ignore[return-value]
 
 
-def _sse(chunks: Iterator[dict[str, Any]], model: str) -> Iterator[str]:
-    """Server-sent events as OpenAI sends them; an error after the start is one `error` event."""
+def _sse(chunks: Generator[dict[str, Any], None, None], model: str) -> Iterator[str]:
+    """Server-sent events as OpenAI sends them; an error after the start is one `error` event.
+    A client that goes away closes this generator, which closes the generation under it."""
     try:
-        for chunk in chunks:
-            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+        with closing(chunks):
+            for chunk in chunks:
+                yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
     except GatewayError as e:
         log.warning("model %s: stream ended by an error: %s", model, e.message)
         yield f"data: {json.dumps(e.body())}\n\n"
