@@ -15,6 +15,7 @@ import json
 import secrets
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,6 +377,24 @@ def test_sync_chat_stream(stack: Stack, chat_greedy: tuple[list[int], str]) -> N
         stream=True,
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream) == text
+
+
+def _p2_sessions(stack: Stack) -> float:
+    metrics = httpx.get(f"http://127.0.0.1:{stack.proxy.target_port}/metrics", timeout=10).text
+    line = next(x for x in metrics.splitlines() if x.startswith("stip_cloud_active_sessions "))
+    return float(line.split()[1])
+
+
+def test_a_client_leaving_mid_stream_frees_its_p2_session(stack: Stack) -> None:
+    body = {"model": "llama", "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{stack.gateway_url}/v1/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert _p2_sessions(stack) == 1  # the generation is running
+    deadline = time.monotonic() + 30
+    while _p2_sessions(stack) != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _p2_sessions(stack) == 0
 
 
 # --- embeddings -----------------------------------------------------------------------------

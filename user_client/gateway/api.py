@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator, Generator
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
@@ -36,8 +38,22 @@ GatewayDep = Annotated[Gateway, Depends(_gateway)]
 router = APIRouter(prefix="/v1", dependencies=[Depends(_api_key)])
 
 
-def _sse(events: object) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)  # type: ignore[arg-type]
+def _sse(request: Request, events: Generator[str, None, None]) -> StreamingResponse:
+    return StreamingResponse(_until_disconnect(request, events), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _until_disconnect(request: Request, events: Generator[str, None, None]) -> AsyncIterator[str]:
+    """Each event computed in a worker thread; a client that went away stops the generation
+    (closing `events` deletes its P2 session) instead of leaving it to run to its end."""
+    try:
+        while not await request.is_disconnected():
+            event = await anyio.to_thread.run_sync(next, events, None)
+            if event is None:
+                return
+            yield event
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(events.close)
 
 
 @router.get("/models")
@@ -51,13 +67,15 @@ def get_model(name: str, gateway: GatewayDep) -> s.ModelCard:
 
 
 @router.post("/completions", response_model=None)
-def completions(req: s.CompletionRequest, gateway: GatewayDep) -> s.Completion | StreamingResponse:
-    return _sse(gateway.completion_stream(req)) if req.stream else gateway.completion(req)
+def completions(req: s.CompletionRequest, gateway: GatewayDep, request: Request) -> s.Completion | StreamingResponse:
+    return _sse(request, gateway.completion_stream(req)) if req.stream else gateway.completion(req)
 
 
 @router.post("/chat/completions", response_model=None)
-def chat_completions(req: s.ChatCompletionRequest, gateway: GatewayDep) -> s.ChatCompletion | StreamingResponse:
-    return _sse(gateway.chat_stream(req)) if req.stream else gateway.chat(req)
+def chat_completions(
+    req: s.ChatCompletionRequest, gateway: GatewayDep, request: Request
+) -> s.ChatCompletion | StreamingResponse:
+    return _sse(request, gateway.chat_stream(req)) if req.stream else gateway.chat(req)
 
 
 @router.post("/embeddings")

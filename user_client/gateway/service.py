@@ -223,7 +223,7 @@ class Gateway:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         return s.Completion(id=_id("cmpl"), created=int(time.time()), model=model.name, choices=choices, usage=usage)
 
-    def completion_stream(self, req: s.CompletionRequest) -> Iterator[str]:
+    def completion_stream(self, req: s.CompletionRequest) -> Generator[str, None, None]:
         """SSE events; the first generation step runs before this returns, so that errors of
         the prefill (P2 down, bad credential) come back as an HTTP status, not mid-stream."""
         model, prompts, opts = self._prepare_completion(req)
@@ -300,7 +300,7 @@ class Gateway:
             usage=_usage(len(prompt), completion_tokens),
         )
 
-    def chat_stream(self, req: s.ChatCompletionRequest) -> Iterator[str]:
+    def chat_stream(self, req: s.ChatCompletionRequest) -> Generator[str, None, None]:
         """SSE events as OpenAI streams a chat: per choice a role chunk, content chunks, and a
         chunk with the finish reason; then the usage chunk if asked; the prefill runs first."""
         model, prompt, opts = self._prepare_chat(req)
@@ -498,7 +498,7 @@ def _collect(pieces: Iterator[Piece]) -> tuple[str, list[TokenInfo], int, Finish
     return "".join(text), infos, n_tokens, finish  # type: ignore[return-value]
 
 
-def _sse(chunks: Generator[dict[str, Any], None, None], model: str) -> Iterator[str]:
+def _sse(chunks: Generator[dict[str, Any], None, None], model: str) -> Generator[str, None, None]:
     """Server-sent events as OpenAI sends them; an error after the start is one `error` event.
     A client that goes away closes this generator, which closes the generation under it."""
     try:
