@@ -323,13 +323,17 @@ def test_completion_logprobs_equal_the_original_logits(stack: Stack, greedy: tup
 def test_async_chat_with_the_template_equals_generate(stack: Stack, chat_greedy: tuple[list[int], str]) -> None:
     new, text = chat_greedy
 
-    async def run() -> Any:
+    async def run() -> list[Any]:  # three at once: the gateway serves them concurrently
         async with stack.aio() as client:
-            return await client.chat.completions.create(
-                model="llama", messages=CHAT, max_tokens=MAX_TOKENS, temperature=0
-            )
+            calls = [
+                client.chat.completions.create(model="llama", messages=CHAT, max_tokens=MAX_TOKENS, temperature=0)
+                for _ in range(3)
+            ]
+            return list(await asyncio.gather(*calls))
 
-    out = asyncio.run(run())
+    answers = asyncio.run(run())
+    assert [a.choices[0].message.content for a in answers] == [text] * 3
+    out = answers[0]
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == text
     assert out.choices[0].finish_reason == _finish(new)
@@ -530,9 +534,16 @@ def test_rotation_under_traffic(stack: Stack, chat_greedy: tuple[list[int], str]
     assert models["llama"]["key_version"] == before + 1
 
 
-def test_p2_received_no_token_id_no_embedding_row_and_no_text(stack: Stack) -> None:
+def test_p2_received_no_token_id_no_embedding_row_and_no_text(
+    stack: Stack, greedy: tuple[list[int], str], chat_greedy: tuple[list[int], str]
+) -> None:
+    """Over all the traffic of this module, and at least the three calls made here."""
     ids = _completion_ids(stack)
-    stack.sync().completions.create(model="llama", prompt=PROMPT, max_tokens=2, temperature=0)
+    client = stack.sync()
+    assert client.completions.create(model="llama", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+    assert client.chat.completions.create(model="llama", messages=CHAT, max_tokens=MAX_TOKENS, temperature=0)
+    assert client.embeddings.create(model="minilm", input=SENTENCES)
+    stack.texts += SENTENCES
     received = stack.proxy.received
     assert len(received) > 10_000_000  # the pushes went through the proxy
 
@@ -548,7 +559,7 @@ def test_p2_received_no_token_id_no_embedding_row_and_no_text(stack: Stack) -> N
         forbidden += [(f"{what} token ids", p) for p in int_patterns(torch.tensor(seq))]
     forbidden += [(f"llama embedding row {t}", llama[t].numpy().tobytes()) for t in set(ids + _chat_ids(stack))]
     forbidden += [(f"MiniLM embedding row {t}", minilm[t].numpy().tobytes()) for t in set(sentence_ids)]
-    assert len(stack.texts) >= 2 + len(CHAT) + len(SENTENCES)  # the answers the tests above checked
+    assert len(stack.texts) >= 3 + len(CHAT) + len(SENTENCES)  # prompts, answers, messages, sentences
     for text in stack.texts:
         forbidden += [(f"text {text[:20]!r}", text.encode(enc)) for enc in ("utf-8", "utf-16-le") if len(text) > 4]
     leaks = [what for what, pattern in forbidden if pattern in received]
