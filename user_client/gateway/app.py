@@ -7,6 +7,7 @@ error leaves as OpenAI's error body `{"error": {"message", "type", "param", "cod
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -32,6 +33,7 @@ def create_app(settings: GatewaySettings, *, client_factory: ClientFactory | Non
         gateway = Gateway(specs, client_factory=client_factory)
         app.state.gateway = gateway
         log.info("gateway serving %s", ", ".join(gateway.models))
+        threading.Thread(target=gateway.warm, name="stip-gateway-warm", daemon=True).start()
         try:
             yield
         finally:

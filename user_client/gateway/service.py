@@ -188,6 +188,14 @@ class Gateway:
         for model in self.models.values():
             model.client.close()
 
+    def warm(self) -> None:
+        """Load every model's bundle (cache or P1) now, so the first request does not wait for it."""
+        for model in self.models.values():
+            try:
+                model.client.bundle  # noqa: B018 (loads and caches the bundle)
+            except Exception as e:  # best effort (also racing a shutdown): requests load it again
+                log.warning("model %s: could not load its bundle yet: %s", model.name, getattr(e, "message", e))
+
     def model(self, name: str) -> Model:
         model = self.models.get(name)
         if model is None:
