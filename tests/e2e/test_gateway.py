@@ -564,3 +564,14 @@ def test_p2_received_no_token_id_no_embedding_row_and_no_text(
         forbidden += [(f"text {text[:20]!r}", text.encode(enc)) for enc in ("utf-8", "utf-16-le") if len(text) > 4]
     leaks = [what for what, pattern in forbidden if pattern in received]
     assert leaks == []
+
+
+def test_the_gateway_log_holds_no_credential_and_no_text(stack: Stack, greedy: tuple[list[int], str]) -> None:
+    assert stack.sync().completions.create(model="llama", prompt=PROMPT, max_tokens=2, temperature=0)
+    log = (stack.work / "gateway.log").read_text(errors="replace")
+    assert "POST /v1/completions" in log  # the access log is there
+    credentials = [v for k, v in stack.env.items() if k.endswith("_CREDENTIAL")]
+    assert len(credentials) == 2
+    for secret in credentials:
+        assert secret not in log and secret.rpartition(".")[2] not in log
+    assert [t for t in stack.texts if t in log] == []
