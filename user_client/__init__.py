@@ -13,7 +13,7 @@ samples locally.
 """
 
 from user_client.bundle import Bundle, BundleCache
-from user_client.client import Session, StipClient, TopK
+from user_client.client import Session, Step, StipClient, TopK
 from user_client.errors import (
     AuthError,
     BadRequest,
@@ -46,6 +46,7 @@ __all__ = [
     "ServerError",
     "Session",
     "SessionExpired",
+    "Step",
     "StipClient",
     "StipError",
     "TopK",

@@ -4,6 +4,7 @@
     stip embed "a sentence" "another"          # one JSON array per line
     stip classify cat.jpg dog.png --top-k 3     # ViT: one JSON object per image
     stip demo ...                               # the three-party demo (user_client.demo)
+    stip gateway --deployment llama=dep-...     # an OpenAI-compatible server (user_client.gateway)
 
 Connection options fall back to the STIP_CLIENT_* environment variables (DEVELOPER_URL,
 CLOUD_URL, DEPLOYMENT_ID, CREDENTIAL, CACHE_DIR); prefer the environment for the credential,
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(cls)
 
     sub.add_parser("demo", help="run the three-party demo (options: stip demo --help)", add_help=False)
+    sub.add_parser("gateway", help="serve the OpenAI API locally (options: stip gateway --help)", add_help=False)
     return parser
 
 
@@ -116,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from user_client.demo import main as demo_main  # lazily: it pulls in the services
 
         return int(demo_main(argv[1:]) or 0)
+    if argv and argv[0] == "gateway":
+        from user_client.gateway.cli import main as gateway_main  # lazily: FastAPI, uvicorn
+
+        return gateway_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)

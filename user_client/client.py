@@ -67,6 +67,18 @@ class TopK(NamedTuple):
     token_ids: torch.Tensor  # (B, S', k) int64
 
 
+class Step(NamedTuple):
+    """One generated token with the plaintext scores it was drawn from (user side only).
+
+    `scores` (V,) are the un-permuted logits of the position that chose the token, before any
+    sampling processor. Unless the generation asked for `full_scores`, a greedy or top-k draw
+    fetches only P2's top-k, and every other entry is -inf.
+    """
+
+    token_id: int
+    scores: torch.Tensor  # (V,) float
+
+
 class Session:
     """A P2 session: the KV cache of one sequence. Positions continue across calls.
 
@@ -585,9 +597,13 @@ class StipClient:
         return scores
 
     def _token_stream(
-        self, prompt_ids: list[int], params: SamplingParams, eos_ids: frozenset[int]
-    ) -> Generator[int, None, None]:
-        """Generated token ids, one per step, including a final EOS token if one is drawn."""
+        self, prompt_ids: list[int], params: SamplingParams, eos_ids: frozenset[int], *, full_scores: bool = False
+    ) -> Generator[Step, None, None]:
+        """Generated tokens, one `Step` per step, including a final EOS token if one is drawn.
+
+        `full_scores` fetches the whole vocabulary's logits at every step (for log-probabilities)
+        instead of P2's top-k where those alone decide the draw.
+        """
         bundle = self.bundle
         if bundle.is_encoder:
             raise ValueError(f"generation needs a decoder; {bundle.family.name} is an encoder")
@@ -600,7 +616,7 @@ class StipClient:
         if params.max_new_tokens == 0:
             return
         sampler = Sampler(params)
-        k = params.topk_shortcut()
+        k = None if full_scores else params.topk_shortcut()
         if k is not None:
             k = min(k, bundle.vocab_size)
         generated: list[int] = []
@@ -614,7 +630,7 @@ class StipClient:
                     while True:
                         token = sampler.choose(prompt_ids + generated, scores)
                         generated.append(token)
-                        yield token
+                        yield Step(token, scores)
                         if len(generated) >= params.max_new_tokens or token in eos_ids:
                             return
                         if limit is not None and len(prompt_ids) + len(generated) >= limit:
@@ -644,7 +660,7 @@ class StipClient:
         assembler = TextAssembler(self.bundle.tokenizer, stop)
         tokens = self._token_stream(prompt_ids, params, eos_ids)
         try:
-            for token in tokens:
+            for token, _ in tokens:
                 if ids_out is not None:
                     ids_out.append(token)
                 piece = assembler.push(token)
@@ -705,7 +721,36 @@ class StipClient:
             for _ in self._text_stream(prompt, params, eos_ids, stop, ids):
                 pass
             return ids
-        return list(self._token_stream(prompt, params, eos_ids))
+        return [step.token_id for step in self._token_stream(prompt, params, eos_ids)]
+
+    def generate_steps(
+        self,
+        input_ids: Sequence[int] | torch.Tensor,
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        eos: bool | int | Sequence[int] = True,
+        full_scores: bool = False,
+    ) -> Generator[Step, None, None]:
+        """Generate from token ids, yielding each new token with its plaintext logits (`Step`).
+
+        The same draw as `generate_ids` (without stop strings: detokenise with
+        `sampling.TextAssembler`). `full_scores=True` makes every step's `scores` the whole
+        vocabulary's logits, e.g. for log-probabilities; closing the iterator deletes the P2 session.
+        """
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
+        return self._token_stream(_as_prompt(input_ids), params, self._eos_ids(eos), full_scores=full_scores)
 
     def stream(
         self,

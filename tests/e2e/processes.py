@@ -29,6 +29,7 @@ USER = [
     "--models-dir",
     "{models_dir}",
 ]
+GATEWAY = ["stip", "gateway", "--host", "{host}", "--port", "{port}", "--config", "{config}"]
 VALUE_FLAGS = ("--host", "--port", "--data-dir", "--developer-url", "--cloud-url", "--models-dir")
 
 

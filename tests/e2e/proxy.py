@@ -5,6 +5,8 @@ import threading
 from contextlib import suppress
 from typing import Self
 
+import torch
+
 
 class LoopbackProxy:
     """A TCP proxy on 127.0.0.1:<port> in front of the target port, run in its own thread;
@@ -69,3 +71,8 @@ class RecordingProxy(LoopbackProxy):
                 w.close()
 
         await asyncio.gather(pipe(client_r, server_w, record), pipe(server_r, client_w, None))
+
+
+def int_patterns(values: torch.Tensor) -> list[bytes]:
+    """The bytes of integer ids as a wire format would carry them (int64 and int32)."""
+    return [values.to(dt).numpy().tobytes() for dt in (torch.int64, torch.int32)]

@@ -27,7 +27,7 @@ from shared.api import CredentialIssued
 from shared.keys import DeveloperKey
 from shared.permutation import permute
 from tests.e2e.processes import CLOUD, DEVELOPER, USER, fill, free_port, start, stop, wait_ready
-from tests.e2e.proxy import RecordingProxy
+from tests.e2e.proxy import RecordingProxy, int_patterns
 from user_client import AuthError, StipClient
 from user_client.demo import make_random_gpt2, make_random_llama, minilm_path
 
@@ -205,10 +205,6 @@ def test_session_cache_path_equals_the_no_cache_path(cluster: Cluster, name: str
     assert (cached - full).abs().max() <= 1e-4
 
 
-def _int_patterns(values: torch.Tensor) -> list[bytes]:
-    return [values.to(dt).numpy().tobytes() for dt in (torch.int64, torch.int32)]
-
-
 def test_p2_never_receives_a_permutation_the_embedding_or_token_ids(cluster: Cluster) -> None:
     # traffic of this test, on top of the pushes and the other tests' traffic
     ids = _prompt_ids(cluster.model_dirs["llama"])
@@ -227,10 +223,10 @@ def test_p2_never_receives_a_permutation_the_embedding_or_token_ids(cluster: Clu
     forbidden: list[tuple[str, bytes]] = []
     for name in cluster.deployments:
         key = cluster.developer_key(name)
-        forbidden += [(f"{name} pi", p) for p in _int_patterns(key.pi)]
-        forbidden += [(f"{name} pi_c[:64]", p) for p in _int_patterns(key.pi_c[:64])]
-        forbidden += [(f"{name} layer-0 ffn", p) for p in _int_patterns(key.layers[0].ffn)]
-    forbidden += [("prompt token ids", p) for p in _int_patterns(torch.tensor(ids))]
+        forbidden += [(f"{name} pi", p) for p in int_patterns(key.pi)]
+        forbidden += [(f"{name} pi_c[:64]", p) for p in int_patterns(key.pi_c[:64])]
+        forbidden += [(f"{name} layer-0 ffn", p) for p in int_patterns(key.layers[0].ffn)]
+    forbidden += [("prompt token ids", p) for p in int_patterns(torch.tensor(ids))]
     forbidden += [(f"embedding row {t}", embedding[t].numpy().tobytes()) for t in ids]
     forbidden.append(("embedding table head", embedding[:4].numpy().tobytes()))
     minilm = load_file(str(minilm_path() / "model.safetensors"))

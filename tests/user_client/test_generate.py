@@ -241,3 +241,22 @@ def test_p2_sees_no_key_and_no_token_ids(make_client: Callable[..., StipClient],
         assert not any(s in body for s in secrets)
         assert ids not in body
     assert {name for f in world.cloud.forwards for name in f["names"]} == {api.INPUTS_EMBEDS}
+
+
+def test_generate_steps_carry_the_original_logits(
+    llama_dir: Path, make_client: Callable[..., StipClient], world: World
+) -> None:
+    """The hook the gateway's logprobs use: each step's scores are the plaintext logits."""
+    client = make_client()
+    steps = list(client.generate_steps(PROMPT, max_new_tokens=6, eos=False, full_scores=True))
+    ids = [step.token_id for step in steps]
+    assert ids == hf_generate(llama_dir, PROMPT, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        logits = reference_model(llama_dir)(torch.tensor([PROMPT + ids])).logits[0]
+    expected = logits[len(PROMPT) - 1 : len(PROMPT) - 1 + len(ids)]  # (6, V): the logits that chose each token
+    assert max_abs_diff(torch.stack([step.scores for step in steps]), expected) <= TOL
+    # without full_scores, greedy fetches P2's top-1 only: every other score is -inf
+    lean_steps = client.generate_steps(PROMPT, max_new_tokens=1)
+    lean = next(lean_steps)
+    lean_steps.close()  # deletes the P2 session
+    assert lean.token_id == ids[0] and int(torch.isfinite(lean.scores).sum()) == 1
