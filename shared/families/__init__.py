@@ -1,5 +1,7 @@
 """The supported model families and their detection from config.json."""
 
+import functools
+
 from shared.errors import UnsupportedModel
 from shared.families.base import CloudOutput, Config, Family, Piece
 from shared.families.bert import BertFamily
@@ -20,28 +22,50 @@ def get_family(name: str) -> Family:
 def detect_family(config: Config) -> Family:
     """The family serving this config.json, named by its `architectures` and its `model_type`.
 
-    Both must name the same family: the family (and with it which tensors count as the
-    embedding module, which P2 must never hold) is read from `architectures`, but the stock
-    class is built from `model_type`, so a config naming one family in each could carry an
-    embedding table past the checks. A config without `architectures` is served by its
-    `model_type` alone.
+    The two must agree: the family (and with it which tensors count as the embedding module,
+    which P2 must never hold) is read from `architectures`, but the stock class is built from
+    `model_type`, so a config naming another model in each could carry an embedding table past
+    the checks. They agree when `model_type` is one of the family's, or when transformers itself
+    registers each named class for that `model_type`. A config without `architectures` is served
+    by its `model_type` alone.
     """
     archs = config.get("architectures") or []
     if not isinstance(archs, list):
         archs = []
     model_type = config.get("model_type")
-    by_arch = {f.name: f for f in FAMILIES.values() for a in archs if a in f.architectures}
+    named = {f.name: f for f in FAMILIES.values() for a in archs if a in f.architectures}
     by_type = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
-    if not by_arch and by_type is None:
-        supported = sorted(a for f in FAMILIES.values() for a in f.architectures)
-        raise UnsupportedModel(f"unsupported architecture {archs or model_type!r}; supported: {', '.join(supported)}")
-    if by_arch and (by_type is None or set(by_arch) != {by_type.name}):
-        named = f"model_type {model_type!r}" + (f" (the {by_type.name} family)" if by_type else "")
+    if not named:
+        if by_type is None:
+            supported = sorted(a for f in FAMILIES.values() for a in f.architectures)
+            raise UnsupportedModel(
+                f"unsupported architecture {archs or model_type!r}; supported: {', '.join(supported)}"
+            )
+        return by_type
+    served = [a for a in archs if isinstance(a, str) and any(a in f.architectures for f in named.values())]
+    (family,) = named.values() if len(named) == 1 else (None,)
+    if family is None or not (
+        model_type in family.model_types or (isinstance(model_type, str) and set(served) <= _stock_classes(model_type))
+    ):
         raise UnsupportedModel(
-            f"config.json's architectures {archs} ({' and '.join(sorted(by_arch))}) and its {named} must "
-            f"name the same model family: fix config.json so that both describe the checkpoint"
+            f"config.json's architectures {served} and its model_type {model_type!r} do not name the same "
+            "model family: fix config.json so that both describe the checkpoint"
         )
-    return by_type if by_type is not None else next(iter(by_arch.values()))
+    return family
+
+
+@functools.cache
+def _stock_classes(model_type: str) -> frozenset[str]:
+    """The class names transformers' auto mappings register for `model_type`."""
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for attr in dir(modeling_auto):
+        mapping = getattr(modeling_auto, attr)
+        if attr.endswith("_MAPPING_NAMES") and isinstance(mapping, dict):
+            found = mapping.get(model_type) or ()
+            names.update([found] if isinstance(found, str) else found)
+    return frozenset(names)
 
 
 __all__ = ["FAMILIES", "CloudOutput", "Config", "Family", "Piece", "detect_family", "get_family"]
