@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from developer_service.client import DeveloperAdminClient
 from shared.api import DeploymentStatus
 from tests.developer_service.conftest import LLAMA
-from tests.e2e.processes import CLOUD, DEVELOPER, free_port, start, stop, wait_ready
+from tests.e2e.processes import CLOUD, DEVELOPER, free_port, start, stop, wait_for, wait_ready
 from tests.e2e.proxy import LoopbackProxy
 from tests.support import max_abs_diff, random_causal_lm
 from user_client import StipClient
@@ -367,14 +367,6 @@ def deploy(c: Cluster) -> str:
 
 def push_marker(dep: str) -> bytes:
     return f"PUT /v1/deployments/{dep}/weights".encode()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout} s for {what}")
-        time.sleep(0.02)
 
 
 # --- P2 crashes ------------------------------------------------------------------------------
