@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -304,9 +304,18 @@ class SlowLoads:
 
     begun: int = 0
     ended: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, *, end: bool) -> None:
+        with self.lock:
+            if end:
+                self.ended += 1
+            else:
+                self.begun += 1
 
     def idle(self) -> bool:
-        return self.begun == self.ended
+        with self.lock:
+            return self.begun == self.ended
 
 
 def slow_load(p2: LiveP2, monkeypatch: pytest.MonkeyPatch, seconds: float) -> SlowLoads:
@@ -315,12 +324,12 @@ def slow_load(p2: LiveP2, monkeypatch: pytest.MonkeyPatch, seconds: float) -> Sl
     loads = SlowLoads()
 
     def slow(*args: Any) -> Any:
-        loads.begun += 1
+        loads.count(end=False)
         try:
             time.sleep(seconds)
             return load(*args)
         finally:
-            loads.ended += 1
+            loads.count(end=True)
 
     monkeypatch.setattr(p2.service, "_load", slow)
     return loads
