@@ -12,8 +12,6 @@ switch the registry entry in one assignment once the new model is loaded, so the
 version serves until then.
 """
 
-import base64
-import binascii
 import hashlib
 import json
 import logging
@@ -646,9 +644,8 @@ def inspect_push(path: Path, deployment_id: str) -> PushManifest:
 
 def _check_verify_key(text: str) -> None:
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        Ed25519PublicKey.from_public_bytes(raw)
-    except (ValueError, binascii.Error):
+        Ed25519PublicKey.from_public_bytes(credentials.b64url_decode(text))
+    except ValueError:
         raise BadInput(f"{PUSH_VERIFY_KEY} is not a base64url Ed25519 public key") from None
 
 
@@ -679,8 +676,8 @@ def _claimed_deployment(token: str) -> str | None:
     if len(parts) != 3:
         return None
     try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error, RecursionError):  # RecursionError: JSON nested too deep
+        payload = json.loads(credentials.b64url_decode(parts[1]))
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
         return None
     dep = payload.get("dep") if isinstance(payload, dict) else None
     return dep if isinstance(dep, str) else None

@@ -58,7 +58,7 @@ from shared.api import (
     Revocations,
     Revoked,
 )
-from shared.checkpoint import checkpoint_files, count_tensors, read_config, transform_model_dir
+from shared.checkpoint import bundle_side_files, checkpoint_files, count_tensors, read_config, transform_model_dir
 from shared.credentials import Claims, Signer, verify
 from shared.errors import CredentialError, StipCoreError
 from shared.families import detect_family
@@ -116,6 +116,7 @@ def inspect_model(path: Path) -> tuple[str, list[str], int, int, int]:
         problem = f"{type(e).__name__}: {e}"
         raise InvalidModel(f"{path}/config.json is not a usable {family.name} config: {problem}") from None
     count_tensors(checkpoint_files(path))  # every shard exists and has a readable header
+    bundle_side_files(path)  # what users will receive: regular files, no symbolic link
     return family.name, archs, dims.d_model, dims.d_out, dims.n_layers
 
 

@@ -15,7 +15,9 @@ directory appears only when complete: work happens in a sibling temporary direct
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,8 +34,27 @@ from shared.keys import DeveloperKey, draw_key
 
 log = logging.getLogger("stip.checkpoint")
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt", ".gguf")
 INDEX = "model.safetensors.index.json"
+# What of a model directory reaches the user bundle (P3): the config and the tokenizer, the image
+# preprocessor of vision models, sentence-transformers' pooling description; nothing else.
+USER_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
 DEFAULT_SHARD_BYTES = 2 << 30
 BUNDLE_FORMAT = "1"
 
@@ -62,6 +83,12 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
             raise CheckpointError(f"{index} is malformed: {e}") from None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index} is malformed: weight_map must map tensor names to file names")
+        outside = sorted(n for n in set(weight_map.values()) if not _inside(n))
+        if outside:
+            raise CheckpointError(
+                f"{index} names shard files outside the model directory: {outside[:5]}; "
+                "a shard is a file name in the directory itself"
+            )
         files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
     elif (model_dir / "model.safetensors").is_file():
         files = [model_dir / "model.safetensors"]
@@ -71,6 +98,12 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     if missing:
         raise CheckpointError(f"{model_dir} lacks the shards {missing}")
     return files
+
+
+def _inside(name: str) -> bool:
+    """A relative path without `..`, `\\` or a drive: a name that stays in its directory."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and "\\" not in name and ":" not in name and ".." not in parts
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -243,14 +276,47 @@ def _write(
     return cloud_files
 
 
+def bundle_side_files(model_dir: Path) -> list[Path]:
+    """The files of `model_dir` that belong in the user bundle, relative paths, checked.
+
+    An allowlist (USER_FILES, and the config of each sentence-transformers module that
+    modules.json names), never anything else: not the original weights in another format, not
+    code (modeling_*.py), not whatever else lies in the directory. Each must be a regular file
+    reached without a symbolic link: a link is refused, as it could point anywhere on P1's machine.
+    """
+    model_dir = Path(model_dir)
+    names = [Path(n) for n in USER_FILES]
+    modules = model_dir / "modules.json"
+    if _plain_file(model_dir, Path("modules.json")):
+        try:
+            entries = json.loads(modules.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{modules} is not valid JSON: {e}") from None
+        for entry in entries if isinstance(entries, list) else []:
+            sub = entry.get("path") if isinstance(entry, dict) else None
+            if isinstance(sub, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", sub) and ".." not in sub:
+                names.append(Path(sub) / "config.json")
+    return [n for n in names if _plain_file(model_dir, n)]
+
+
+def _plain_file(model_dir: Path, rel: Path) -> bool:
+    """Whether `model_dir/rel` is a regular file; CheckpointError if a symbolic link is on the way."""
+    path = model_dir
+    for part in rel.parts:
+        path = path / part
+        if path.is_symlink():
+            raise CheckpointError(
+                f"{path} is a symbolic link: P1 copies only regular files into the user bundle "
+                "(copy the model directory with `cp -rL` and register the copy)"
+            )
+        if not path.exists():
+            return False
+    return stat.S_ISREG(path.lstat().st_mode)
+
+
 def _copy_side_files(model_dir: Path, user_dir: Path) -> None:
-    """Copy config, tokenizer and pooling files (everything that is not weights) to the bundle."""
-    for src in model_dir.rglob("*"):
-        rel = src.relative_to(model_dir)
-        if not src.is_file() or src.name.endswith(WEIGHT_SUFFIXES) or src.name == INDEX:
-            continue
-        if any(part.startswith(".") for part in rel.parts) or src.name.lower() == "readme.md":
-            continue
+    """Copy config, tokenizer and pooling files (see `bundle_side_files`) to the bundle."""
+    for rel in bundle_side_files(model_dir):
         dst = user_dir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+        shutil.copyfile(model_dir / rel, dst, follow_symlinks=False)

@@ -4,11 +4,18 @@ P1 signs with its Ed25519 private key; P2 holds only the public key (it arrives 
 weight push, authenticated by P1's push token), so P2 checks a credential without calling
 P1 and without any key material. A token reads `stip1.<payload>.<signature>`, both parts
 base64url; the payload is JSON: {"sub", "dep", "iat", "exp", "jti"}.
+
+Each credential has exactly one string: its parts are decoded strictly (the urlsafe alphabet
+only, no padding, no junk, unused bits zero) and must re-encode to themselves, so a
+credential cannot be malleated into a second string that verifies (one that a list of
+revoked or logged tokens would not recognise).
 """
 
 import base64
+import binascii
 import json
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -26,8 +33,20 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Strict, canonical base64url without padding: ValueError for any other spelling of the bytes."""
+    if not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not unpadded base64url")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except binascii.Error:
+        raise ValueError("not unpadded base64url") from None
+    if _b64(raw) != text:  # non-zero unused bits: another string for the same bytes
+        raise ValueError("not canonical base64url")
+    return raw
 
 
 @dataclass(frozen=True)
@@ -87,13 +106,17 @@ def verify(token: str, public_key: str, *, deployment_id: str, now: int | None =
     if len(parts) != 3 or parts[0] != PREFIX:
         raise CredentialError("malformed credential")
     try:
-        key = Ed25519PublicKey.from_public_bytes(_unb64(public_key))
-        key.verify(_unb64(parts[2]), f"{PREFIX}.{parts[1]}".encode())
+        payload, signature = b64url_decode(parts[1]), b64url_decode(parts[2])
+    except ValueError:
+        raise CredentialError("malformed credential: its parts must be canonical unpadded base64url") from None
+    try:
+        key = Ed25519PublicKey.from_public_bytes(b64url_decode(public_key))
+        key.verify(signature, f"{PREFIX}.{parts[1]}".encode())
     except (InvalidSignature, ValueError):
         raise CredentialError("credential signature is invalid") from None
     try:
-        claims = Claims(**json.loads(_unb64(parts[1])))
-    except (ValueError, TypeError):
+        claims = Claims(**json.loads(payload))
+    except (ValueError, TypeError, RecursionError):
         raise CredentialError("malformed credential") from None
     if claims.dep != deployment_id:
         raise CredentialError("credential is for another deployment")

@@ -59,7 +59,9 @@ def load_cloud_model(
     """
     from shared.families import detect_family
 
-    fam = get_family(family) if family else detect_family(config)
+    fam = detect_family(config)  # architectures and model_type agree (the class comes from model_type)
+    if family and get_family(family) is not fam:
+        raise CheckpointError(f"the config describes a {fam.name} model, not the {family} family")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     dev = torch.device(device)
     with _parameters_on_meta():

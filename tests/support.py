@@ -1,5 +1,6 @@
 """Helpers shared by the tests: randomised stock models and comparison utilities."""
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -179,3 +180,33 @@ def decoder_greedy(
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         logits, cache = decoder_logits(family, config, key, cloud_model, user, nxt, mask, cache, last_only=True)
     return torch.cat([ids, *tokens], dim=1)
+
+
+B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def malleated(token: str) -> dict[str, str]:
+    """Other spellings of a credential's signature that a lenient base64 decoder reads as the
+    same bytes (so the signature still verifies). The signature must hold a '-' or a '_'
+    (see `malleable`): the `+/` form swaps them for the standard alphabet's."""
+    head, _, sig = token.rpartition(".")
+    assert len(sig) % 4 == 2, "an Ed25519 signature is 86 characters: 4 unused bits in the last"
+    flipped = B64URL[B64URL.index(sig[-1]) ^ 1]  # the lowest unused bit of the last character
+    forms = {
+        "junk characters": f"{sig[:10]}****{sig[10:]}",
+        "+/ alphabet": sig.replace("-", "+").replace("_", "/"),
+        "padding": f"{sig}==",
+        "extra padding": f"{sig}===",
+        "unused bits": sig[:-1] + flipped,
+    }
+    assert all(f != sig for f in forms.values())
+    return {k: f"{head}.{f}" for k, f in forms.items()}
+
+
+def malleable(issue: Callable[[], str], attempts: int = 50) -> str:
+    """The first credential `issue()` gives whose signature holds '-' or '_' (93 % of them do)."""
+    for _ in range(attempts):
+        token = issue()
+        if set(token.rpartition(".")[2]) & {"-", "_"}:
+            return token
+    raise AssertionError(f"no signature with '-' or '_' in {attempts} credentials")

@@ -305,7 +305,7 @@ def run_embedding(client: StipClient) -> dict[str, float]:
     private = client.embed(texts)
     t_private = time.perf_counter() - t0
     # plaintext reference: the original BertModel, mean pooling and L2 norm as sentence-transformers
-    tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path(), trust_remote_code=False)
     model = transformers.BertModel.from_pretrained(minilm_path()).eval()
     t0 = time.perf_counter()
     enc = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
@@ -332,7 +332,7 @@ def run_embedding(client: StipClient) -> dict[str, float]:
 def run_generation(client: StipClient, model_dir: Path, max_new_tokens: int) -> dict[str, float]:
     import transformers
 
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     ids = tok(PROMPT, add_special_tokens=False)["input_ids"]
     _ = client.bundle
     t0 = time.perf_counter()

@@ -161,6 +161,37 @@ def layer_match(pattern: str, name: str) -> tuple[int, str] | None:
     return (int(m.group(1)), m.group(2)) if m else None
 
 
+# --- the transformers config P2 builds the stock class from -----------------------------------
+
+# Keys a config class accepts without declaring them: the legacy RoPE and dtype keys it converts
+# (into `rope_parameters`, `dtype`), and those the stock modeling code reads with getattr(config, ...)
+UNDECLARED_CONFIG_KEYS = frozenset(
+    {"rope_theta", "rope_scaling", "partial_rotary_factor", "torch_dtype", "head_dim", "sliding_window", "num_labels"}
+)
+# Keys that choose code rather than describe the network: remote classes, hub kernels, quantisers
+_CODE_KEY = re.compile(r"auto_map|trust_remote_code|quantization_config|custom_pipelines|.*_implementation.*|_.*")
+
+
+def stock_config(config: Config) -> Any:
+    """The stock transformers config of `config["model_type"]`, from an allowlist of its keys.
+
+    Only the keys the config class itself declares (its fields and aliases) and
+    UNDECLARED_CONFIG_KEYS reach transformers, and never one that selects code: an
+    `attn_implementation` naming a hub kernel, an `auto_map` of remote classes, a
+    `quantization_config` are dropped (the stock class then uses its default attention), so a
+    config.json (a push, on P2) can describe a network but never choose the code that runs it.
+    """
+    import transformers
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
+        raise CheckpointError(f"config.json's model_type {model_type!r} is not a stock transformers model type")
+    cls = transformers.CONFIG_MAPPING[model_type]
+    allowed = (set(cls().to_dict()) | set(cls.attribute_map) | UNDECLARED_CONFIG_KEYS) - {"model_type"}
+    kept = {k: v for k, v in config.items() if k in allowed and not _CODE_KEY.fullmatch(k)}
+    return cls(**kept)
+
+
 def config_get(config: Config, *names: str, default: Any = None) -> Any:
     for n in names:
         if config.get(n) is not None:
@@ -270,8 +301,8 @@ class CausalLMFamily(Family):
     def build_cloud_model(self, config: Config) -> nn.Module:
         import transformers
 
-        cfg = transformers.AutoConfig.for_model(**self.cloud_config(config))
-        return transformers.AutoModelForCausalLM.from_config(cfg)
+        cfg = stock_config(self.cloud_config(config))
+        return transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
 
     def position_ids(self, attention_mask: torch.Tensor | None, seq: int) -> torch.Tensor | None:
         """Positions P2 passes to the stock class (None: its default, past length + arange)."""

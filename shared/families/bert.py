@@ -38,6 +38,7 @@ from shared.families.base import (
     config_get,
     expect_shape,
     rows,
+    stock_config,
 )
 from shared.keys import DeveloperKey, ModelDims
 
@@ -158,7 +159,7 @@ class BertFamily(Family):
     def build_cloud_model(self, config: Config) -> nn.Module:
         """The stock `BertModel`, in eval mode (no dropout). With a pooler unless the config
         says `"add_pooling_layer": false`; its `embeddings` submodule stays unloaded and unused."""
-        cfg = transformers.BertConfig(**self.cloud_config(config))
+        cfg = stock_config(self.cloud_config(config))
         pooler = bool(config.get("add_pooling_layer", True))
         return transformers.BertModel(cfg, add_pooling_layer=pooler).eval()
 

@@ -39,6 +39,7 @@ from shared.families.base import (
     expect_shape,
     head_weight,
     rows,
+    stock_config,
 )
 from shared.keys import DeveloperKey, ModelDims
 
@@ -200,7 +201,7 @@ class ViTClassifierFamily(_ViTFamily):
         return dict(out, num_labels=n)
 
     def build_cloud_model(self, config: Config) -> nn.Module:
-        cfg = transformers.ViTConfig(**self.cloud_config(config))
+        cfg = stock_config(self.cloud_config(config))
         return transformers.ViTForImageClassification(cfg).eval()
 
     def cloud_forward(
@@ -250,7 +251,7 @@ class ViTEncoderFamily(_ViTFamily):
 
     def build_cloud_model(self, config: Config) -> nn.Module:
         """The stock ViTModel, with a pooler unless the config says `"add_pooling_layer": false`."""
-        cfg = transformers.ViTConfig(**self.cloud_config(config))
+        cfg = stock_config(self.cloud_config(config))
         return transformers.ViTModel(cfg, add_pooling_layer=self.pooler(config)).eval()
 
     def cloud_forward(

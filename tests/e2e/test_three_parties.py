@@ -11,7 +11,6 @@ the running services.
 import secrets
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from developer_service.client import DeveloperAdminClient
 from shared.api import CredentialIssued
 from shared.keys import DeveloperKey
 from shared.permutation import permute
-from tests.e2e.processes import CLOUD, DEVELOPER, USER, fill, free_port, start, stop, wait_ready
+from tests.e2e.processes import CLOUD, DEVELOPER, USER, fill, free_port, start, stop, wait_for, wait_ready
 from tests.e2e.proxy import RecordingProxy, int_patterns
 from user_client import AuthError, StipClient
 from user_client.demo import make_random_gpt2, make_random_llama, minilm_path
@@ -273,7 +272,10 @@ def test_rotation_under_traffic(cluster: Cluster) -> None:
         worker.start()
         cluster.admin.rotate(cluster.deployments[name])
         status = cluster.admin.wait(cluster.deployments[name], timeout_s=300)
-        time.sleep(1.0)  # a few generations under the new key
+        # a few generations under the new key: two more after the client refetched (or a failure)
+        wait_for(lambda: bool(errors) or client.key_version == before + 1, 120, "the client to refetch")
+        refetched = count[0]
+        wait_for(lambda: bool(errors) or count[0] >= refetched + 2, 120, "generations under the new key")
         done.set()
         worker.join(60)
         assert errors == []

@@ -1,9 +1,11 @@
 """In-process material for the hostile-input and credential tests.
 
 P2 side: a tiny random Llama (tests.cloud_service.helpers.CONFIG), transformed once, pushed under
-two deployments that each carry their own P1 signing key, so a genuine credential of the other
-deployment exists. P1 side: the same kind of model directory with tokenizer files, served with
-the fake P2 transport of tests/developer_service.
+two deployments signed by the same P1 key, as the real P1 signs every deployment's credentials
+with its one key: a genuine credential of the other deployment verifies, and its deployment
+claim is all that keeps it out. A third deployment comes from another P1, with its own key.
+P1 side: the same kind of model directory with tokenizer files, served with the fake P2
+transport of tests/developer_service.
 """
 
 from dataclasses import dataclass
@@ -21,26 +23,28 @@ from tests.cloud_service.helpers import CONFIG, DEPLOYMENT, Deployed
 from tests.support import random_causal_lm
 from user_client.demo import copy_tokenizer
 
-OTHER_DEPLOYMENT = "dep-other"  # a second deployment on P2, signed by another P1 key
+OTHER_DEPLOYMENT = "dep-other"  # a second deployment of the same P1, signed by the same key
+FOREIGN_DEPLOYMENT = "dep-foreign"  # a deployment another P1 (another model owner) pushed to P2
 
 
 @dataclass
 class CloudModel:
-    """The tiny Llama, its key version 1 for P2, and the two deployments' signing keys."""
+    """The tiny Llama, its key version 1 for P2, and the signing keys of the two P1s."""
 
     original: transformers.PreTrainedModel
     v1: Deployed
-    signer: Signer  # P1's key for DEPLOYMENT
-    other_signer: Signer  # P1's key for OTHER_DEPLOYMENT
+    signer: Signer  # P1's one key: DEPLOYMENT and OTHER_DEPLOYMENT
+    foreign_signer: Signer  # another P1's key: FOREIGN_DEPLOYMENT
+
+    def signer_of(self, deployment_id: str) -> Signer:
+        return self.foreign_signer if deployment_id == FOREIGN_DEPLOYMENT else self.signer
 
     def credential(self, deployment_id: str = DEPLOYMENT, *, subject: str = "alice", ttl_s: int = 3600) -> str:
-        signer = self.signer if deployment_id == DEPLOYMENT else self.other_signer
-        token, _ = signer.issue(subject=subject, deployment_id=deployment_id, ttl_s=ttl_s)
+        token, _ = self.signer_of(deployment_id).issue(subject=subject, deployment_id=deployment_id, ttl_s=ttl_s)
         return token
 
     def push_body(self, deployment_id: str = DEPLOYMENT) -> tuple[bytes, str]:
-        signer = self.signer if deployment_id == DEPLOYMENT else self.other_signer
-        return self.v1.body(signer, deployment_id=deployment_id)
+        return self.v1.body(self.signer_of(deployment_id), deployment_id=deployment_id)
 
     def valid_request(self, seed: int = 0) -> tuple[bytes, torch.Tensor]:
         """A forward body (token embeddings permuted by π) and the plaintext logits it must give."""

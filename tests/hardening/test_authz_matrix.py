@@ -3,7 +3,10 @@
 The route tables below are checked against the applications' own routes, so a route added
 without a line here fails `test_every_route_is_in_the_matrix`. Each protected route is called
 with: no credential, malformed headers, a forged, tampered, expired or revoked credential, a
-genuine credential of ANOTHER deployment, the admin token, the push token and the user
+genuine credential of ANOTHER deployment (signed with the same P1 key, as P1 signs every
+deployment's credentials with one key: its deployment claim is all that keeps it out), a
+genuine credential spelt otherwise (its base64 malleated: junk, the +/ alphabet, padding,
+unused bits), the admin token, the push token and the user
 credential, each where another is due; the expected answer is 401 (403 for a genuine credential
 of another deployment) in the one error shape, without the token in it and without a side
 effect; with its own credential the route succeeds. Health, metrics, the API docs and P2's
@@ -39,7 +42,14 @@ from tests.cloud_service.helpers import DEPLOYMENT, PUSH_TOKEN, Reply, push, ser
 from tests.cloud_service.helpers import settings_for as cloud_settings
 from tests.developer_service.conftest import ADMIN, CLOUD_URL, PUSH, FakeCloud, admin, deploy, issue
 from tests.developer_service.conftest import settings_for as developer_settings
-from tests.hardening.stacks import OTHER_DEPLOYMENT, CloudModel, build_cloud_model, developer_model_dir
+from tests.hardening.stacks import (
+    FOREIGN_DEPLOYMENT,
+    OTHER_DEPLOYMENT,
+    CloudModel,
+    build_cloud_model,
+    developer_model_dir,
+)
+from tests.support import malleable, malleated
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,12 +108,15 @@ COMMON_KINDS = [
     "forged",  # right shape, signed by a key that is not P1's
     "tampered",  # a genuine credential with its signature altered
     "expired",
-    "other deployment",  # a genuine, valid credential of another deployment
+    "other deployment",  # a genuine, valid credential of another deployment, signed by the same P1 key
+    *(f"malleated: {kind}" for kind in ("junk characters", "+/ alphabet", "padding", "extra padding", "unused bits")),
     "admin",
     "push",
     "user",
 ]
-CLOUD_KINDS = [*COMMON_KINDS, "revoked", "cross-signed"]  # cross-signed: for deployment A, signed with B's key
+# cross-signed: for deployment A, signed with the key of another P1 whose deployment P2 also serves;
+# foreign deployment: a genuine credential of that other P1's deployment
+CLOUD_KINDS = [*COMMON_KINDS, "revoked", "cross-signed", "foreign deployment"]
 DEVELOPER_KINDS = [*COMMON_KINDS, "revoked"]
 
 
@@ -111,7 +124,7 @@ def expected(needs: str, kind: str) -> int:
     """The status of a call; `needs` is "open", "admin", "push" or "user"."""
     if needs == "open" or kind == needs:
         return 200
-    if needs == "user" and kind == "other deployment":
+    if needs == "user" and kind in ("other deployment", "foreign deployment"):
         return 403
     return 401
 
@@ -193,12 +206,12 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("authz-cloud")
     model: CloudModel = build_cloud_model(root)
     with serve(root / "data") as client:
-        for deployment_id in (DEPLOYMENT, OTHER_DEPLOYMENT):
+        for deployment_id in (DEPLOYMENT, OTHER_DEPLOYMENT, FOREIGN_DEPLOYMENT):
             assert push(client, *model.push_body(deployment_id), deployment_id=deployment_id).status_code == 200
-        user = model.credential()
+        user = malleable(model.credential)
         expired, _ = model.signer.issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=60, now=1_000_000)
         forged, _ = Signer.generate().issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=3600)
-        cross, _ = model.other_signer.issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=3600)
+        cross, _ = model.foreign_signer.issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=3600)
         revoked, claims = model.signer.issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=3600)
         revocations = {"revoked": [{"jti": claims.jti, "expires_at": claims.exp}]}
         reply = client.put(f"/v1/deployments/{DEPLOYMENT}/revocations", json=revocations, headers=_bearer(PUSH_TOKEN))
@@ -212,8 +225,10 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             "expired": expired,
             "other deployment": model.credential(OTHER_DEPLOYMENT),
             "cross-signed": cross,
+            "foreign deployment": model.credential(FOREIGN_DEPLOYMENT),
             "revoked": revoked,
             "nested json": _nested(OTHER_DEPLOYMENT),
+            **{f"malleated: {k}": t for k, t in malleated(user).items()},
         }
         revoked_file = root / "data" / "deployments" / DEPLOYMENT / "revoked.json"
 
@@ -288,7 +303,7 @@ def developer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         a = deploy(client, model_dir)
         b = deploy(client, model_dir)
         assert a["status"] == b["status"] == "active"
-        user = issue(client, a["deployment_id"], name="alice")
+        user = malleable(lambda: issue(client, a["deployment_id"], name="alice"))
         short = client.post(f"/v1/deployments/{a['deployment_id']}/users", json={"ttl_s": 1}, headers=admin())
         revoked = issue(client, a["deployment_id"], name="revoked")
         users = client.get(f"/v1/deployments/{a['deployment_id']}/users", headers=admin()).json()
@@ -305,6 +320,7 @@ def developer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             "revoked": revoked,
             "other deployment": issue(client, b["deployment_id"], name="bob"),
             "nested json": _nested(b["deployment_id"]),
+            **{f"malleated: {k}": t for k, t in malleated(user).items()},
         }
         time.sleep(max(0.0, short.json()["expires_at"] - time.time()))  # the 1 s credential has expired
 

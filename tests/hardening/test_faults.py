@@ -28,11 +28,12 @@ import httpx
 import pytest
 import torch
 import transformers
+from prometheus_client.parser import text_string_to_metric_families
 
 from developer_service.client import DeveloperAdminClient
 from shared.api import DeploymentStatus
 from tests.developer_service.conftest import LLAMA
-from tests.e2e.processes import CLOUD, DEVELOPER, free_port, start, stop, wait_ready
+from tests.e2e.processes import CLOUD, DEVELOPER, free_port, start, stop, wait_for, wait_ready
 from tests.e2e.proxy import LoopbackProxy
 from tests.support import max_abs_diff, random_causal_lm
 from user_client import StipClient
@@ -255,6 +256,16 @@ class Cluster:
     def p2_temps(self) -> list[str]:
         return sorted(p.name for p in (self.work / "cloud" / "tmp").iterdir())
 
+    def p2_pushes(self) -> dict[str, float]:
+        """P2's pushes so far by outcome (activated, unchanged, rejected), from its /metrics."""
+        text = httpx.get(f"{self.cloud_url}/metrics", timeout=10).text
+        return {
+            sample.labels["outcome"]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "stip_cloud_pushes_total"
+        }
+
     def p2_version(self, dep: str) -> int | None:
         r = httpx.get(f"{self.cloud_url}/v1/deployments/{dep}", timeout=10)
         return int(r.json()["key_version"]) if r.status_code == 200 else None
@@ -356,14 +367,6 @@ def deploy(c: Cluster) -> str:
 
 def push_marker(dep: str) -> bytes:
     return f"PUT /v1/deployments/{dep}/weights".encode()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout} s for {what}")
-        time.sleep(0.02)
 
 
 # --- P2 crashes ------------------------------------------------------------------------------
@@ -538,9 +541,12 @@ def test_p1_killed_during_a_rotation(cluster: Cluster, moment: str) -> None:
         c.start("developer")  # recovery asks P2 which version it serves
     if moment == "last-bytes-in-flight":
         assert c.p2_temps(), "P2 still waits for the last bytes"
+        pushes = c.p2_pushes()
         gate.release()  # they arrive after P1's restart, followed by the close of the dead sender
         wait_for(lambda: not c.p2_temps(), 10, "P2 to finish with the push")
-        time.sleep(0.3)
+        # P2's decision on it, whichever it is: counted as refused (its sender is gone), never activated
+        wait_for(lambda: c.p2_pushes() != pushes, 10, "P2 to count the push's outcome")
+        assert c.p2_pushes().get("activated") == pushes.get("activated"), "P2 activated a push whose sender died"
     version = 2 if moment.startswith("p2-switched") else 1
     status = c.admin.deployment(dep)
     if version == 1:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -297,15 +297,50 @@ def test_a_pusher_cancelled_midway_leaves_nothing(p2: LiveP2, m: Versions) -> No
     serves(p2, m, 1)
 
 
-def slow_load(p2: LiveP2, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+@dataclass
+class SlowLoads:
+    """Loads of θ′ begun and ended: once every push is settled and no load is running, whatever
+    P2 was going to do with those pushes (switch or not) is done, so an absence can be asserted."""
+
+    begun: int = 0
+    ended: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, *, end: bool) -> None:
+        with self.lock:
+            if end:
+                self.ended += 1
+            else:
+                self.begun += 1
+
+    def idle(self) -> bool:
+        with self.lock:
+            return self.begun == self.ended
+
+
+def slow_load(p2: LiveP2, monkeypatch: pytest.MonkeyPatch, seconds: float) -> SlowLoads:
     """Loading θ′ takes `seconds` (a large model): the window between the last byte and the switch."""
     load = p2.service._load
+    loads = SlowLoads()
 
     def slow(*args: Any) -> Any:
-        time.sleep(seconds)
-        return load(*args)
+        loads.count(end=False)
+        try:
+            time.sleep(seconds)
+            return load(*args)
+        finally:
+            loads.count(end=True)
 
     monkeypatch.setattr(p2.service, "_load", slow)
+    return loads
+
+
+def settled_without_a_switch(p2: LiveP2, loads: SlowLoads, rejected: float, activated: float) -> None:
+    """Wait (bounded) until P2 has refused the pushes and finished every load, then check that
+    none of them was activated."""
+    p2.settle(rejected)
+    wait_for(loads.idle, 10, "P2 to finish loading")
+    assert p2.pushes("activated") == activated, "P2 activated a push whose sender had gone"
 
 
 def test_a_complete_push_whose_sender_left_is_not_activated(
@@ -314,12 +349,11 @@ def test_a_complete_push_whose_sender_left_is_not_activated(
     """Regression: P1 sent every byte, then crashed while P2 was still loading. P1's restart then
     finds the old version on P2 and writes the new one off (deleting its keys); P2 must not switch
     to it afterwards."""
-    slow_load(p2, monkeypatch, 0.5)
+    loads = slow_load(p2, monkeypatch, 0.5)
     body, digest = m.v2.body(m.signer)
-    rejected = p2.pushes("rejected")
+    rejected, activated = p2.pushes("rejected"), p2.pushes("activated")
     send_raw_push(p2, body, len(body), digest)
-    p2.settle(rejected + 1)
-    time.sleep(0.6)  # well past the load
+    settled_without_a_switch(p2, loads, rejected + 1, activated)
     serves(p2, m, 1)
 
     # control: the same push with its sender waiting activates, slow load and all
@@ -333,13 +367,12 @@ def test_a_pusher_that_gives_up_waiting_finds_the_old_version_still_active(
 ) -> None:
     """P1's read timeout is shorter than P2's load: every attempt is abandoned, P1 reports the push
     failed, and P2 still serves v1 afterwards (before the fix P2 switched behind P1's back)."""
-    slow_load(p2, monkeypatch, 0.6)
+    loads = slow_load(p2, monkeypatch, 0.6)
     request = PushRequest(p2.url, DEPLOYMENT, 2, list(m.v2.result.cloud_files), m.metadata(2))
-    rejected = p2.pushes("rejected")
+    rejected, activated = p2.pushes("rejected"), p2.pushes("activated")
     with httpx.Client(timeout=httpx.Timeout(0.25, connect=5)) as client, pytest.raises(PushFailed):
         Pusher(client, PUSH_TOKEN, attempts=2, backoff_s=0.01).push(request)
-    p2.settle(rejected + 2)
-    time.sleep(0.7)
+    settled_without_a_switch(p2, loads, rejected + 2, activated)
     serves(p2, m, 1)
 
 
@@ -588,14 +621,21 @@ def test_a_new_version_takes_over_under_concurrent_traffic(p2: LiveP2, m: Versio
             time.sleep(0.02)
             yield body[i : i + step]
 
-    users = [threading.Thread(target=stateless, args=(f"u{i}",)) for i in range(2)]
-    users.append(threading.Thread(target=in_sessions, args=("s0",)))
+    users = [threading.Thread(target=stateless, args=(f"u{i}",), name=f"u{i}") for i in range(2)]
+    users.append(threading.Thread(target=in_sessions, args=("s0",), name="s0"))
+
+    def answered(version: int) -> bool:  # every user has had an answer under `version` (or failed)
+        names = [t.name for t in users]
+        return bool(failures) or all(
+            any(a.version == version and a.status == 200 for a in logs.get(n, [])) for n in names
+        )
+
     for t in users:
         t.start()
-    time.sleep(0.2)
+    wait_for(lambda: answered(1), 30, "every user to be served by v1")
     r = p2.push(slow_body(), digest, **{"Content-Length": str(len(body))})
     push_window.append(time.monotonic())
-    time.sleep(0.3)
+    wait_for(lambda: answered(2), 30, "every user to be served by v2")
     stop.set()
     for t in users:
         t.join(30)
