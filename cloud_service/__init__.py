@@ -14,7 +14,11 @@ if TYPE_CHECKING:
 # Imported on first use (FastAPI, torch), so `stip-cloud --help` stays fast.
 __getattr__ = lazy_attributes(
     __name__,
-    {"create_app": "cloud_service.app", "CloudSettings": "cloud_service.settings", "load_settings": "cloud_service.settings"},
+    {
+        "create_app": "cloud_service.app",
+        "CloudSettings": "cloud_service.settings",
+        "load_settings": "cloud_service.settings",
+    },
 )
 
 __all__ = ["CloudSettings", "create_app", "load_settings"]

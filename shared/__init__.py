@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from shared.keys import DeveloperKey, LayerKey, UserKey, draw_key
 
 # shared.keys needs torch: imported on first use, so `shared.errors` stays light.
-__getattr__ = lazy_attributes(__name__, dict.fromkeys(["DeveloperKey", "LayerKey", "UserKey", "draw_key"], "shared.keys"))
+__getattr__ = lazy_attributes(
+    __name__, dict.fromkeys(["DeveloperKey", "LayerKey", "UserKey", "draw_key"], "shared.keys")
+)
 
 __all__ = [
     "BadTensor",

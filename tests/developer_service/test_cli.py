@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -153,7 +154,9 @@ def test_client_commands(live_p1: str, model_dir: Path, tmp_path: Path, capsys, 
 
     code, out, err = run("issue-credential", dep_id, "--name", "alice", "--ttl-s", "600")
     assert code == 0 and out.startswith("stip1.") and out.count("\n") == 1 and "alice" not in out
-    assert "expires at" in err
+    # the expiry as an ISO date, about ten minutes from now
+    expires = datetime.fromisoformat(err.split(", expires ")[1].strip())
+    assert abs((expires - datetime.now(UTC)).total_seconds() - 600) < 60
     code, out, _ = run("rotate", dep_id, "--wait", "--poll-s", "0.05")
     assert code == 0 and json.loads(out)["key_version"] == 2
     code, out, _ = run("status", dep_id)
