@@ -240,7 +240,10 @@ class CloudService:
             credentials.verify(token, peer.verify_key if peer else dep.verify_key, deployment_id=other)
         except CredentialError as e:
             raise Unauthorized(f"invalid user credential: {e}") from None
-        raise Forbidden(f"the credential is for another deployment, not {dep.deployment_id!r}")
+        raise Forbidden(
+            f"the credential is for another deployment ({other!r}, not {dep.deployment_id!r}): use it with "
+            f"{other!r}, or ask the model owner for a credential for {dep.deployment_id!r}"
+        )
 
     def set_revocations(self, deployment_id: str, revocations: Revocations) -> RevocationsResult:
         """Replace a deployment's revoked credentials with P1's list, durably (blocking: disk).

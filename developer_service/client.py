@@ -23,6 +23,8 @@ from developer_service.schemas import (
     CreateDeployment,
     CredentialInfo,
     CredentialIssued,
+    DeletedDeployment,
+    DeletedModel,
     DeploymentStatus,
     IssueCredential,
     ModelInfo,
@@ -131,6 +133,14 @@ class DeveloperAdminClient:
         result: CredentialInfo = self._call(
             "DELETE", f"/v1/deployments/{deployment_id}/users/{user_id}", CredentialInfo
         )
+        return result
+
+    def delete_deployment(self, deployment_id: str) -> DeletedDeployment:
+        result: DeletedDeployment = self._call("DELETE", f"/v1/deployments/{deployment_id}", DeletedDeployment)
+        return result
+
+    def delete_model(self, model_id: str) -> DeletedModel:
+        result: DeletedModel = self._call("DELETE", f"/v1/models/{model_id}", DeletedModel)
         return result
 
     def wait(

@@ -260,6 +260,22 @@ def cmd_revoke(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
     return 0
 
 
+def cmd_delete_deployment(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
+    result = p1.delete_deployment(args.deployment_id)
+    _emit(result)
+    if not result.cloud_deleted:
+        sys.stderr.write(
+            f"{args.deployment_id} is deleted on P1 (keys and credentials); P2 has not confirmed yet: P1 keeps "
+            f"asking in the background (`stip-developer status {args.deployment_id}` shows why)\n"
+        )
+    return 0
+
+
+def cmd_delete_model(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
+    _emit(p1.delete_model(args.model_id))
+    return 0
+
+
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
