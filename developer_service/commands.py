@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -112,6 +113,31 @@ def cmd_transform(args: argparse.Namespace) -> int:
             "cloud_files": [str(f) for f in result.cloud_files],
         }
     )
+    return 0
+
+
+# --- example-model (offline) -----------------------------------------------------------------
+
+
+def cmd_example_model(args: argparse.Namespace) -> int:
+    """Write the demo's small decoder with RANDOM parameters; print its directory on stdout."""
+    import transformers
+
+    from user_client.demo import EXAMPLE_MODELS
+
+    transformers.utils.logging.disable_progress_bar()
+
+    out: Path = args.out.expanduser().resolve()
+    if out.exists():
+        raise CliError(f"{out} already exists: name a new directory (example-model writes a fresh one)", EXIT_USAGE)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    EXAMPLE_MODELS[args.family](out, seed=args.seed)
+    sys.stderr.write(
+        f"WARNING: {out} holds a {args.family} model with RANDOM weights, for trying STIP out: it generates "
+        "gibberish by design (its tokenizer is MiniLM's WordPiece). Register it with "
+        f"`stip-developer register {out}`.\n"
+    )
+    sys.stdout.write(f"{out}\n")
     return 0
 
 

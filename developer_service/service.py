@@ -106,7 +106,8 @@ def inspect_model(path: Path) -> tuple[str, list[str], int, int, int]:
     if not path.is_absolute():
         raise InvalidModel(f"model path must be absolute (a directory on P1's machine): {path}")
     if not path.is_dir():
-        raise InvalidModel(f"{path} is not a directory on P1's machine")
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise InvalidModel(f"{path} {what} on P1's machine: register a Hugging Face model directory there")
     config = read_config(path)
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):

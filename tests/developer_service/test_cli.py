@@ -43,7 +43,7 @@ def test_transform_writes_the_three_sides(model_dir: Path, tmp_path: Path, capsy
     assert (out / "user" / "tokenizer.json").is_file() and (out / "cloud" / "config.json").is_file()
     # a second run refuses to overwrite, clearly
     assert main(["transform", str(model_dir), "--out", str(out), "--quiet"]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "not empty" in (err := capsys.readouterr().err) and "--overwrite" in err
 
 
 def test_transform_without_config_fails_cleanly(tmp_path: Path, capsys) -> None:
@@ -53,6 +53,10 @@ def test_transform_without_config_fails_cleanly(tmp_path: Path, capsys) -> None:
     captured = capsys.readouterr()
     assert captured.err == f"error: {bad} has no config.json: not a Hugging Face model directory\n"
     assert captured.out == "" and _leftovers(tmp_path, "out") == []
+    # a directory that is not there is reported as missing, not as lacking a config.json
+    assert main(["transform", str(tmp_path / "typo"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"model directory {tmp_path / 'typo'} does not exist" in err and "config.json" not in err
 
 
 def test_transform_unknown_architecture_in_a_subprocess(tmp_path: Path) -> None:
