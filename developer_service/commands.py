@@ -193,6 +193,7 @@ class _ProgressView:
                     unit=unit,
                     unit_scale=scale,
                     unit_divisor=1024 if scale else 1000,
+                    smoothing=0,  # the rate is the average since the bar appeared: polls arrive in jumps
                     file=sys.stderr,
                 )
                 return
