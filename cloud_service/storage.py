@@ -158,7 +158,6 @@ class Storage:
             if f.name != record.file:
                 _remove(f)
 
-
     def remove_deployment(self, deployment_id: str) -> bool:
         """Delete a deployment's directory; True if there was one.
 

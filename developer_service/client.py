@@ -80,6 +80,11 @@ class DeveloperAdminClient:
             response = self._http.request(
                 method, path, json=None if body is None else body.model_dump(exclude_none=True)
             )
+        except httpx.ConnectError as e:
+            raise ClientError(
+                f"cannot reach P1 at {self.url}: {type(e).__name__}: {e}; is `stip-developer serve` running "
+                "there? (the URL: --developer-url or STIP_DEVELOPER_URL)"
+            ) from None
         except httpx.HTTPError as e:
             raise ClientError(f"cannot reach P1 at {self.url}: {type(e).__name__}: {e}") from None
         if not response.is_success:

@@ -74,3 +74,21 @@ def test_usage_errors_are_fast_and_name_the_subcommand(prog: str, argv: list[str
     usage = [line for line in done.stderr.splitlines() if line.startswith("usage:")]
     assert len(usage) == 1 and usage[0].startswith(f"usage: {subcommand} "), done.stderr  # not the top level's
     assert "HEAVY=\n" in done.stdout
+
+
+def test_every_subcommand_names_a_handler_that_exists() -> None:
+    """The dispatch tables (stip's COMMANDS / PASSTHROUGH, stip-developer's handler=) resolve."""
+    import argparse
+
+    from developer_service import cli as developer_cli
+    from user_client import cli as user_cli
+
+    def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return dict(action.choices)
+
+    assert set(subcommands(user_cli.build_parser())) == set(user_cli.COMMANDS) | set(user_cli.PASSTHROUGH)
+    for target in [*user_cli.COMMANDS.values(), *user_cli.PASSTHROUGH.values()]:
+        assert callable(user_cli.load(target)), target
+    for name, sub in subcommands(developer_cli.build_parser()).items():
+        assert callable(developer_cli.load(sub.get_default("handler"))), name

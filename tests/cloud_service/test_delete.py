@@ -70,9 +70,7 @@ def test_delete_removes_the_weights_the_sessions_and_the_files(
         assert_error(client.get(f"/v1/deployments/{DEPLOYMENT}"), 404, E_NOT_FOUND)
 
 
-def test_a_delete_cut_after_active_json_leaves_nothing_loadable(
-    tmp_path: Path, v1: Deployed, signer: Signer
-) -> None:
+def test_a_delete_cut_after_active_json_leaves_nothing_loadable(tmp_path: Path, v1: Deployed, signer: Signer) -> None:
     """A crash between removing active.json and the rest: the restart loads nothing and removes the version
     file; P1's retry then finds nothing (404, which P1 takes as done)."""
     data = tmp_path / "data"

@@ -83,7 +83,8 @@ def test_register_refuses_bad_directories_clearly(p1, model_dir: Path, tmp_path:
         message = _error(post({"path": str(mamba)}), 422, api.E_BAD_INPUT, "unsupported architecture")
         assert "MambaForCausalLM" in message and "LlamaForCausalLM" in message
         _error(post({"path": str(no_weights)}), 400, api.E_BAD_INPUT, "neither model.safetensors")
-        _error(post({"path": str(tmp_path / "absent")}), 400, api.E_BAD_INPUT, "not a directory")
+        _error(post({"path": str(tmp_path / "absent")}), 400, api.E_BAD_INPUT, "absent does not exist on P1's machine")
+        _error(post({"path": str(mamba / "config.json")}), 400, api.E_BAD_INPUT, "config.json is not a directory")
         _error(post({"path": "relative/dir"}), 400, api.E_BAD_INPUT, "absolute")
         _error(post({"name": "x"}), 422, api.E_BAD_INPUT, "path")
         r = client.post("/v1/models", content=b"{not json", headers={**admin(), "Content-Type": "application/json"})

@@ -182,4 +182,5 @@ def test_client_commands(live_p1: str, model_dir: Path, tmp_path: Path, capsys, 
     assert main(["models", "--developer-url", live_p1]) == 2
     assert "no admin token" in capsys.readouterr().err
     assert main(["models", "--developer-url", "http://127.0.0.1:9", "--admin-token", "x"]) == 1
-    assert "cannot reach P1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot reach P1 at http://127.0.0.1:9" in err and "--developer-url or STIP_DEVELOPER_URL" in err
