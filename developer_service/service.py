@@ -407,15 +407,22 @@ class DeveloperService:
         return False
 
     def _delete_on_cloud(self, deployment_id: str) -> bool:
-        """One attempt to have P2 drop the deployment; on success forget it on P1 as well."""
-        dep = self.store.get_deployment(deployment_id)
-        problem = self._pusher().delete_deployment(dep.cloud_url, deployment_id)
-        if problem is not None:
-            message = f"deleted on P1; P2 has not confirmed yet ({problem}); P1 keeps asking"
-            if dep.error != message:
-                self.store.update_deployment(deployment_id, error=message)
-            return False
-        self.store.remove_deployment(deployment_id)
+        """One attempt to have P2 drop the deployment; on success forget it on P1 as well.
+
+        Two attempts may overlap (a repeated DELETE and the background sender): the one that
+        finds the record already gone is done too.
+        """
+        try:
+            dep = self.store.get_deployment(deployment_id)
+            problem = self._pusher().delete_deployment(dep.cloud_url, deployment_id)
+            if problem is not None:
+                message = f"deleted on P1; P2 has not confirmed yet ({problem}); P1 keeps asking"
+                if dep.error != message:
+                    self.store.update_deployment(deployment_id, error=message)
+                return False
+            self.store.remove_deployment(deployment_id)
+        except UnknownDeployment:
+            return True
         log.info("deployment %s deleted on P1 and P2", deployment_id)
         return True
 

@@ -125,6 +125,8 @@ def test_p2_down_at_delete_is_told_later_also_after_a_restart(
         assert p1.post(f"/v1/deployments/{dep_id}/rotate", headers=admin()).status_code == 404
         assert not (tmp_path / "p1" / "deployments" / dep_id).exists()
         assert p2_deployments(tmp_path) == [dep_id]  # P2 still holds θ′
+        again = p1.delete(f"/v1/deployments/{dep_id}", headers=admin())  # asking again is harmless
+        assert again.status_code == 200 and again.json()["status"] == "deleting"
     # P1 stopped (or crashed) before P2 confirmed: the durable `deleting` mark finishes it on restart
     transport.down = False
     with developer(tmp_path, transport) as p1:
