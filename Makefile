@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint typecheck unit clean
+.PHONY: install demo test lint typecheck unit clean secrets
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ unit: $(STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+# The two tokens docker-compose.yml reads as secrets (./secrets, owner-only); existing ones are kept.
+secrets:
+	@umask 077 && mkdir -p secrets && for name in admin_token push_token; do \
+	  test -s secrets/$$name || $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(24))' > secrets/$$name; \
+	done
+	@echo "secrets/admin_token and secrets/push_token are ready"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -47,6 +47,7 @@ from shared.api import (
     E_TOO_MANY_SESSIONS,
     E_UNAUTHORIZED,
     KEY_VERSION_HEADER,
+    DeploymentDeleted,
     ErrorBody,
     OutputMode,
     Revocations,
@@ -306,6 +307,17 @@ async def push_weights(
 async def put_revocations(deployment_id: str, body: Revocations, service: ServiceDep) -> RevocationsResult:
     """Replace the deployment's revoked credentials: P2 refuses them (401) until they expire."""
     return await anyio.to_thread.run_sync(service.set_revocations, deployment_id, body)
+
+
+@v1.delete(
+    DEPLOYMENT_PATH,
+    response_model=DeploymentDeleted,
+    tags=["P1 -> P2"],
+    dependencies=[Depends(push_authorized)],
+)
+async def delete_deployment(deployment_id: str, service: ServiceDep) -> DeploymentDeleted:
+    """Remove θ′ and end the deployment's sessions (P1 deleted the deployment)."""
+    return await service.delete_deployment(deployment_id)
 
 
 @v1.get(DEPLOYMENT_PATH, response_model=DeploymentInfo, tags=["public"])

@@ -2,18 +2,22 @@
 
 Every flag has an environment twin (`STIP_CLOUD_HOST`, `STIP_CLOUD_PORT`,
 `STIP_CLOUD_DATA_DIR`, ...; see cloud_service.settings); a flag given wins.
+
+Arguments are parsed (and `--help` answered) before pydantic, uvicorn, FastAPI or torch load.
 """
+
+from __future__ import annotations
 
 import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import uvicorn
-from pydantic import ValidationError
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
-from cloud_service.app import create_app
-from cloud_service.settings import CloudSettings, load_settings
+    from cloud_service.settings import CloudSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> CloudSettings:
+    from cloud_service.settings import load_settings
+
     return load_settings(
         host=args.host,
         port=args.port,
@@ -48,6 +54,11 @@ def _describe(e: ValidationError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import uvicorn
+    from pydantic import ValidationError
+
+    from cloud_service.app import create_app
+
     try:
         settings = settings_from_args(args)
     except ValidationError as e:

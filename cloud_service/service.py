@@ -65,6 +65,7 @@ from shared.api import (
     PUSH_VERIFY_KEY,
     TOPK_INDICES,
     TOPK_VALUES,
+    DeploymentDeleted,
     DeploymentInfo,
     PushResult,
     Revocations,
@@ -237,7 +238,10 @@ class CloudService:
             credentials.verify(token, peer.verify_key if peer else dep.verify_key, deployment_id=other)
         except CredentialError as e:
             raise Unauthorized(f"invalid user credential: {e}") from None
-        raise Forbidden(f"the credential is for another deployment, not {dep.deployment_id!r}")
+        raise Forbidden(
+            f"the credential is for another deployment ({other!r}, not {dep.deployment_id!r}): use it with "
+            f"{other!r}, or ask the model owner for a credential for {dep.deployment_id!r}"
+        )
 
     def set_revocations(self, deployment_id: str, revocations: Revocations) -> RevocationsResult:
         """Replace a deployment's revoked credentials with P1's list, durably (blocking: disk).
@@ -253,6 +257,28 @@ class CloudService:
             self._revoked[deployment_id] = live
         log.info("deployment %s: %d revoked credential(s) refused until they expire", deployment_id, len(live))
         return RevocationsResult(deployment_id=deployment_id, revoked=len(live))
+
+    async def delete_deployment(self, deployment_id: str) -> DeploymentDeleted:
+        """Forget a deployment (P1 deleted it): unload θ′, end its sessions, remove its files.
+
+        The caller has checked the push token. Idempotent while files remain; UnknownDeployment
+        (404, which P1 takes as done) when there is neither a loaded deployment nor a directory.
+        """
+        if not valid_deployment_id(deployment_id):
+            raise UnknownDeployment(f"unknown deployment {deployment_id!r}")
+        async with self._push_locks.setdefault(deployment_id, anyio.Lock()):  # not during a push's switch
+            dep = self._deployments.pop(deployment_id, None)
+            ended = self.sessions.drop_deployment(deployment_id)
+            with self._revocations_lock:
+                self._revoked.pop(deployment_id, None)
+            removed = await anyio.to_thread.run_sync(self.storage.remove_deployment, deployment_id)
+        if dep is None and not removed:
+            raise UnknownDeployment(f"unknown deployment {deployment_id!r}")
+        if dep is not None and dep.model.device.type == "cuda":
+            del dep  # requests still in flight keep their reference until they finish
+            torch.cuda.empty_cache()
+        log.info("deployment %s deleted: θ′ unloaded and removed, %d session(s) ended", deployment_id, ended)
+        return DeploymentDeleted(deployment_id=deployment_id, sessions_ended=ended)
 
     def check_key_version(self, dep: Deployment, key_version: int | None) -> None:
         if key_version is not None and key_version != dep.key_version:

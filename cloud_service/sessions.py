@@ -140,6 +140,15 @@ class SessionStore:
                 session.cache, session.mask = None, None
             self._expired.pop(session_id, None)
 
+    def drop_deployment(self, deployment_id: str) -> int:
+        """End every live session of a deployment (it is being deleted); they answer 404 afterwards."""
+        with self._lock:
+            ended = [sid for sid, s in self._live.items() if s.deployment_id == deployment_id]
+            for sid in ended:
+                session = self._live.pop(sid)
+                session.cache, session.mask = None, None
+            return len(ended)
+
     def drop_stale(self, deployment_id: str, active_version: int) -> int:
         """Free the caches of a deployment's sessions under older key versions (after a rotation)."""
         n = 0

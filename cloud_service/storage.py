@@ -5,6 +5,8 @@
     DATA/deployments/{id}/active.json      which file serves (ActiveRecord), tmp + os.replace
     DATA/deployments/{id}/revoked.json     credentials P1 revoked (shared.api.Revocations), tmp + os.replace
 
+A deleted deployment's directory is removed whole, `active.json` first (`remove_deployment`).
+
 A version file appears only when its push is complete, verified and loaded; `active.json`
 switches to it in one rename, and the previous version file is removed after the switch.
 `prepare` (at startup) deletes whatever a crash left behind: partial pushes, version files
@@ -155,6 +157,25 @@ class Storage:
         for f in d.glob("v*.safetensors"):
             if f.name != record.file:
                 _remove(f)
+
+    def remove_deployment(self, deployment_id: str) -> bool:
+        """Delete a deployment's directory; True if there was one.
+
+        `active.json` goes first (unlink, then fsync of the directory), so a crash part-way
+        leaves a directory that no restart loads: `prepare` then removes its version files,
+        and P1, which retries the delete until P2 answers, removes the rest.
+        """
+        d = self.deployments_dir / deployment_id
+        if not d.is_dir():
+            return False
+        (d / ACTIVE).unlink(missing_ok=True)
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        shutil.rmtree(d)
+        return True
 
 
 def _remove(path: Path) -> None:

@@ -4,16 +4,25 @@
 `DeveloperAdminClient` talks to a running P1; the `stip-developer` CLI wraps all three.
 """
 
-from developer_service.client import ClientError, DeveloperAdminClient
-from developer_service.settings import DeveloperSettings, load_settings
+from typing import TYPE_CHECKING
+
+from shared.lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from developer_service.app import create_app
+    from developer_service.client import ClientError, DeveloperAdminClient
+    from developer_service.settings import DeveloperSettings, load_settings
 
 __all__ = ["ClientError", "DeveloperAdminClient", "DeveloperSettings", "create_app", "load_settings"]
 
-
-def __getattr__(name: str) -> object:
-    # create_app pulls in FastAPI and torch; import it on first use only.
-    if name == "create_app":
-        from developer_service.app import create_app
-
-        return create_app
-    raise AttributeError(name)
+# Imported on first use (httpx, pydantic, FastAPI, torch), so `stip-developer --help` stays fast.
+__getattr__ = lazy_attributes(
+    __name__,
+    {
+        "create_app": "developer_service.app",
+        "ClientError": "developer_service.client",
+        "DeveloperAdminClient": "developer_service.client",
+        "DeveloperSettings": "developer_service.settings",
+        "load_settings": "developer_service.settings",
+    },
+)

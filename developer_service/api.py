@@ -19,6 +19,8 @@ from developer_service.schemas import (
     CreateDeployment,
     CredentialInfo,
     CredentialIssued,
+    DeletedDeployment,
+    DeletedModel,
     DeploymentStatus,
     ErrorResponse,
     Health,
@@ -168,6 +170,12 @@ def get_model(model_id: str, service: ServiceDep, _: AdminDep) -> ModelInfo:
     return service.model(model_id)
 
 
+@router.delete("/v1/models/{model_id}", tags=["models"])
+def delete_model(model_id: str, service: ServiceDep, _: AdminDep) -> DeletedModel:
+    """Unregister a model no deployment uses (409 names them); the directory stays on disk."""
+    return service.delete_model(model_id)
+
+
 # --- deployments ---------------------------------------------------------------------------
 
 
@@ -187,6 +195,12 @@ def list_deployments(service: ServiceDep, _: AdminDep) -> list[DeploymentStatus]
 @router.get("/v1/deployments/{deployment_id}", tags=["deployments"])
 def get_deployment(deployment_id: str, service: ServiceDep, _: AdminDep) -> DeploymentStatus:
     return service.deployment(deployment_id)
+
+
+@router.delete("/v1/deployments/{deployment_id}", tags=["deployments"])
+def delete_deployment(deployment_id: str, service: ServiceDep, _: AdminDep) -> DeletedDeployment:
+    """Delete keys, versions and credentials on P1, θ′ and sessions on P2 (in the background if P2 is down)."""
+    return service.delete_deployment(deployment_id)
 
 
 @router.post("/v1/deployments/{deployment_id}/rotate", status_code=status.HTTP_202_ACCEPTED, tags=["deployments"])

@@ -23,6 +23,8 @@ from developer_service.schemas import (
     CreateDeployment,
     CredentialInfo,
     CredentialIssued,
+    DeletedDeployment,
+    DeletedModel,
     DeploymentStatus,
     IssueCredential,
     ModelInfo,
@@ -78,6 +80,11 @@ class DeveloperAdminClient:
             response = self._http.request(
                 method, path, json=None if body is None else body.model_dump(exclude_none=True)
             )
+        except httpx.ConnectError as e:
+            raise ClientError(
+                f"cannot reach P1 at {self.url}: {type(e).__name__}: {e}; is `stip-developer serve` running "
+                "there? (the URL: --developer-url or STIP_DEVELOPER_URL)"
+            ) from None
         except httpx.HTTPError as e:
             raise ClientError(f"cannot reach P1 at {self.url}: {type(e).__name__}: {e}") from None
         if not response.is_success:
@@ -131,6 +138,14 @@ class DeveloperAdminClient:
         result: CredentialInfo = self._call(
             "DELETE", f"/v1/deployments/{deployment_id}/users/{user_id}", CredentialInfo
         )
+        return result
+
+    def delete_deployment(self, deployment_id: str) -> DeletedDeployment:
+        result: DeletedDeployment = self._call("DELETE", f"/v1/deployments/{deployment_id}", DeletedDeployment)
+        return result
+
+    def delete_model(self, model_id: str) -> DeletedModel:
+        result: DeletedModel = self._call("DELETE", f"/v1/models/{model_id}", DeletedModel)
         return result
 
     def wait(

@@ -60,6 +60,17 @@ def _error_detail(response: httpx.Response) -> str:
         return response.text[:200] or response.reason_phrase
 
 
+def _refusal(response: httpx.Response) -> str:
+    """P2's error, with the fix when it refused P1's push token."""
+    detail = _error_detail(response)
+    if response.status_code == 401:
+        detail += (
+            "; P1's push token (STIP_DEVELOPER_PUSH_TOKEN) must equal P2's (STIP_CLOUD_PUSH_TOKEN): "
+            "set both to the same value and restart the service whose token changed"
+        )
+    return detail
+
+
 class Pusher:
     """Pushes θ′ to P2 with retries on network errors and 5xx, never on 4xx or an untrusted certificate."""
 
@@ -92,7 +103,7 @@ class Pusher:
             else:
                 if response.is_success:
                     return self._result(request, response, digest)
-                error = PushFailed(f"P2 refused the push (HTTP {response.status_code}): {_error_detail(response)}")
+                error = PushFailed(f"P2 refused the push (HTTP {response.status_code}): {_refusal(response)}")
                 if response.status_code not in RETRY_STATUSES:
                     raise error
             # The body may have arrived even though the answer did not: ask P2.
@@ -163,8 +174,23 @@ class Pusher:
             return False
         if response.is_success or response.status_code == 404:
             return True
-        log.warning("P2 refused the revocations (HTTP %d): %s", response.status_code, _error_detail(response))
+        log.warning("P2 refused the revocations (HTTP %d): %s", response.status_code, _refusal(response))
         return False
+
+    def delete_deployment(self, cloud_url: str, deployment_id: str, timeout_s: float = 30.0) -> str | None:
+        """Ask P2 to remove θ′ and the sessions; None once P2 holds nothing of it, else why not.
+
+        P2's 404 counts as done: it has no such deployment (never pushed, or already deleted).
+        """
+        url = f"{cloud_url}/v1/deployments/{deployment_id}"
+        headers = {"Authorization": f"Bearer {self._token}"}
+        try:
+            response = self._client.delete(url, headers=headers, timeout=timeout_s)
+        except httpx.HTTPError as e:
+            return f"cannot reach P2 at {cloud_url}: {type(e).__name__}"
+        if response.is_success or response.status_code == 404:
+            return None
+        return f"P2 refused the delete (HTTP {response.status_code}): {_refusal(response)}"
 
     def cloud_version(self, cloud_url: str, deployment_id: str, timeout_s: float = 10.0) -> int | None:
         """The key version P2 reports active for a deployment, or None (unknown or unreachable)."""

@@ -25,6 +25,7 @@ import httpx
 from developer_service.bundle import MANIFEST, Bundle, open_bundle
 from developer_service.errors import (
     BadRequest,
+    Conflict,
     DeveloperError,
     Forbidden,
     InvalidModel,
@@ -33,6 +34,7 @@ from developer_service.errors import (
     NoActiveVersion,
     NotConfigured,
     Unauthorized,
+    UnknownDeployment,
 )
 from developer_service.metrics import Metrics
 from developer_service.push import Pusher, PushRequest
@@ -40,6 +42,8 @@ from developer_service.schemas import (
     CreateDeployment,
     CredentialInfo,
     CredentialIssued,
+    DeletedDeployment,
+    DeletedModel,
     DeploymentStatus,
     IssueCredential,
     ModelInfo,
@@ -102,7 +106,8 @@ def inspect_model(path: Path) -> tuple[str, list[str], int, int, int]:
     if not path.is_absolute():
         raise InvalidModel(f"model path must be absolute (a directory on P1's machine): {path}")
     if not path.is_dir():
-        raise InvalidModel(f"{path} is not a directory on P1's machine")
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise InvalidModel(f"{path} {what} on P1's machine: register a Hugging Face model directory there")
     config = read_config(path)
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
@@ -157,6 +162,7 @@ class DeveloperService:
         self._lock = threading.RLock()  # serialises job start/commit against reads of versions
         self._jobs: dict[str, _Job] = {}
         self._revocation_syncs: dict[str, threading.Thread] = {}  # deployment -> retrying sender
+        self._delete_syncs: dict[str, threading.Thread] = {}  # deployment -> retrying delete on P2
         self._progress: dict[str, Progress] = {}
         self._slots = threading.Semaphore(settings.max_parallel_jobs)
         self.ready = False
@@ -166,9 +172,11 @@ class DeveloperService:
     def start(self) -> None:
         """Recover from an interrupted run, then accept requests."""
         self._recover()
-        for dep in self.store.list_deployments():  # P2 may have missed a revocation while P1 was down
-            if dep.key_version is not None and self._revocations(dep.deployment_id).revoked:
-                self._start_revocation_sync(dep.deployment_id)
+        for dep in self.store.list_deployments():
+            if dep.status == "deleting":  # a delete that P2 had not confirmed when P1 stopped
+                self._finish_delete(dep.deployment_id, background=True)
+            elif dep.key_version is not None and self._revocations(dep.deployment_id).revoked:
+                self._start_revocation_sync(dep.deployment_id)  # P2 may have missed one while P1 was down
         if self.settings.admin_token is None:
             log.warning("no admin token configured: the /v1 admin routes answer 503")
         if self.settings.push_token is None:
@@ -183,7 +191,8 @@ class DeveloperService:
         self.ready = False
         self._closing.set()
         deadline = time.monotonic() + timeout_s
-        threads = [job.thread for job in list(self._jobs.values())] + list(self._revocation_syncs.values())
+        threads = [job.thread for job in list(self._jobs.values())]
+        threads += [*self._revocation_syncs.values(), *self._delete_syncs.values()]
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._http.close()
@@ -207,6 +216,8 @@ class DeveloperService:
         `rotating` meanwhile and users keep the active version.
         """
         for dep in self.store.list_deployments():
+            if dep.status == "deleting":
+                continue  # start() finishes the delete
             if dep.status not in ("pending", "rotating"):
                 self._prune(dep.deployment_id, keep=dep.key_version)
                 continue
@@ -288,6 +299,20 @@ class DeveloperService:
         log.info("registered model %s (%s, %s) from %s", record.model_id, name, family, path)
         return ModelInfo.model_validate(record.model_dump()), True
 
+    def delete_model(self, model_id: str) -> DeletedModel:
+        """Unregister a model that no deployment uses; its directory on disk is left alone."""
+        with self._lock:
+            model = self.store.get_model(model_id)
+            users = sorted(d.deployment_id for d in self.store.list_deployments() if d.model_id == model_id)
+            if users:
+                raise Conflict(
+                    f"model {model_id} is used by deployment(s) {', '.join(users)}: delete them first "
+                    "(stip-developer delete-deployment DEPLOYMENT_ID)"
+                )
+            self.store.remove_model(model_id)
+        log.info("unregistered model %s (%s); %s is left on disk", model_id, model.name, model.path)
+        return DeletedModel(model_id=model_id, path=model.path)
+
     def models(self) -> list[ModelInfo]:
         return [ModelInfo.model_validate(m.model_dump()) for m in self.store.list_models()]
 
@@ -326,6 +351,7 @@ class DeveloperService:
             dep = self.store.get_deployment(deployment_id)
             if dep.status in ("pending", "rotating"):
                 raise JobRunning(f"deployment {deployment_id} has a job running; wait for it to finish")
+            self._refuse_deleting(dep)
             version = dep.last_version + 1
             self.store.update_deployment(
                 deployment_id,
@@ -341,6 +367,92 @@ class DeveloperService:
 
     def deployment(self, deployment_id: str) -> DeploymentStatus:
         return self._status(self.store.get_deployment(deployment_id))
+
+    # --- deletion ----------------------------------------------------------------------------
+
+    def delete_deployment(self, deployment_id: str) -> DeletedDeployment:
+        """Delete a deployment on P1 and P2: keys, versions, credentials, θ′ and sessions.
+
+        Crash-safe order: the record is marked `deleting` durably first (from then on no bundle
+        is handed out and no credential accepted), then P1's key material is removed, then P2
+        is told; only once P2 holds nothing of it does the record (with its credentials) go,
+        in one atomic write. A P2 that cannot be told now is told in the background, with
+        backoff, and again on every start of P1 until it confirms.
+        """
+        with self._lock:
+            dep = self.store.get_deployment(deployment_id)
+            if dep.status in ("pending", "rotating"):
+                raise JobRunning(
+                    f"deployment {deployment_id} has a job running ({dep.status}); wait for it to end "
+                    f"(stip-developer status {deployment_id}), then delete it"
+                )
+            credentials = len(self.store.list_credentials(deployment_id))
+            if dep.status != "deleting":
+                self.store.update_deployment(deployment_id, status="deleting", error=None)
+        log.info("deployment %s: deleting (%d credential(s) revoked)", deployment_id, credentials)
+        done = self._finish_delete(deployment_id, background=False)
+        return DeletedDeployment(
+            deployment_id=deployment_id,
+            status="deleted" if done else "deleting",
+            credentials_revoked=credentials,
+            cloud_deleted=done,
+        )
+
+    def _finish_delete(self, deployment_id: str, *, background: bool) -> bool:
+        """Remove P1's files, then (now, or in the background) P2's copy, then the record."""
+        shutil.rmtree(self._deployment_dir(deployment_id), ignore_errors=True)
+        self._progress.pop(deployment_id, None)
+        if not background and self._delete_on_cloud(deployment_id):
+            return True
+        self._start_delete_sync(deployment_id)
+        return False
+
+    def _delete_on_cloud(self, deployment_id: str) -> bool:
+        """One attempt to have P2 drop the deployment; on success forget it on P1 as well.
+
+        Two attempts may overlap (a repeated DELETE and the background sender): the one that
+        finds the record already gone is done too.
+        """
+        try:
+            dep = self.store.get_deployment(deployment_id)
+            problem = self._pusher().delete_deployment(dep.cloud_url, deployment_id)
+            if problem is not None:
+                message = f"deleted on P1; P2 has not confirmed yet ({problem}); P1 keeps asking"
+                if dep.error != message:
+                    self.store.update_deployment(deployment_id, error=message)
+                return False
+            self.store.remove_deployment(deployment_id)
+        except UnknownDeployment:
+            return True
+        log.info("deployment %s deleted on P1 and P2", deployment_id)
+        return True
+
+    def _start_delete_sync(self, deployment_id: str) -> None:
+        """Ask P2 again with backoff (up to 30 s apart) until it confirms or P1 stops."""
+
+        def run() -> None:
+            delay = 1.0
+            try:
+                while not self._closing.wait(delay):
+                    if self._delete_on_cloud(deployment_id):
+                        return
+                    delay = min(2 * delay, 30.0)
+            finally:
+                with self._lock:
+                    self._delete_syncs.pop(deployment_id, None)
+
+        with self._lock:
+            if deployment_id in self._delete_syncs:
+                return
+            thread = threading.Thread(target=run, name=f"stip-delete-{deployment_id}", daemon=True)
+            self._delete_syncs[deployment_id] = thread
+        log.warning("deployment %s: P2 has not confirmed the delete yet; retrying in the background", deployment_id)
+        thread.start()
+
+    @staticmethod
+    def _refuse_deleting(dep: DeploymentRecord) -> None:
+        if dep.status == "deleting":
+            raise UnknownDeployment(f"deployment {dep.deployment_id} is being deleted")
 
     def deployments(self) -> list[DeploymentStatus]:
         return [self._status(d) for d in self.store.list_deployments()]
@@ -548,7 +660,7 @@ class DeveloperService:
     # --- credentials -----------------------------------------------------------------------
 
     def issue_credential(self, deployment_id: str, request: IssueCredential) -> CredentialIssued:
-        self.store.get_deployment(deployment_id)  # 404 for an unknown deployment
+        self._refuse_deleting(self.store.get_deployment(deployment_id))  # 404 for an unknown deployment
         ttl_s = request.ttl_s or self.settings.credential_ttl_s
         user_id = _new_id("u")
         token, claims = self.signer.issue(subject=user_id, deployment_id=deployment_id, ttl_s=ttl_s)
@@ -599,9 +711,12 @@ class DeveloperService:
 
     def _send_revocations(self, deployment_id: str) -> bool:
         """One attempt to replace P2's list with the current one; True when P2 holds it."""
-        dep = self.store.get_deployment(deployment_id)
-        if dep.key_version is None and dep.pending_key_version is None:
-            return True  # nothing on P2 to protect; the first push sends the list
+        try:
+            dep = self.store.get_deployment(deployment_id)
+        except UnknownDeployment:
+            return True  # deleted meanwhile: P2 holds nothing of it
+        if dep.status == "deleting" or (dep.key_version is None and dep.pending_key_version is None):
+            return True  # nothing on P2 to protect (or soon): the first push sends the list
         return self._pusher().send_revocations(dep.cloud_url, deployment_id, self._revocations(deployment_id))
 
     def _start_revocation_sync(self, deployment_id: str) -> None:
@@ -669,8 +784,14 @@ class DeveloperService:
             raise Unauthorized("unknown user credential")
         if record.revoked_at is not None:
             raise Unauthorized("user credential has been revoked")
+        if self.store.get_deployment(record.deployment_id).status == "deleting":
+            raise Unauthorized(f"the credential's deployment {record.deployment_id} has been deleted")
         if record.deployment_id != deployment_id:
-            raise Forbidden("credential is for another deployment")
+            raise Forbidden(
+                f"credential is for another deployment ({record.deployment_id!r}, not {deployment_id!r}): use it "
+                f"with {record.deployment_id!r}, or issue one for {deployment_id!r} "
+                f"(stip-developer issue-credential {deployment_id})"
+            )
         return claims
 
     # --- the user bundle -------------------------------------------------------------------
@@ -679,6 +800,7 @@ class DeveloperService:
         """The active version's user/ directory as a tar, files opened now (see bundle.py)."""
         with self._lock:
             dep = self.store.get_deployment(deployment_id)
+            self._refuse_deleting(dep)
             if dep.key_version is None:
                 raise NoActiveVersion(f"deployment {deployment_id} has no active key version yet (status {dep.status})")
             user_dir = self._version_dir(deployment_id, dep.key_version) / "user"
@@ -690,7 +812,7 @@ class DeveloperService:
     # --- metrics -----------------------------------------------------------------------------
 
     def _refresh_gauges(self) -> None:
-        counts = dict.fromkeys(("pending", "active", "rotating", "failed"), 0)
+        counts = dict.fromkeys(("pending", "active", "rotating", "failed", "deleting"), 0)
         for dep in self.store.list_deployments():
             counts[dep.status] += 1
         for status, n in counts.items():

@@ -21,7 +21,7 @@ from shared.files import write_atomic
 
 STATE_FORMAT = 1
 
-DeploymentState = Literal["pending", "active", "rotating", "failed"]
+DeploymentState = Literal["pending", "active", "rotating", "failed", "deleting"]
 
 
 class ModelRecord(ModelInfo):
@@ -105,6 +105,13 @@ class Store:
         with self._lock:
             return [m.model_copy() for m in self._state.models.values()]
 
+    def remove_model(self, model_id: str) -> ModelRecord:
+        with self._lock:
+            record = self.get_model(model_id)
+            del self._state.models[model_id]
+            self._save()
+            return record
+
     # --- deployments ---------------------------------------------------------------------
 
     def add_deployment(self, record: DeploymentRecord) -> None:
@@ -131,6 +138,18 @@ class Store:
             self._state.deployments[deployment_id] = updated
             self._save()
             return updated.model_copy()
+
+    def remove_deployment(self, deployment_id: str) -> int:
+        """Forget a deployment and its credentials in one write; returns how many credentials went."""
+        with self._lock:
+            self.get_deployment(deployment_id)
+            del self._state.deployments[deployment_id]
+            gone = [u for u, c in self._state.credentials.items() if c.deployment_id == deployment_id]
+            for user_id in gone:
+                record = self._state.credentials.pop(user_id)
+                self._by_hash.pop(record.token_sha256, None)
+            self._save()
+            return len(gone)
 
     # --- credentials ---------------------------------------------------------------------
 

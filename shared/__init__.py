@@ -3,6 +3,8 @@
 Pure: nothing here imports an HTTP library. Services and the SDK build on it.
 """
 
+from typing import TYPE_CHECKING
+
 from shared.errors import (
     BadTensor,
     CheckpointError,
@@ -10,7 +12,15 @@ from shared.errors import (
     StipCoreError,
     UnsupportedModel,
 )
-from shared.keys import DeveloperKey, LayerKey, UserKey, draw_key
+from shared.lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from shared.keys import DeveloperKey, LayerKey, UserKey, draw_key
+
+# shared.keys needs torch: imported on first use, so `shared.errors` stays light.
+__getattr__ = lazy_attributes(
+    __name__, dict.fromkeys(["DeveloperKey", "LayerKey", "UserKey", "draw_key"], "shared.keys")
+)
 
 __all__ = [
     "BadTensor",

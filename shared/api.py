@@ -103,6 +103,13 @@ class RevocationsResult(BaseModel):
     revoked: int = Field(description="entries P2 now holds (expired ones dropped)")
 
 
+class DeploymentDeleted(BaseModel):
+    """P2's answer to `DELETE /v1/deployments/{id}` (P1's push token): θ′, its files and its sessions are gone."""
+
+    deployment_id: str
+    sessions_ended: int = Field(description="live sessions of the deployment that ended (404 afterwards)")
+
+
 class SessionCreated(BaseModel):
     session_id: str
     deployment_id: str
@@ -145,11 +152,29 @@ class DeploymentStatus(BaseModel):
     model_id: str
     family: str
     cloud_url: str
-    status: Literal["pending", "active", "rotating", "failed"]
+    status: Literal["pending", "active", "rotating", "failed", "deleting"]
     key_version: int | None = Field(None, description="the version users get (active on P2)")
     pending_key_version: int | None = None
     progress: Progress
     error: str | None = None
+
+
+class DeletedDeployment(BaseModel):
+    """P1's answer to `DELETE /v1/deployments/{id}`."""
+
+    deployment_id: str
+    status: Literal["deleted", "deleting"] = Field(
+        description="deleted: gone on P1 and P2; deleting: gone on P1, P2 not reached yet (P1 keeps asking)"
+    )
+    credentials_revoked: int
+    cloud_deleted: bool = Field(description="P2 has removed θ′ and ended the deployment's sessions")
+
+
+class DeletedModel(BaseModel):
+    """P1's answer to `DELETE /v1/models/{id}`: the registry entry is gone (the directory is untouched)."""
+
+    model_id: str
+    path: str
 
 
 class IssueCredential(BaseModel):

@@ -61,6 +61,9 @@ BUNDLE_FORMAT = "1"
 
 def read_config(model_dir: Path) -> Config:
     path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        what = "is not a directory" if Path(model_dir).exists() else "does not exist"
+        raise CheckpointError(f"model directory {model_dir} {what}: give the path of a Hugging Face model directory")
     if not path.is_file():
         raise CheckpointError(f"{model_dir} has no config.json: not a Hugging Face model directory")
     try:
@@ -207,7 +210,10 @@ def transform_model_dir(
     if key is None:
         key = draw_key(family.dims(config), key_version=key_version)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out_dir} exists and is not empty")
+        raise CheckpointError(
+            f"{out_dir} exists and is not empty: choose another output directory, or replace it "
+            "(--overwrite; overwrite=True in Python)"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:

@@ -119,7 +119,10 @@ def verify(token: str, public_key: str, *, deployment_id: str, now: int | None =
     except (ValueError, TypeError, RecursionError):
         raise CredentialError("malformed credential") from None
     if claims.dep != deployment_id:
-        raise CredentialError("credential is for another deployment")
+        raise CredentialError(
+            f"credential is for another deployment ({claims.dep!r}, not {deployment_id!r}): use it with "
+            f"{claims.dep!r}, or ask the model owner for a credential for {deployment_id!r}"
+        )
     if (int(time.time()) if now is None else now) >= claims.exp:
         raise CredentialError("credential has expired")
     return claims

@@ -2,6 +2,8 @@
 
 import copy
 import json
+import stat
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -80,3 +82,17 @@ def test_dockerfile_pins_torch_and_installs_the_package() -> None:
     assert "torch==2.13.0" in text and "pip install ." in text
     for package in ("shared", "developer_service", "cloud_service", "user_client"):
         assert f"COPY {package} ./{package}" in text
+
+
+def test_make_secrets_writes_the_tokens_compose_reads(compose: dict, tmp_path: Path) -> None:
+    """docker-compose.yml points at `make secrets`: the target exists and writes what the file names."""
+    assert "make secrets" in (ROOT / "docker-compose.yml").read_text()
+    run = ["make", "-s", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), "secrets"]
+    subprocess.run(run, check=True, capture_output=True, timeout=60)
+    files = {name: tmp_path / spec["file"] for name, spec in compose["secrets"].items()}
+    assert set(files) == {"admin_token", "push_token"}
+    tokens = {name: path.read_text().strip() for name, path in files.items()}
+    assert len(set(tokens.values())) == 2 and all(len(t) >= 32 for t in tokens.values())
+    assert all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in files.values())
+    subprocess.run(run, check=True, capture_output=True, timeout=60)  # a second run keeps them
+    assert {name: path.read_text().strip() for name, path in files.items()} == tokens

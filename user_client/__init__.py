@@ -12,23 +12,55 @@ tokenizer), embeds and permutes locally, sends only x·π to P2, un-permutes wha
 samples locally.
 """
 
-from user_client.bundle import Bundle, BundleCache
-from user_client.client import Session, Step, StipClient, TopK
-from user_client.errors import (
-    AuthError,
-    BadRequest,
-    BundleError,
-    KeyOutdated,
-    NotFound,
-    RateLimited,
-    ServerError,
-    SessionExpired,
-    StipError,
-    TransportError,
+from typing import TYPE_CHECKING
+
+from shared.lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from user_client.bundle import Bundle, BundleCache
+    from user_client.client import Session, Step, StipClient, TopK
+    from user_client.errors import (
+        AuthError,
+        BadRequest,
+        BundleError,
+        KeyOutdated,
+        NotFound,
+        RateLimited,
+        ServerError,
+        SessionExpired,
+        StipError,
+        TransportError,
+    )
+    from user_client.images import Classification, ImageEmbedding
+    from user_client.sampling import SamplingParams
+    from user_client.settings import ClientSettings
+
+# Imported on first use (the SDK needs torch and transformers), so `stip --help` stays fast.
+__getattr__ = lazy_attributes(
+    __name__,
+    {
+        **dict.fromkeys(["Bundle", "BundleCache"], "user_client.bundle"),
+        **dict.fromkeys(["Session", "Step", "StipClient", "TopK"], "user_client.client"),
+        **dict.fromkeys(["Classification", "ImageEmbedding"], "user_client.images"),
+        **dict.fromkeys(
+            [
+                "AuthError",
+                "BadRequest",
+                "BundleError",
+                "KeyOutdated",
+                "NotFound",
+                "RateLimited",
+                "ServerError",
+                "SessionExpired",
+                "StipError",
+                "TransportError",
+            ],
+            "user_client.errors",
+        ),
+        "SamplingParams": "user_client.sampling",
+        "ClientSettings": "user_client.settings",
+    },
 )
-from user_client.images import Classification, ImageEmbedding
-from user_client.sampling import SamplingParams
-from user_client.settings import ClientSettings
 
 __all__ = [
     "AuthError",

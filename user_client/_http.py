@@ -142,7 +142,10 @@ class Http:
                     self._sleep(attempt, None)
                     attempt += 1
                     continue
-                raise TransportError(f"{what}: cannot connect: {e}") from e
+                raise TransportError(
+                    f"{what}: cannot connect to {self.client.base_url}: {e}; is the service running, "
+                    "and is the URL right?"
+                ) from e
             except httpx.TransportError as e:
                 if idempotent and attempt < limit:
                     log.warning("%s: %s, retrying", what, type(e).__name__)

@@ -10,20 +10,31 @@ Connection options fall back to the STIP_CLIENT_* environment variables (DEVELOP
 CLOUD_URL, DEPLOYMENT_ID, CREDENTIAL, CACHE_DIR); prefer the environment for the credential,
 since command lines are visible to other local users. Exit status: 0 on success, 1 on a
 STIP error, 2 on a usage error.
+
+This module imports only the standard library: arguments are parsed (and `--help` answered)
+before torch or transformers load. A subcommand is a parser here plus a "module:function"
+entry in COMMANDS; its handler module imports whatever it needs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from user_client.client import StipClient
-from user_client.errors import StipError
-
-log = logging.getLogger("stip.client")
+# subcommand -> "module:function(args: argparse.Namespace) -> int", imported after parsing
+COMMANDS: dict[str, str] = {
+    "generate": "user_client.commands:generate",
+    "embed": "user_client.commands:embed",
+    "classify": "user_client.commands:classify",
+}
+# subcommands that parse their own arguments: "module:function(argv: list[str]) -> int"
+PASSTHROUGH: dict[str, str] = {
+    "demo": "user_client.demo:main",
+    "gateway": "user_client.gateway.cli:main",
+}
 
 
 def _connection_options(p: argparse.ArgumentParser) -> None:
@@ -42,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stip", description="STIP user side: private inference on a permuted model.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = sub.add_parser("generate", help="generate text from a prompt")
+    gen = sub.add_parser(
+        "generate",
+        help="generate text from a prompt (prints the new text only)",
+        description="Print the generated continuation of PROMPT (not the prompt) and a newline; "
+        "with --stream, print it piece by piece as the tokens arrive.",
+    )
     gen.add_argument("prompt")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
@@ -55,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     _connection_options(gen)
 
-    emb = sub.add_parser("embed", help="sentence embeddings, one JSON array per line")
+    emb = sub.add_parser(
+        "embed",
+        help="sentence embeddings, one JSON array per line",
+        description="Print one JSON array per TEXT, in order: its sentence embedding (mean-pooled, "
+        "L2-normalised unless --no-normalize).",
+    )
     emb.add_argument("texts", nargs="+", metavar="TEXT")
     emb.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
     emb.add_argument("--batch-size", type=int, default=32)
@@ -72,77 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _client(args: argparse.Namespace) -> StipClient:
-    return StipClient(
-        args.developer_url,
-        cloud_url=args.cloud_url,
-        deployment_id=args.deployment,
-        credential=args.credential,
-        cache_dir=args.cache_dir,
-        timeout=args.timeout,
-        verify=args.ca_bundle,
-    )
-
-
-def _generate(args: argparse.Namespace) -> None:
-    options = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=args.stop or None,
-        eos=not args.no_eos,
-    )
-    with _client(args) as client:
-        if args.stream:
-            for piece in client.stream(args.prompt, **options):  # type: ignore[arg-type]
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-        else:
-            sys.stdout.write(client.generate(args.prompt, **options) + "\n")  # type: ignore[arg-type]
-
-
-def _embed(args: argparse.Namespace) -> None:
-    with _client(args) as client:
-        vectors = client.embed(args.texts, normalize=not args.no_normalize, batch_size=args.batch_size)
-    for row in vectors.tolist():
-        sys.stdout.write(json.dumps(row) + "\n")
+def load(target: str) -> Callable[..., int | None]:
+    """Import "module:function" and return the function."""
+    module, _, function = target.partition(":")
+    handler: Callable[..., int | None] = getattr(importlib.import_module(module), function)
+    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "demo":
-        from user_client.demo import main as demo_main  # lazily: it pulls in the services
-
-        return int(demo_main(argv[1:]) or 0)
-    if argv and argv[0] == "gateway":
-        from user_client.gateway.cli import main as gateway_main  # lazily: FastAPI, uvicorn
-
-        return gateway_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    if argv and argv[0] in PASSTHROUGH:
+        return int(load(PASSTHROUGH[argv[0]])(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(getattr(args, "verbose", 0), logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "generate":
-            _generate(args)
-        elif args.command == "classify":
-            from user_client.images import classify_command  # lazily: PIL and the image processor
+    from user_client.errors import StipError  # stdlib only
 
-            classify_command(_client(args), args.images, top_k=args.top_k, batch_size=args.batch_size)
-        else:
-            _embed(args)
-    except ValueError as e:  # missing settings, bad sampling options
-        parser.error(str(e))
+    try:
+        return int(load(COMMANDS[args.command])(args) or 0)
+    except ValueError as e:  # missing settings, bad sampling options: a usage error
+        sys.stderr.write(f"stip {args.command}: error: {e}\n")
+        return 2
     except StipError as e:
         sys.stderr.write(f"stip: error: {e.message}\n")
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":

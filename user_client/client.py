@@ -150,16 +150,23 @@ class StipClient:
         env = settings or ClientSettings()
         self.developer_url = developer_url or env.developer_url
         if not self.developer_url:
-            raise ValueError("developer_url is required (argument or STIP_CLIENT_DEVELOPER_URL)")
+            raise ValueError(
+                "developer_url is required: pass developer_url= (stip: --developer-url) "
+                "or set STIP_CLIENT_DEVELOPER_URL"
+            )
         dep = deployment_id or env.deployment_id
         if not dep:
-            raise ValueError("deployment_id is required (argument or STIP_CLIENT_DEPLOYMENT_ID)")
+            raise ValueError(
+                "deployment_id is required: pass deployment_id= (stip: --deployment) or set STIP_CLIENT_DEPLOYMENT_ID"
+            )
         self.deployment_id: str = dep
         if isinstance(credential, str):
             credential = SecretStr(credential)
         secret = credential or env.credential
         if secret is None or not secret.get_secret_value():
-            raise ValueError("credential is required (argument or STIP_CLIENT_CREDENTIAL)")
+            raise ValueError(
+                "credential is required: pass credential= (stip: --credential) or set STIP_CLIENT_CREDENTIAL"
+            )
         self._credential = secret
         self._explicit_cloud_url = cloud_url or env.cloud_url
         root = Path(cache_dir).expanduser() if cache_dir is not None else env.resolved_cache_dir()

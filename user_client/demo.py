@@ -125,6 +125,32 @@ def make_random_gpt2(path: Path, *, seed: int = 1) -> Path:
     return _save_random(transformers.GPT2LMHeadModel(config), path, seed, "GPT-2")
 
 
+def make_random_qwen2(path: Path, *, seed: int = 2) -> Path:
+    """A small Qwen2 with RANDOM weights (GQA 4:2, Q/K/V biases, untied head), with MiniLM's tokenizer."""
+    import transformers
+
+    if (path / "config.json").exists():
+        return path
+    config = transformers.Qwen2Config(
+        vocab_size=30522,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=101,
+        eos_token_id=102,
+        pad_token_id=0,
+    )
+    return _save_random(transformers.Qwen2ForCausalLM(config), path, seed, "Qwen2")
+
+
+# `stip-developer example-model FAMILY DIR`: the small random decoders above, by family
+EXAMPLE_MODELS = {"llama": make_random_llama, "gpt2": make_random_gpt2, "qwen2": make_random_qwen2}
+
+
 def _save_random(model: torch.nn.Module, path: Path, seed: int, kind: str) -> Path:
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -435,7 +461,7 @@ def run(args: argparse.Namespace) -> int:
                     _say("\nP3 (user): private generation with random-llama-gqa")
                     timings |= run_generation(client, llama_dir, args.max_new_tokens)
         _report(seen, timings)
-    _say("\nAll private results equal plaintext inference. Services stopped.")
+    _say("\nAll private results equal plaintext inference." + (" Services stopped." if services.procs else ""))
     return 0
 
 

@@ -75,6 +75,8 @@ def test_credentials_missing_forged_expired_or_for_another_deployment(
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         assert_error(deployed.post(sessions, headers=headers), status, code)
     assert "expired" in assert_error(forward(deployed, expired, x), 401, E_UNAUTHORIZED)
+    message = assert_error(forward(deployed, other, x), 403, E_FORBIDDEN)
+    assert "another-deployment" in message and DEPLOYMENT in message  # the one it is for, and this one
     basic = deployed.post(sessions, headers={"Authorization": f"Basic {credential}"})
     assert_error(basic, 401, E_UNAUTHORIZED)
     assert basic.headers["www-authenticate"] == "Bearer"

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+import uvicorn
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
@@ -126,7 +127,7 @@ def test_defaults() -> None:
 
 def test_cli_serve_passes_settings_to_uvicorn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[Any, dict[str, Any]]] = []
-    monkeypatch.setattr(cli.uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
     monkeypatch.setenv("STIP_CLOUD_HOST", "0.0.0.0")
     monkeypatch.setenv("STIP_CLOUD_PORT", "9001")
     monkeypatch.setenv("STIP_CLOUD_PUSH_TOKEN", PUSH_TOKEN)

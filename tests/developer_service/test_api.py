@@ -83,7 +83,8 @@ def test_register_refuses_bad_directories_clearly(p1, model_dir: Path, tmp_path:
         message = _error(post({"path": str(mamba)}), 422, api.E_BAD_INPUT, "unsupported architecture")
         assert "MambaForCausalLM" in message and "LlamaForCausalLM" in message
         _error(post({"path": str(no_weights)}), 400, api.E_BAD_INPUT, "neither model.safetensors")
-        _error(post({"path": str(tmp_path / "absent")}), 400, api.E_BAD_INPUT, "not a directory")
+        _error(post({"path": str(tmp_path / "absent")}), 400, api.E_BAD_INPUT, "absent does not exist on P1's machine")
+        _error(post({"path": str(mamba / "config.json")}), 400, api.E_BAD_INPUT, "config.json is not a directory")
         _error(post({"path": "relative/dir"}), 400, api.E_BAD_INPUT, "absolute")
         _error(post({"name": "x"}), 422, api.E_BAD_INPUT, "path")
         r = client.post("/v1/models", content=b"{not json", headers={**admin(), "Content-Type": "application/json"})
@@ -203,6 +204,8 @@ def test_user_key_before_activation_is_a_conflict(p1, model_dir: Path, cloud) ->
         status = deploy(client, model_dir)
         assert status["status"] == "failed" and status["key_version"] is None
         assert "401" in status["error"] and "fake cloud refuses" in status["error"]
+        # a refused push token: the fix is to make P1's and P2's tokens equal
+        assert "STIP_DEVELOPER_PUSH_TOKEN" in status["error"] and "STIP_CLOUD_PUSH_TOKEN" in status["error"]
         assert status["progress"]["stage"] == "failed"
         dep_id = status["deployment_id"]
         r = client.get(f"/v1/deployments/{dep_id}/user-key", headers=bearer(issue(client, dep_id)))
@@ -301,7 +304,8 @@ def test_user_key_refuses_every_wrong_credential(p1, model_dir: Path) -> None:
         assert r.headers["www-authenticate"] == "Bearer"
         _error(client.get(url, headers={"Authorization": f"Basic {token_a}"}), 401, api.E_UNAUTHORIZED)
         _error(client.get(url, headers=bearer("not-a-credential")), 401, api.E_UNAUTHORIZED)
-        _error(client.get(url, headers=bearer(token_b)), 403, api.E_FORBIDDEN, "another deployment")
+        message = _error(client.get(url, headers=bearer(token_b)), 403, api.E_FORBIDDEN, "another deployment")
+        assert dep_b in message and f"stip-developer issue-credential {dep_a}" in message  # the one it is for, the fix
         _error(client.get(url, headers=bearer(ADMIN)), 401, api.E_UNAUTHORIZED)
         _error(client.get(url, headers=bearer(PUSH)), 401, api.E_UNAUTHORIZED)
         forged, _ = Signer.generate().issue(subject="mallory", deployment_id=dep_a, ttl_s=60)

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_transform_writes_the_three_sides(model_dir: Path, tmp_path: Path, capsy
     assert (out / "user" / "tokenizer.json").is_file() and (out / "cloud" / "config.json").is_file()
     # a second run refuses to overwrite, clearly
     assert main(["transform", str(model_dir), "--out", str(out), "--quiet"]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "not empty" in (err := capsys.readouterr().err) and "--overwrite" in err
 
 
 def test_transform_without_config_fails_cleanly(tmp_path: Path, capsys) -> None:
@@ -52,6 +53,10 @@ def test_transform_without_config_fails_cleanly(tmp_path: Path, capsys) -> None:
     captured = capsys.readouterr()
     assert captured.err == f"error: {bad} has no config.json: not a Hugging Face model directory\n"
     assert captured.out == "" and _leftovers(tmp_path, "out") == []
+    # a directory that is not there is reported as missing, not as lacking a config.json
+    assert main(["transform", str(tmp_path / "typo"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"model directory {tmp_path / 'typo'} does not exist" in err and "config.json" not in err
 
 
 def test_transform_unknown_architecture_in_a_subprocess(tmp_path: Path) -> None:
@@ -153,7 +158,9 @@ def test_client_commands(live_p1: str, model_dir: Path, tmp_path: Path, capsys, 
 
     code, out, err = run("issue-credential", dep_id, "--name", "alice", "--ttl-s", "600")
     assert code == 0 and out.startswith("stip1.") and out.count("\n") == 1 and "alice" not in out
-    assert "expires at" in err
+    # the expiry as an ISO date, about ten minutes from now
+    expires = datetime.fromisoformat(err.split(", expires ")[1].strip())
+    assert abs((expires - datetime.now(UTC)).total_seconds() - 600) < 60
     code, out, _ = run("rotate", dep_id, "--wait", "--poll-s", "0.05")
     assert code == 0 and json.loads(out)["key_version"] == 2
     code, out, _ = run("status", dep_id)
@@ -175,4 +182,5 @@ def test_client_commands(live_p1: str, model_dir: Path, tmp_path: Path, capsys, 
     assert main(["models", "--developer-url", live_p1]) == 2
     assert "no admin token" in capsys.readouterr().err
     assert main(["models", "--developer-url", "http://127.0.0.1:9", "--admin-token", "x"]) == 1
-    assert "cannot reach P1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot reach P1 at http://127.0.0.1:9" in err and "--developer-url or STIP_DEVELOPER_URL" in err

@@ -352,6 +352,7 @@ def test_the_user_container_command_runs_the_demo_against_the_services(cluster: 
     result = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "All private results equal plaintext inference" in result.stdout
+    assert "Services stopped" not in result.stdout  # it attached to the services: it stopped nothing
     assert "min cosine to plaintext" in result.stdout and "32/32 equal to plaintext" in result.stdout
 
 

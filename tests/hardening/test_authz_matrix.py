@@ -40,7 +40,7 @@ from shared.api import DIGEST_HEADER, E_FORBIDDEN, E_UNAUTHORIZED, KEY_VERSION_H
 from shared.credentials import Signer
 from tests.cloud_service.helpers import DEPLOYMENT, PUSH_TOKEN, Reply, push, serve
 from tests.cloud_service.helpers import settings_for as cloud_settings
-from tests.developer_service.conftest import ADMIN, CLOUD_URL, PUSH, FakeCloud, admin, deploy, issue
+from tests.developer_service.conftest import ADMIN, CLOUD_URL, PUSH, FakeCloud, admin, deploy, issue, register
 from tests.developer_service.conftest import settings_for as developer_settings
 from tests.hardening.stacks import (
     FOREIGN_DEPLOYMENT,
@@ -114,6 +114,7 @@ COMMON_KINDS = [
     "push",
     "user",
 ]
+VICTIM = "dep-victim"  # what the accepted DELETE of a deployment removes (refused ones leave it)
 # cross-signed: for deployment A, signed with the key of another P1 whose deployment P2 also serves;
 # foreign deployment: a genuine credential of that other P1's deployment
 CLOUD_KINDS = [*COMMON_KINDS, "revoked", "cross-signed", "foreign deployment"]
@@ -198,6 +199,11 @@ CLOUD_ROUTES: dict[tuple[str, str], tuple[str, int, Call]] = {
     ),
     ("DELETE", "/v1/sessions/{session_id}"): ("user", 204, _delete_session),
     ("POST", "/v1/deployments/{deployment_id}/forward"): ("user", 200, _forward),
+    ("DELETE", "/v1/deployments/{deployment_id}"): (  # P1 deleted it: the fixture's victim deployment
+        "push",
+        200,
+        lambda s, h: s.client.delete(f"/v1/deployments/{VICTIM}", headers=h),
+    ),
 }
 
 
@@ -208,6 +214,8 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     with serve(root / "data") as client:
         for deployment_id in (DEPLOYMENT, OTHER_DEPLOYMENT, FOREIGN_DEPLOYMENT):
             assert push(client, *model.push_body(deployment_id), deployment_id=deployment_id).status_code == 200
+        victim = model.push_body(VICTIM)  # deleted by the one accepted DELETE
+        assert push(client, *victim, deployment_id=VICTIM).status_code == 200
         user = malleable(model.credential)
         expired, _ = model.signer.issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=60, now=1_000_000)
         forged, _ = Signer.generate().issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=3600)
@@ -290,6 +298,8 @@ DEVELOPER_ROUTES: dict[tuple[str, str], tuple[str, int, Call]] = {
         _dev("DELETE", "/v1/deployments/{a}/users/{victim}"),
     ),
     ("GET", "/v1/deployments/{deployment_id}/user-key"): ("user", 200, _dev("GET", "/v1/deployments/{a}/user-key")),
+    ("DELETE", "/v1/deployments/{deployment_id}"): ("admin", 200, _dev("DELETE", "/v1/deployments/{victim_dep}")),
+    ("DELETE", "/v1/models/{model_id}"): ("admin", 200, _dev("DELETE", "/v1/models/{victim_model}")),
 }
 
 
@@ -302,7 +312,9 @@ def developer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         service = app.state.service
         a = deploy(client, model_dir)
         b = deploy(client, model_dir)
-        assert a["status"] == b["status"] == "active"
+        victim = deploy(client, model_dir)  # deleted by the one accepted DELETE (refused ones leave it)
+        assert a["status"] == b["status"] == victim["status"] == "active"
+        victim_model = register(client, model_dir, name="victim")  # no deployment uses it
         user = malleable(lambda: issue(client, a["deployment_id"], name="alice"))
         short = client.post(f"/v1/deployments/{a['deployment_id']}/users", json={"ttl_s": 1}, headers=admin())
         revoked = issue(client, a["deployment_id"], name="revoked")
@@ -339,7 +351,12 @@ def developer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             return models, [(d["deployment_id"], d["key_version"]) for d in deployments], kept
 
         data = {
-            "ids": {"a": a["deployment_id"], "model": a["model_id"]},
+            "ids": {
+                "a": a["deployment_id"],
+                "model": a["model_id"],
+                "victim_dep": victim["deployment_id"],
+                "victim_model": victim_model["model_id"],
+            },
             "model_dir": str(model_dir),
             "new_user": new_user,
             "data_dir": root / "data",

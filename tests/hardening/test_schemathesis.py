@@ -54,6 +54,8 @@ from tests.support import max_abs_diff
 
 MAX_EXAMPLES = 30  # per operation, credential mode and generation mode
 OPEN = ("GET /health/live", "GET /health/ready", "GET /metrics")
+DELETE_DEPLOYMENT = "DELETE /v1/deployments/{deployment_id}"  # on both services: fuzzed on a victim
+VICTIM = "dep-victim"
 P2_PUBLIC = ("GET /v1/deployments/{deployment_id}",)  # public facts, no credential (PROTOCOL.md 4)
 
 
@@ -76,6 +78,7 @@ class Target:
     open: tuple[str, ...]  # operations that need no credential
     bodies: dict[str, list[tuple[Any, dict[str, str]]]] = field(default_factory=dict)  # label -> valid (body, headers)
     tweaks: dict[str, Callable[[Case], Case]] = field(default_factory=dict)  # label -> edit of a generated case
+    victims: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> real ids it may destroy
     alive: Callable[[], None] = lambda: None
     secrets: tuple[str, ...] = ()
 
@@ -109,7 +112,8 @@ def cases(target: Target, label: str, credential: bool) -> st.SearchStrategy[Cas
     operation = target.schema[path][method]
     tweak = target.tweaks.get(label, lambda case: case)
     auth = _bearer(target.tokens[label]) if credential and label in target.tokens else {}
-    real = {k: v for k, v in target.path_parameters.items() if "{" + k + "}" in path} or None
+    ids = {**target.path_parameters, **target.victims.get(label, {})}
+    real = {k: v for k, v in ids.items() if "{" + k + "}" in path} or None
     strategies = []
     for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
         for params in (None, real):
@@ -190,6 +194,8 @@ def cloud_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[CloudModel, Pa
         for deployment_id in (DEPLOYMENT, OTHER_DEPLOYMENT):
             reply = push(client, *model.push_body(deployment_id), deployment_id=deployment_id)
             assert reply.status_code == 200, reply.text
+        reply = push(client, *model.v1.body(model.signer, deployment_id=VICTIM), deployment_id=VICTIM)
+        assert reply.status_code == 200, reply.text
     return model, root / "data"
 
 
@@ -206,7 +212,9 @@ def cloud(cloud_data: tuple[CloudModel, Path], tmp_path: Path) -> Iterator[Targe
         time.sleep(0.01)
     credential = model.credential()
     push_label = "PUT /v1/deployments/{deployment_id}/weights"
-    target.tokens = {label: PUSH_TOKEN if label == push_label else credential for label in CLOUD_OPERATIONS}
+    pushes = (push_label, DELETE_DEPLOYMENT)
+    target.tokens = {label: PUSH_TOKEN if label in pushes else credential for label in CLOUD_OPERATIONS}
+    target.victims[DELETE_DEPLOYMENT] = {"deployment_id": VICTIM}
     forward = "POST /v1/deployments/{deployment_id}/forward"
     request, expected = model.valid_request()
 
@@ -275,6 +283,7 @@ class DeveloperData:
     deployment_id: str
     credential: str
     other_user: str  # a second credential's user id, to revoke
+    victim: str  # a second deployment, for DELETE
 
 
 @pytest.fixture(scope="module")
@@ -285,12 +294,21 @@ def developer_data(tmp_path_factory: pytest.TempPathFactory) -> DeveloperData:
     app = create_developer(developer_settings(root / "data"), transport=FakeCloud().transport)
     with TestClient(app) as client:
         deployment = deploy(client, model_dir)
-        assert deployment["status"] == "active", deployment
+        victim = deploy(client, model_dir)
+        assert deployment["status"] == victim["status"] == "active", deployment
         credential = issue(client, deployment["deployment_id"], name="alice")
         issue(client, deployment["deployment_id"], name="bob")
         users = client.get(f"/v1/deployments/{deployment['deployment_id']}/users", headers=admin()).json()
     bob = next(u["user_id"] for u in users if u["name"] == "bob")
-    return DeveloperData(root / "data", model_dir, deployment["model_id"], deployment["deployment_id"], credential, bob)
+    return DeveloperData(
+        root / "data",
+        model_dir,
+        deployment["model_id"],
+        deployment["deployment_id"],
+        credential,
+        bob,
+        victim["deployment_id"],
+    )
 
 
 @pytest.fixture
@@ -320,6 +338,7 @@ def developer(developer_data: DeveloperData, tmp_path: Path) -> Iterator[Target]
 
     alive()
     target.path_parameters = {"deployment_id": d.deployment_id, "model_id": d.model_id, "user_id": d.other_user}
+    target.victims[DELETE_DEPLOYMENT] = {"deployment_id": d.victim}  # DELETE /v1/models: 409, both use it
     target.bodies["POST /v1/models"] = [({"path": str(d.model_dir)}, {}), ({"path": str(d.model_dir), "name": "b"}, {})]
     target.bodies["POST /v1/deployments"] = [({"model_id": d.model_id, "cloud_url": CLOUD_URL}, {})]
     target.tweaks["POST /v1/deployments"] = with_model

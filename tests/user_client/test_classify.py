@@ -20,7 +20,7 @@ from shared.runtime import load_cloud_model
 from tests.support import assert_close, max_abs_diff, randomize_parameters
 from tests.user_client.conftest import CLOUD_URL, CREDENTIAL, DEVELOPER_URL
 from tests.user_client.fakes import CloudState, DeveloperState, SyncASGITransport, cloud_app, developer_app
-from user_client import BundleError, StipClient, cli
+from user_client import BundleError, StipClient, cli, commands
 from user_client.images import PREPROCESSOR_FILE
 
 LABELS = ["tabby", "tiger", "ocelot", "lynx", "puma"]
@@ -162,7 +162,7 @@ def test_stip_classify(
         paths.append(str(tmp_path / f"{i}.png"))
         img.save(paths[-1])
     expected = make().classify(paths, top_k=2)
-    monkeypatch.setattr(cli, "StipClient", lambda *a, deployment_id, **kw: make(deployment_id))
+    monkeypatch.setattr(commands, "StipClient", lambda *a, deployment_id, **kw: make(deployment_id))
     code = cli.main(["classify", *paths, "--top-k", "2", "--deployment", "vit", "--developer-url", DEVELOPER_URL])
     out = capsys.readouterr().out
     assert code == 0

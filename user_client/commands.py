@@ -1,0 +1,65 @@
+"""The handlers of `stip generate`, `stip embed` and `stip classify` (the parser lives in user_client.cli).
+
+Imported only once the arguments are parsed: this module may import the SDK (torch,
+transformers) at the top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from user_client.client import StipClient
+
+
+def _client(args: argparse.Namespace) -> StipClient:
+    return StipClient(
+        args.developer_url,
+        cloud_url=args.cloud_url,
+        deployment_id=args.deployment,
+        credential=args.credential,
+        cache_dir=args.cache_dir,
+        timeout=args.timeout,
+        verify=args.ca_bundle,
+    )
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Print the completion (only the new text) and a newline; `--stream` prints it piece by piece."""
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop or None,
+        eos=not args.no_eos,
+    )
+    with _client(args) as client:
+        if args.stream:
+            for piece in client.stream(args.prompt, **options):  # type: ignore[arg-type]
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write(client.generate(args.prompt, **options) + "\n")  # type: ignore[arg-type]
+    return 0
+
+
+def embed(args: argparse.Namespace) -> int:
+    """Print one JSON array (the text's embedding, L2-normalised unless --no-normalize) per line."""
+    with _client(args) as client:
+        vectors = client.embed(args.texts, normalize=not args.no_normalize, batch_size=args.batch_size)
+    for row in vectors.tolist():
+        sys.stdout.write(json.dumps(row) + "\n")
+    return 0
+
+
+def classify(args: argparse.Namespace) -> int:
+    """Print one JSON object per image: its top classes with their scores (ViT deployments)."""
+    from user_client.images import classify_command  # PIL and the image processor
+
+    classify_command(_client(args), args.images, top_k=args.top_k, batch_size=args.batch_size)
+    return 0
