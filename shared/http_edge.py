@@ -11,8 +11,9 @@ request may cost a service before its credential is checked is decided here:
   metrics without bound (unknown paths are the route template "unmatched" already).
 - `server_options`: at most `max_connections` connections and requests (uvicorn's
   `limit_concurrency`, 503 past it), idle keep-alive connections closed after `keep_alive_s`,
-  a request head (line and headers, at most `max_header_bytes`) due within `header_timeout_s`
-  of the connection or of the previous response: a client that trickles its headers is cut.
+  a request head (line and headers) of at most `max_header_bytes`, due within
+  `header_timeout_s` of the connection or of the previous response: a client that trickles
+  its headers, or sends endless ones, is cut.
 """
 
 import asyncio
@@ -113,26 +114,38 @@ def server_options(
         "limit_concurrency": max_connections,
         "timeout_keep_alive": keep_alive_s,
         "h11_max_incomplete_event_size": max_header_bytes,
-        "http": _head_deadline_protocol(header_timeout_s),
+        "http": _bounded_head_protocol(header_timeout_s, max_header_bytes),
     }
 
 
-def _head_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
-    """uvicorn's h11 protocol with a deadline for each request head.
+def _bounded_head_protocol(timeout_s: float, max_bytes: int) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools when installed, else h11) with each request head bounded.
 
-    uvicorn itself times out only idle keep-alive connections: a connection that sends part
-    of a request line, or one header a minute, holds its descriptor forever. The deadline
-    starts when the connection opens and again when a response is complete; if no request
-    has begun by then, the connection is closed.
+    uvicorn itself times out only idle keep-alive connections: a connection that sends part of
+    a request line, or one header a minute, holds its descriptor forever, and with httptools
+    nothing bounds the size of the headers. Here the head must be complete within `timeout_s`
+    of the connection opening or of the previous response, and within `max_bytes`; otherwise
+    the connection is closed.
     """
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    class HeadDeadlineProtocol(H11Protocol):
+    base: Any = AutoHTTPProtocol
+
+    class BoundedHeadProtocol(base):  # type: ignore[misc]
         _head_timer: asyncio.TimerHandle | None = None
+        _head_bytes = 0
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            in_head = not self._in_request()
+            super().data_received(data)
+            if in_head and not self._in_request():  # these bytes did not complete the head
+                self._head_bytes += len(data)
+                if self._head_bytes > max_bytes and not self.transport.is_closing():
+                    self.transport.close()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -142,8 +155,13 @@ def _head_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
             self._disarm()
             super().connection_lost(exc)
 
+        def _in_request(self) -> bool:
+            """A request head has arrived and its response is not complete yet."""
+            return self.cycle is not None and not self.cycle.response_complete
+
         def _arm(self) -> None:
             self._disarm()
+            self._head_bytes = 0
             self._head_timer = self.loop.call_later(timeout_s, self._expire)
 
         def _disarm(self) -> None:
@@ -153,8 +171,7 @@ def _head_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
 
         def _expire(self) -> None:
             self._head_timer = None
-            in_progress = self.cycle is not None and not self.cycle.response_complete
-            if not in_progress and not self.transport.is_closing():
+            if not self._in_request() and not self.transport.is_closing():
                 self.transport.close()
 
-    return HeadDeadlineProtocol
+    return BoundedHeadProtocol
