@@ -85,9 +85,15 @@ SESSIONS_PATH = DEPLOYMENT_PATH + "/sessions"
 SESSION_PATH = "/v1/sessions/{session_id}"
 FORWARD_PATH = DEPLOYMENT_PATH + "/forward"
 REVOCATIONS_PATH = DEPLOYMENT_PATH + "/revocations"
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.sub(r"\{\w+\}", "[^/]+", template))
+
+
 _STREAMED = {  # the two bodies read from the raw stream, each with its own bound
-    ("PUT", re.compile(r"/v1/deployments/[^/]+/weights")): ("max_push_bytes", "STIP_CLOUD_MAX_PUSH_BYTES"),
-    ("POST", re.compile(r"/v1/deployments/[^/]+/forward")): ("max_body_bytes", "STIP_CLOUD_MAX_BODY_BYTES"),
+    ("PUT", _pattern(PUSH_PATH)): ("max_push_bytes", "STIP_CLOUD_MAX_PUSH_BYTES"),
+    ("POST", _pattern(FORWARD_PATH)): ("max_body_bytes", "STIP_CLOUD_MAX_BODY_BYTES"),
 }
 
 
