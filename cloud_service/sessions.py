@@ -109,7 +109,10 @@ class SessionStore:
 
     def create(self, *, deployment_id: str, subject: str, key_version: int) -> Session:
         with self._lock:
-            self._evict_expired()  # expired sessions count toward no limit, global or per user
+            full = len(self._live) >= self.max_sessions or self._used() >= self.memory_bytes
+            mine = self._of_user(deployment_id, subject)
+            if full or len(mine) >= self.max_per_user or _held(mine) >= self.memory_bytes_per_user:
+                self._evict_expired()  # expired sessions count toward no limit, global or per user
             if len(self._live) >= self.max_sessions:
                 raise TooManySessions(
                     f"the limit of {self.max_sessions} sessions (STIP_CLOUD_MAX_SESSIONS) is reached; retry later"
