@@ -57,7 +57,7 @@ class CloudSettings(BaseSettings):
 
     max_sessions_per_user: int = Field(16, ge=1, description="live sessions of one credential subject")
     session_memory_bytes_per_user: int = Field(512 * MIB, gt=0, description="KV cache bytes of one user's sessions")
-    max_forwards_per_user: int = Field(4, ge=1, description="forward requests of one user in flight; 429 past it")
+    max_forwards_per_user: int = Field(8, ge=1, description="forward requests of one user in flight; 429 past it")
 
     max_connections: int = Field(512, ge=1, description="open connections and requests (uvicorn limit_concurrency)")
     keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
