@@ -6,16 +6,21 @@ FastAPI's validation errors and Starlette's 404/405 are rewritten to the same sh
 """
 
 import logging
-from typing import Annotated
+import re
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import Scope
 
+from cloud_service.admission import Admission, check_response_size
 from cloud_service.errors import (
     BadInput,
     CloudError,
@@ -25,14 +30,17 @@ from cloud_service.errors import (
     NotFound,
     NotReady,
     PushesDisabled,
+    ResponseTooLarge,
     SenderGone,
     SessionExpired,
+    TooManyForwards,
     TooManySessions,
     Unauthorized,
     VersionConflict,
 )
 from cloud_service.schemas import DeploymentInfo, ErrorResponse, ForwardOptions, Health, PushResult, SessionCreated
 from cloud_service.service import CloudService, Deployment
+from cloud_service.settings import CloudSettings
 from shared.api import (
     DIGEST_HEADER,
     E_BAD_INPUT,
@@ -63,11 +71,13 @@ from shared.errors import (
     StipCoreError,
     UnsupportedModel,
 )
+from shared.http_edge import LimitFor
 from shared.wire import CONTENT_TYPE
 
 log = logging.getLogger("stip.cloud.api")
 
 E_METHOD_NOT_ALLOWED = "method_not_allowed"  # 405; not (yet) one of shared.api's codes
+E_TOO_MANY_REQUESTS = "too_many_requests"  # 429: a per-user quota of forwards in flight; not (yet) in shared.api
 
 # Paths (PROTOCOL.md section 4).
 DEPLOYMENT_PATH = "/v1/deployments/{deployment_id}"
@@ -76,6 +86,30 @@ SESSIONS_PATH = DEPLOYMENT_PATH + "/sessions"
 SESSION_PATH = "/v1/sessions/{session_id}"
 FORWARD_PATH = DEPLOYMENT_PATH + "/forward"
 REVOCATIONS_PATH = DEPLOYMENT_PATH + "/revocations"
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.sub(r"\{\w+\}", "[^/]+", template))
+
+
+_STREAMED = {  # the two bodies read from the raw stream, each with its own bound
+    ("PUT", _pattern(PUSH_PATH)): ("max_push_bytes", "STIP_CLOUD_MAX_PUSH_BYTES"),
+    ("POST", _pattern(FORWARD_PATH)): ("max_body_bytes", "STIP_CLOUD_MAX_BODY_BYTES"),
+}
+
+
+def body_limit(settings: CloudSettings) -> LimitFor:
+    """The bound of each request's body (shared.http_edge.BodyLimit): a push and a forward have
+    their own; every other body is JSON, bounded by STIP_CLOUD_MAX_JSON_BYTES."""
+
+    def limit_for(scope: Scope) -> tuple[int, str]:
+        for (method, pattern), (field, setting) in _STREAMED.items():
+            if scope["method"] == method and pattern.fullmatch(scope["path"]):
+                return getattr(settings, field), setting
+        return settings.max_json_bytes, "STIP_CLOUD_MAX_JSON_BYTES"
+
+    return limit_for
+
 
 # The one place that turns an exception into a status and a code: first match wins.
 ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
@@ -90,6 +124,8 @@ ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
     (VersionConflict, 409, E_CONFLICT),
     (SessionExpired, 410, E_SESSION_EXPIRED),
     (TooManySessions, 429, E_TOO_MANY_SESSIONS),
+    (TooManyForwards, 429, E_TOO_MANY_REQUESTS),
+    (ResponseTooLarge, 422, E_TOO_LARGE),
     (NotReady, 503, E_NOT_READY),
     (Internal, 500, E_INTERNAL),
     (PayloadTooLarge, 413, E_TOO_LARGE),  # before BadTensor, its base
@@ -226,12 +262,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = content_length(request)
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
-    body = bytearray()
+    chunks, size = [], 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+        size += len(chunk)
+        if size > limit:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-    return bytes(body)
+        chunks.append(chunk)
+    return b"".join(chunks)  # the one copy of the body
 
 
 def forward_limiter(request: Request, dep: Deployment) -> anyio.CapacityLimiter:
@@ -273,6 +310,27 @@ async def push_authorized(service: ServiceDep, token: TokenDep) -> None:
     service.authorize_push(token)
 
 
+class PushTokenFirst(APIRoute):
+    """A route with a JSON body whose push token is checked before the body is read.
+
+    FastAPI reads and parses a body before it solves `Depends(...)`: without this an anonymous
+    client makes P2 receive and parse whatever it sends (bounded by STIP_CLOUD_MAX_JSON_BYTES as
+    well). The route's own `push_authorized` checks the token again, which costs a comparison.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def push_token_first(request: Request) -> Response:
+            await push_authorized(await get_service(request), await bearer_token(request.headers.get("authorization")))
+            return await handler(request)
+
+        return push_token_first
+
+
+push_json = APIRouter(responses=ERROR_RESPONSES, route_class=PushTokenFirst)  # included into v1 below
+
+
 @v1.put(
     PUSH_PATH,
     response_model=PushResult,
@@ -298,7 +356,7 @@ async def push_weights(
     )
 
 
-@v1.put(
+@push_json.put(
     REVOCATIONS_PATH,
     response_model=RevocationsResult,
     tags=["P1 -> P2"],
@@ -358,10 +416,13 @@ async def forward(
 ) -> Response:
     """safetensors in (`inputs_embeds` permuted by π), safetensors out (permuted outputs)."""
     service.check_key_version(dep, key_version)
-    body = await read_body(request, service.settings.max_body_bytes)
     options = ForwardOptions(output=output, k=k, session_id=session_id)
-    limiter = forward_limiter(request, dep)
-    result = await anyio.to_thread.run_sync(service.forward, dep, body, options, claims, limiter=limiter)
+    admission: Admission = request.app.state.admission
+    async with admission.forward(dep.deployment_id, claims.sub):  # before the body is read (admission.py)
+        body = await read_body(request, service.settings.max_body_bytes)
+        check_response_size(dep, body, options, service.settings.max_response_bytes)
+        limiter = forward_limiter(request, dep)
+        result = await anyio.to_thread.run_sync(service.forward, dep, body, options, claims, limiter=limiter)
     return Response(result.body, media_type=CONTENT_TYPE, headers={KEY_VERSION_HEADER: str(result.key_version)})
 
 
@@ -381,4 +442,5 @@ async def metrics(service: ServiceDep) -> Response:
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+v1.include_router(push_json)
 router.include_router(v1)

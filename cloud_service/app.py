@@ -15,11 +15,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from cloud_service.api import install_error_handlers, router
+from cloud_service.admission import Admission
+from cloud_service.api import body_limit, install_error_handlers, router
 from cloud_service.metrics import Metrics, MetricsMiddleware
 from cloud_service.service import CloudService
 from cloud_service.sessions import Clock
 from cloud_service.settings import CloudSettings, load_settings
+from shared.http_edge import BodyLimit
 
 log = logging.getLogger("stip.cloud")
 
@@ -35,6 +37,7 @@ def create_app(settings: CloudSettings | None = None, *, clock: Clock = time.mon
         app.state.service = service
         # deployment id -> the worker threads its forwards may use (api.forward_limiter)
         app.state.forward_limiters = {}
+        app.state.admission = Admission(settings)  # per-user forwards, body slots (admission.py)
         service.prepare()
         if settings.push_token is None:
             log.warning("STIP_CLOUD_PUSH_TOKEN is not set: weight pushes are refused")
@@ -61,7 +64,8 @@ def create_app(settings: CloudSettings | None = None, *, clock: Clock = time.mon
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimit, limit_for=body_limit(settings))
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts the 413s of BodyLimit too
     return app
 
 

@@ -58,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from cloud_service.app import create_app
+    from shared.http_edge import server_options
 
     try:
         settings = settings_from_args(args)
@@ -72,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
         ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
         timeout_graceful_shutdown=30,
+        **server_options(
+            max_connections=settings.max_connections,
+            keep_alive_s=settings.keep_alive_s,
+            header_timeout_s=settings.header_timeout_s,
+            max_header_bytes=settings.max_header_bytes,
+        ),
     )
     return 0
 

@@ -67,3 +67,11 @@ class PushesDisabled(CloudError):
 
 class Internal(CloudError):
     """A failure that is P2's own (out of memory while loading ...)."""
+
+
+class TooManyForwards(CloudError):
+    """One user has as many forwards in flight as STIP_CLOUD_MAX_FORWARDS_PER_USER allows."""
+
+
+class ResponseTooLarge(CloudError):
+    """The outputs a forward asks for would exceed STIP_CLOUD_MAX_RESPONSE_BYTES."""

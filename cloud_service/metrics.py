@@ -1,6 +1,7 @@
 """Prometheus metrics of P2, in a registry of their own (one per app, so tests can build many).
 
-Labels are bounded: the route template (never the raw path), the method, the status and the
+Labels are bounded: the route template (never the raw path; "unmatched" for unknown paths), the
+method ("other" outside the standard ones: shared.http_edge.method_label), the status and the
 output mode. No label ever carries a session id, a credential or a tensor value.
 """
 
@@ -9,6 +10,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.http_edge import method_label
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -82,5 +85,5 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(endpoint, scope.get("method", ""), str(status)).inc()
+            self.metrics.requests.labels(endpoint, method_label(scope.get("method", "")), str(status)).inc()
             self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)

@@ -145,6 +145,8 @@ class CloudService:
             max_sessions=settings.max_sessions,
             idle_ttl_s=settings.session_idle_ttl_s,
             memory_bytes=settings.session_memory_bytes,
+            max_per_user=settings.max_sessions_per_user,
+            memory_bytes_per_user=settings.session_memory_bytes_per_user,
             clock=clock,
         )
         self.ready = False

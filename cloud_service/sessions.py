@@ -2,7 +2,8 @@
 
 A session holds the stock model's cache object, the attention mask accumulated over every
 forward so far (B, length) and the key version it was created under. Sessions are bounded
-in number and in approximate cache memory; an idle one expires after the TTL. An expired
+in number and in approximate cache memory, in all and per user (a deployment and a credential
+subject: one user cannot take every slot); an idle one expires after the TTL. An expired
 session leaves a small tombstone, so its owner hears "expired" (410) rather than "unknown".
 
 Thread-safe: forwards run in worker threads. Callers serialise forwards of one deployment
@@ -54,9 +55,19 @@ class Tombstone:
 
 class SessionStore:
     def __init__(
-        self, *, max_sessions: int, idle_ttl_s: float, memory_bytes: int, clock: Clock = time.monotonic
+        self,
+        *,
+        max_sessions: int,
+        idle_ttl_s: float,
+        memory_bytes: int,
+        max_per_user: int | None = None,
+        memory_bytes_per_user: int | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.max_sessions, self.idle_ttl_s, self.memory_bytes = max_sessions, idle_ttl_s, memory_bytes
+        # one user (deployment, credential subject) may hold at most this much of the above
+        self.max_per_user = max_per_user or max_sessions
+        self.memory_bytes_per_user = memory_bytes_per_user or memory_bytes
         self.clock = clock
         self._live: dict[str, Session] = {}
         self._expired: OrderedDict[str, Tombstone] = OrderedDict()
@@ -75,6 +86,9 @@ class SessionStore:
 
     def _used(self) -> int:
         return sum(s.cache_bytes + s.reserved for s in self._live.values())
+
+    def _of_user(self, deployment_id: str, subject: str) -> list[Session]:
+        return [s for s in self._live.values() if s.deployment_id == deployment_id and s.subject == subject]
 
     def _evict_expired(self) -> int:
         now = self.clock()
@@ -95,12 +109,26 @@ class SessionStore:
 
     def create(self, *, deployment_id: str, subject: str, key_version: int) -> Session:
         with self._lock:
-            if len(self._live) >= self.max_sessions or self._used() >= self.memory_bytes:
-                self._evict_expired()
+            full = len(self._live) >= self.max_sessions or self._used() >= self.memory_bytes
+            mine = self._of_user(deployment_id, subject)
+            if full or len(mine) >= self.max_per_user or _held(mine) >= self.memory_bytes_per_user:
+                self._evict_expired()  # expired sessions count toward no limit, global or per user
             if len(self._live) >= self.max_sessions:
-                raise TooManySessions(f"the limit of {self.max_sessions} sessions is reached; retry later")
+                raise TooManySessions(
+                    f"the limit of {self.max_sessions} sessions (STIP_CLOUD_MAX_SESSIONS) is reached; retry later"
+                )
             if self._used() >= self.memory_bytes:
-                raise TooManySessions("the KV cache memory for sessions is exhausted; retry later")
+                raise TooManySessions(
+                    "the KV cache memory for sessions (STIP_CLOUD_SESSION_MEMORY_BYTES) is exhausted; retry later"
+                )
+            mine = self._of_user(deployment_id, subject)
+            if len(mine) >= self.max_per_user:
+                raise TooManySessions(
+                    f"this user holds {len(mine)} sessions, the per-user limit (STIP_CLOUD_MAX_SESSIONS_PER_USER="
+                    f"{self.max_per_user}): end one, or wait for an idle one to expire"
+                )
+            if _held(mine) >= self.memory_bytes_per_user:
+                raise TooManySessions(self._user_memory_message())
             session = Session(
                 session_id=secrets.token_urlsafe(18),
                 deployment_id=deployment_id,
@@ -171,7 +199,8 @@ class SessionStore:
         with the old mask, which gave wrong outputs.
         """
         with self._lock:
-            if self._used() + nbytes > self.memory_bytes:
+            mine = self._of_user(session.deployment_id, session.subject)
+            if self._used() + nbytes > self.memory_bytes or _held(mine) + nbytes > self.memory_bytes_per_user:
                 self._evict_expired()
             if session.stale:
                 raise KeyOutdated(
@@ -181,7 +210,12 @@ class SessionStore:
             if self._live.get(session.session_id) is not session:
                 raise UnknownSession("the session ended while the request waited")
             if self._used() + nbytes > self.memory_bytes:
-                raise TooManySessions("the KV cache memory for sessions is exhausted; end a session or retry later")
+                raise TooManySessions(
+                    "the KV cache memory for sessions (STIP_CLOUD_SESSION_MEMORY_BYTES) is exhausted; "
+                    "end a session or retry later"
+                )
+            if _held(self._of_user(session.deployment_id, session.subject)) + nbytes > self.memory_bytes_per_user:
+                raise TooManySessions(self._user_memory_message())
             session.reserved += nbytes
             return session.cache, session.mask
 
@@ -198,3 +232,13 @@ class SessionStore:
     def release(self, session: Session) -> None:
         with self._lock:
             session.reserved = 0
+
+    def _user_memory_message(self) -> str:
+        return (
+            f"this user's sessions hold the per-user KV cache memory (STIP_CLOUD_SESSION_MEMORY_BYTES_PER_USER="
+            f"{self.memory_bytes_per_user} bytes): end a session, or send shorter sequences"
+        )
+
+
+def _held(sessions: list[Session]) -> int:
+    return sum(s.cache_bytes + s.reserved for s in sessions)

@@ -47,6 +47,22 @@ class CloudSettings(BaseSettings):
     forward_threads: int = Field(
         2, ge=1, description="worker threads per deployment for forward passes; more requests wait their turn"
     )
+    max_json_bytes: int = Field(MIB, gt=0, description="every body other than forward and push (JSON); 413 past it")
+    max_response_bytes: int = Field(
+        256 * MIB, gt=0, description="outputs of one forward, computed from the request before it runs; 422 past it"
+    )
+    forward_bodies: int = Field(
+        4, ge=1, description="forward requests per deployment whose body P2 reads and holds at once; more wait"
+    )
+
+    max_sessions_per_user: int = Field(16, ge=1, description="live sessions of one credential subject")
+    session_memory_bytes_per_user: int = Field(512 * MIB, gt=0, description="KV cache bytes of one user's sessions")
+    max_forwards_per_user: int = Field(8, ge=1, description="forward requests of one user in flight; 429 past it")
+
+    max_connections: int = Field(512, ge=1, description="open connections and requests (uvicorn limit_concurrency)")
+    keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request line and headers must arrive within this")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line and headers")
 
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None

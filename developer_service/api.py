@@ -5,11 +5,13 @@ the event loop; transforms and pushes run in the service's own job threads.
 """
 
 import logging
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from developer_service import errors
@@ -137,16 +139,36 @@ def require_user(deployment_id: str, service: ServiceDep, token: TokenDep) -> Cl
 AdminDep = Annotated[None, Depends(require_admin)]
 UserDep = Annotated[Claims, Depends(require_user)]
 
+
+class AdminFirst(APIRoute):
+    """A route with a JSON body whose admin token is checked before the body is read.
+
+    FastAPI reads and parses a body before it solves `Depends(...)`: without this an anonymous
+    client makes P1 receive and parse whatever it sends (bounded by STIP_DEVELOPER_MAX_BODY_BYTES
+    as well). The route's `AdminDep` checks the token again, which costs a comparison.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def admin_first(request: Request) -> Response:
+            get_service(request).authenticate_admin(bearer_token(request.headers.get("authorization")))
+            return await handler(request)
+
+        return admin_first
+
+
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 503)
 }
 
 router = APIRouter(responses=ERRORS)
+admin_json = APIRouter(responses=ERRORS, route_class=AdminFirst)  # the routes with a body; included below
 
 # --- models --------------------------------------------------------------------------------
 
 
-@router.post(
+@admin_json.post(
     "/v1/models",
     status_code=status.HTTP_201_CREATED,
     tags=["models"],
@@ -179,7 +201,7 @@ def delete_model(model_id: str, service: ServiceDep, _: AdminDep) -> DeletedMode
 # --- deployments ---------------------------------------------------------------------------
 
 
-@router.post("/v1/deployments", status_code=status.HTTP_202_ACCEPTED, tags=["deployments"])
+@admin_json.post("/v1/deployments", status_code=status.HTTP_202_ACCEPTED, tags=["deployments"])
 def create_deployment(body: CreateDeployment, service: ServiceDep, _: AdminDep, response: Response) -> DeploymentStatus:
     """Draw key version 1, transform, push θ′ to P2; poll the deployment for progress."""
     result = service.create_deployment(body)
@@ -212,7 +234,7 @@ def rotate(deployment_id: str, service: ServiceDep, _: AdminDep) -> DeploymentSt
 # --- users -----------------------------------------------------------------------------------
 
 
-@router.post("/v1/deployments/{deployment_id}/users", status_code=status.HTTP_201_CREATED, tags=["users"])
+@admin_json.post("/v1/deployments/{deployment_id}/users", status_code=status.HTTP_201_CREATED, tags=["users"])
 def issue_credential(
     deployment_id: str, service: ServiceDep, _: AdminDep, response: Response, body: IssueCredential | None = None
 ) -> CredentialIssued:
@@ -276,3 +298,6 @@ def ready(request: Request) -> Response:
 )
 def metrics(service: ServiceDep) -> Response:
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+router.include_router(admin_json)

@@ -15,6 +15,7 @@ from developer_service.api import install_error_handlers, router
 from developer_service.metrics import Metrics, MetricsMiddleware
 from developer_service.service import DeveloperService
 from developer_service.settings import DeveloperSettings, load_settings
+from shared.http_edge import BodyLimit
 
 
 def create_app(
@@ -42,7 +43,10 @@ def create_app(
         version="1",
         lifespan=lifespan,
     )
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # every body is JSON and small: bounded while it streams, before FastAPI buffers it
+    limit = (settings.max_body_bytes, "STIP_DEVELOPER_MAX_BODY_BYTES")
+    app.add_middleware(BodyLimit, limit_for=lambda scope: limit)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts the 413s of BodyLimit too
     install_error_handlers(app)
     app.include_router(router)
     return app

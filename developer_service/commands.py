@@ -60,6 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from developer_service.app import create_app
     from developer_service.service import STATE_FILE
     from developer_service.store import Store
+    from shared.http_edge import server_options
 
     try:
         settings = load_settings(host=args.host, port=args.port, data_dir=args.data_dir, log_level=args.log_level)
@@ -80,6 +81,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
         ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
         timeout_graceful_shutdown=30,
+        **server_options(
+            max_connections=settings.max_connections,
+            keep_alive_s=settings.keep_alive_s,
+            header_timeout_s=settings.header_timeout_s,
+            max_header_bytes=settings.max_header_bytes,
+        ),
     )
     return 0
 

@@ -7,6 +7,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.http_edge import method_label
+
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
 
 
@@ -49,7 +51,8 @@ class Metrics:
 
 
 class MetricsMiddleware:
-    """Counts requests by method, route template (not raw path) and status."""
+    """Counts requests by method ("other" outside the standard ones), route template (not the raw
+    path; "unmatched" for unknown paths) and status: every label has a bounded set of values."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -66,13 +69,13 @@ class MetricsMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 elapsed = time.perf_counter() - start
-                self.metrics.latency.labels(scope["method"], _route(scope)).observe(elapsed)
+                self.metrics.latency.labels(method_label(scope["method"]), _route(scope)).observe(elapsed)
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.metrics.requests.labels(scope["method"], _route(scope), str(status)).inc()
+            self.metrics.requests.labels(method_label(scope["method"]), _route(scope), str(status)).inc()
 
 
 def _route(scope: Scope) -> str:

@@ -797,7 +797,7 @@ class DeveloperService:
     # --- the user bundle -------------------------------------------------------------------
 
     def user_bundle(self, deployment_id: str) -> Bundle:
-        """The active version's user/ directory as a tar, files opened now (see bundle.py)."""
+        """The active version's user/ directory as a tar, its one archive file opened now (see bundle.py)."""
         with self._lock:
             dep = self.store.get_deployment(deployment_id)
             self._refuse_deleting(dep)

@@ -50,6 +50,12 @@ class DeveloperSettings(BaseSettings):
     shard_bytes: int = Field(2 << 30, gt=0, description="size of the transformed cloud shards")
     max_parallel_jobs: int = Field(1, ge=1, description="transforms/pushes running at once")
 
+    max_body_bytes: int = Field(1 << 20, gt=0, description="every request body (JSON); 413 past it")
+    max_connections: int = Field(256, ge=1, description="open connections and requests (uvicorn limit_concurrency)")
+    keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request line and headers must arrive within this")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line and headers")
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, v: Any) -> Any:

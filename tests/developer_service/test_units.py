@@ -3,6 +3,8 @@
 import hashlib
 import io
 import json
+import shutil
+import stat
 import tarfile
 from pathlib import Path
 
@@ -123,3 +125,25 @@ def test_streamed_tar_is_a_standard_archive(tmp_path: Path) -> None:
     long_name = "long-name-" + "x" * 120 + ".json"
     assert sorted(names) == ["1_Pooling", "1_Pooling/config.json", "key.safetensors", long_name, "stip.json"]
     assert got == {**manifest, "deployment_id": "dep-x", "cloud_url": "http://p2"}
+
+
+def test_the_bundle_is_one_owner_only_file_that_outlives_its_version(tmp_path: Path) -> None:
+    version = tmp_path / "v1"
+    user = version / "user"
+    user.mkdir(parents=True)
+    for i in range(8):
+        (user / f"file{i}.json").write_text(json.dumps({"i": i}))
+    manifest = {"format": "1", "family": "llama", "key_version": 1, "fingerprint": "f" * 64}
+    (user / "stip.json").write_text(json.dumps(manifest))
+    first = open_bundle(user, deployment_id="dep-x", cloud_url="http://p2")
+    expected = b"".join(first.chunks())
+    elsewhere = open_bundle(user, deployment_id="dep-x", cloud_url="https://p2.example")  # its own archive
+    with tarfile.open(fileobj=io.BytesIO(b"".join(elsewhere.chunks()))) as tar:
+        named = tar.extractfile("stip.json")
+        assert named is not None and json.loads(named.read())["cloud_url"] == "https://p2.example"
+    second = open_bundle(user, deployment_id="dep-x", cloud_url="http://p2")  # reads the archive written once
+    archives = sorted(version.glob("bundle-*.tar"))
+    assert len(archives) == 2 and all(stat.S_IMODE(a.stat().st_mode) == 0o600 for a in archives)
+    assert not list(version.glob(".bundle-*"))  # no temporary file left
+    shutil.rmtree(version)  # a rotation deletes the old version while the download is in flight
+    assert b"".join(second.chunks()) == expected
