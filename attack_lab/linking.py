@@ -1,7 +1,7 @@
 """Attack 2: generation linking, from P2's traffic alone (no public knowledge, any head).
 
-During a generation P2 returns the next token's π_c-index (greedy: `output=topk&k=1`) or the
-whole permuted logits (sampling: `output=last`), and the next request of the session carries
+During a generation P2 returns the next token's π_c-index (greedy: `output=topk&k=1`) or a
+set of candidates (top-k sampling: `output=topk&k=K`), and the next request of the session carries
 that token's row x·π. Rows of a token are the same bytes every time (no position is added for
 RoPE families), so P2 builds a dictionary row -> π_c-index: greedy at once; sampled by
 intersecting, over each row's appearances, the set of indices P2 ranked in its top `k`. The
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from attack_lab.scenario import Deployment
-from shared.permutation import permute, unpermute
+from shared.permutation import permute
 
 
 @dataclass
@@ -35,8 +35,9 @@ def simulate_generations(
 ) -> Traffic:
     """P3 generates from each prompt through the protocol, P2 running θ′ in the stock class.
 
-    Greedy: P2 answers the arg-max index (what the SDK asks for). Sampling (temperature > 0):
-    P2 answers the full logits and notes its own `top` indices by logit.
+    Greedy: P2 answers the arg-max index (what the SDK asks for, `output=topk&k=1`). Sampling
+    (temperature > 0) with top-k filtering: P2 answers the `top` indices and values
+    (`output=topk&k=top`) and P3 samples among them.
     """
     model = dep.family.build_cloud_model(dep.config).eval()
     model.load_state_dict(dep.cloud, strict=False)
@@ -51,12 +52,14 @@ def simulate_generations(
             cache, logits_pi = out.cache, out.output[0, -1]
             rows.append(x_pi[0])
             toks.append(ids)
-            answers.append(logits_pi.topk(1 if temperature == 0 else top).indices)  # what P2 knows
-            logits = unpermute(logits_pi, dep.key.pi_c)  # P3
+            best = logits_pi.topk(1 if temperature == 0 else top)
+            answers.append(best.indices)  # what P2 answered
+            tokens = dep.key.pi_c[best.indices]  # P3: the token of index j is pi_c[j]
             if temperature == 0:
-                nxt = int(logits.argmax())
+                nxt = int(tokens[0])
             else:
-                nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g))
+                pick = torch.multinomial(torch.softmax(best.values / temperature, -1), 1, generator=g)
+                nxt = int(tokens[pick])
             ids = torch.tensor([nxt])
         traffic.rows.append(rows)
         traffic.answers.append(answers)
@@ -85,23 +88,28 @@ def build_dictionary(traffic: Traffic, sessions: range) -> dict[bytes, int]:
 @dataclass(frozen=True)
 class LinkScore:
     dictionary: int  # rows labelled
-    labelled: float  # fraction of the scored rows the dictionary labels
-    correct: float  # fraction of labels that are the true π_c-index (1.0: every label is right)
+    correct: float  # fraction of the dictionary's labels that are the true π_c-index
+    labelled: float  # fraction of the scored prompt rows the dictionary labels
 
 
-def score_prompts(dictionary: dict[bytes, int], traffic: Traffic, sessions: range, pi_c: torch.Tensor) -> LinkScore:
-    """Label the prompt rows (first request) of `sessions` with the dictionary; score against the truth."""
+def score_dictionary(
+    dictionary: dict[bytes, int], traffic: Traffic, learned: range, scored: range, pi_c: torch.Tensor
+) -> LinkScore:
+    """Check every label against the truth (rows of `learned`), and label the prompt rows (first
+    request) of the sessions in `scored`."""
     inverse = torch.argsort(pi_c)
-    hits = right = total = 0
-    for s in sessions:
-        rows, toks = traffic.rows[s][0], traffic.tokens[s][0]
-        for row, tok in zip(rows, toks.tolist(), strict=True):
+    truth: dict[bytes, int] = {}
+    for s in learned:
+        for rows, toks in zip(traffic.rows[s], traffic.tokens[s], strict=True):
+            for row, tok in zip(rows, toks.tolist(), strict=True):
+                truth[_key(row)] = int(inverse[tok])
+    right = sum(int(truth.get(k) == label) for k, label in dictionary.items())
+    hits = total = 0
+    for s in scored:
+        for row in traffic.rows[s][0]:
             total += 1
-            label = dictionary.get(_key(row))
-            if label is not None:
-                hits += 1
-                right += int(label == int(inverse[tok]))
-    return LinkScore(len(dictionary), hits / max(total, 1), right / max(hits, 1))
+            hits += int(_key(row) in dictionary)
+    return LinkScore(len(dictionary), right / max(len(dictionary), 1), hits / max(total, 1))
 
 
 def english_coverage(stream: np.ndarray, seen: int, window: int = 10000) -> float:

@@ -3,6 +3,7 @@
     stip generate "Once upon a time" --max-new-tokens 32 [--stream] [--temperature 0.8 --seed 1]
     stip embed "a sentence" "another"          # one JSON array per line
     stip demo ...                               # the three-party demo (user_client.demo)
+    stip audit [--quick]                        # the attack lab: a curious P2, measured (attack_lab)
 
 Connection options fall back to the STIP_CLIENT_* environment variables (DEVELOPER_URL,
 CLOUD_URL, DEPLOYMENT_ID, CREDENTIAL, CACHE_DIR); prefer the environment for the credential,
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(emb)
 
     sub.add_parser("demo", help="run the three-party demo (options: stip demo --help)", add_help=False)
+    sub.add_parser("audit", help="measure what a curious P2 recovers (scenarios: stip audit --help)", add_help=False)
     return parser
 
 
@@ -109,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from user_client.demo import main as demo_main  # lazily: it pulls in the services
 
         return int(demo_main(argv[1:]) or 0)
+    if argv and argv[0] == "audit":
+        from attack_lab.cli import main as audit_main  # lazily: torch, transformers, the corpus
+
+        return int(audit_main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
