@@ -97,20 +97,9 @@ def refine(
             else:
                 m[i] = n_p
         free = [q for q in range(n_p) if owner[q] < 0]
-        for i in np.flatnonzero(m[:-1] == n_p):
-            m[i] = free.pop(0)
-            owner[m[i]] = i
-
-        def local(idx: list[int], mm: np.ndarray) -> float:
-            """The part of the objective that involves the symbol rows in `idx`."""
-            total = 0.0
-            for s_ in idx:
-                total += float(c[s_] @ log_p[mm[s_], mm]) + float(c[:, s_] @ log_p[mm, mm[s_]])
-                total += float(uni_score[s_, mm[s_]])
-            for s_ in idx:
-                for t_ in idx:
-                    total -= float(c[s_, t_] * log_p[mm[s_], mm[t_]])
-            return total
+        for row in np.flatnonzero(m[:-1] == n_p).tolist():
+            m[row] = free.pop(0)
+            owner[m[row]] = row
 
         right_of = np.ascontiguousarray(log_p[:n_p][:, m])  # [q, j] = log P(class of j | q)
         left_of = np.ascontiguousarray(log_p[m][:, :n_p].T)  # [q, j] = log P(q | class of j)
@@ -124,12 +113,12 @@ def refine(
                         break
                     o = owner[q]
                     idx = [i] if o < 0 else [i, int(o)]
-                    before = local(idx, m)
+                    before = _local(idx, m, c, log_p, uni_score)
                     trial = m.copy()
                     trial[i] = q
                     if o >= 0:
                         trial[o] = cur
-                    if local(idx, trial) > before + 1e-9:
+                    if _local(idx, trial, c, log_p, uni_score) > before + 1e-9:
                         m = trial
                         owner[q], owner[cur] = i, o
                         for j in idx:
@@ -144,12 +133,25 @@ def refine(
     return guess
 
 
+def _local(idx: list[int], m: np.ndarray, c: np.ndarray, log_p: np.ndarray, uni_score: np.ndarray) -> float:
+    """The part of the refinement's objective that involves the symbol rows in `idx` under mapping `m`."""
+    total = 0.0
+    for s in idx:
+        total += float(c[s] @ log_p[m[s], m]) + float(c[:, s] @ log_p[m, m[s]]) + float(uni_score[s, m[s]])
+    for s in idx:
+        for t in idx:
+            total -= float(c[s, t] * log_p[m[s], m[t]])  # counted twice above
+    return total
+
+
 def recovered(symbols: np.ndarray, guess: np.ndarray, truth: np.ndarray) -> float:
     """Fraction of occurrences whose symbol is mapped to its true token (`truth[symbol]`)."""
     return float(np.mean(guess[symbols] == truth[symbols]))
 
 
-def frequency_analysis(tokens: np.ndarray, pi_c: np.ndarray, stats: LanguageStats, *, refine_: bool = True) -> CipherResult:
+def frequency_analysis(
+    tokens: np.ndarray, pi_c: np.ndarray, stats: LanguageStats, *, refine_: bool = True
+) -> CipherResult:
     """P2's view of `tokens` under π_c is the symbol stream argsort(π_c)[tokens]; `pi_c` is the
     truth (symbol j is token pi_c[j]) and serves only to score the attack."""
     symbols = np.argsort(pi_c)[tokens]

@@ -31,7 +31,13 @@ class Traffic:
 
 @torch.no_grad()
 def simulate_generations(
-    dep: Deployment, prompts: list[list[int]], new_tokens: int, *, temperature: float = 0.0, top: int = 50, seed: int = 0
+    dep: Deployment,
+    prompts: list[list[int]],
+    new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top: int = 50,
+    seed: int = 0,
 ) -> Traffic:
     """P3 generates from each prompt through the protocol, P2 running θ′ in the stock class.
 

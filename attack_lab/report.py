@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from attack_lab import cipher, corpus, embedding, linking, scenario, weights
-from shared.permutation import permute
+from shared.permutation import permute, random_permutation
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,10 @@ class AuditSize:
     """How much data each attack sees (`quick`: the tests' reduced audit)."""
 
     sentences: int = 32  # MiniLM inputs (NT verses), truncated to `seq` tokens
-    seq: int = 16
+    seq: int = 12
     decoder_tokens: int = 2000  # rows E[t]·π for attacks 1 and 3
-    sessions: int = 16  # generations for attack 2, half to learn, half to score
-    new_tokens: int = 16
+    sessions: int = 12  # generations for attack 2, half to learn, half to score
+    new_tokens: int = 12
     stream: tuple[int, ...] = (1000, 10000, 100000)  # tokens seen, attack 4
     noise: float = 0.1  # relative change of the "fine-tuned" derivative, attack 5
 
@@ -84,24 +85,12 @@ def run_audit(size: AuditSize = FULL, on_row: Callable[[Row], None] | None = Non
 
     add("1 embedding matching", "MiniLM (real), x·π = LN(word+pos+type)·π", "public base model", minilm_inputs)
 
-    ref = weights.reference_from_base(mini)
+    def minilm_weights() -> tuple[str, float]:
+        ref = weights.reference_from_base(mini)
+        s = weights.score(weights.match_weights(mini.cloud, ref, "bert"), mini.key.pi, None, weights.true_inner(mini))
+        return f"π {_pct(s.pi)} (π_c = π), inner {_pct(s.inner)}, in {s.seconds:.1f} s", min(s.pi, s.inner)
 
-    def minilm_weights(dep: scenario.Deployment) -> Callable[[], tuple[str, float]]:
-        def run() -> tuple[str, float]:
-            s = weights.score(weights.match_weights(dep.cloud, ref, "bert"), dep.key.pi, None, weights.true_inner(dep))
-            return f"π {_pct(s.pi)} (π_c = π), inner {_pct(s.inner)}, in {s.seconds:.1f} s", min(s.pi, s.inner)
-
-        return run
-
-    add("5 weight matching", "MiniLM (real) = the public base", "public base model", minilm_weights(mini))
-    tuned = scenario.deploy("minilm-tuned", fam, cfg, scenario.perturbed(w, size.noise), public=w)
-    add(
-        "5 weight matching",
-        f"MiniLM + {size.noise:.0%} noise per tensor (a stand-in for a fine-tune)",
-        "public base model",
-        minilm_weights(tuned),
-    )
-    del tuned, ref
+    add("5 weight matching", "MiniLM (real) = the public base", "public base model", minilm_weights)
 
     # --- the demo's random Llama: tied, and untied --------------------------------------------------
     lfam, lcfg, lw = scenario.demo_llama(tied=True)
@@ -130,8 +119,9 @@ def run_audit(size: AuditSize = FULL, on_row: Callable[[Row], None] | None = Non
     add("3 tied-head lookup", "demo Llama, tied head", "none (θ′ only)", head_lookup(tied))
     add("3 tied-head lookup", "demo Llama, untied head (knob)", "none (θ′ only)", head_lookup(untied))
 
-    prompts = [e.ids[:8] for e in tok.encode_batch(corpus.bible_text(corpus.NEW_TESTAMENT)[100:], add_special_tokens=False)]
-    prompts = [p for p in prompts if len(p) == 8][: size.sessions]
+    verses = corpus.bible_text(corpus.NEW_TESTAMENT)[100:]
+    prompts = [e.ids[:8] for e in tok.encode_batch(verses, add_special_tokens=False) if len(e.ids) >= 8]
+    prompts = prompts[: size.sessions]
     half = size.sessions // 2
 
     def link(dep: scenario.Deployment, temperature: float) -> Callable[[], tuple[str, float]]:
@@ -155,8 +145,7 @@ def run_audit(size: AuditSize = FULL, on_row: Callable[[Row], None] | None = Non
         "none (traffic only)",
         lambda: (
             ", ".join(
-                f"{n:,} tokens generated: {_pct(linking.english_coverage(nt, n))} of the next 10k"
-                for n in size.stream
+                f"{n:,} tokens generated: {_pct(linking.english_coverage(nt, n))} of the next 10k" for n in size.stream
             ),
             linking.english_coverage(nt, size.stream[-1]),
         ),
@@ -164,16 +153,18 @@ def run_audit(size: AuditSize = FULL, on_row: Callable[[Row], None] | None = Non
 
     # attack 4 on the symbol stream of attack 3 (or 2): j = argsort(π_c)[t] for the English stream
     ot, wf = corpus.bible_stats(len(table)), corpus.wordfreq_stats(len(table))
-    pi_c = tied.key.pi_c.numpy()
+    keys = [tied.key.pi_c.numpy()] + [random_permutation(len(table)).numpy() for _ in range(2)]  # 3 keys
     for n in size.stream:
 
         def freq(n: int = n) -> tuple[str, float]:
-            r = cipher.frequency_analysis(nt[:n], pi_c, ot)
-            wr = cipher.frequency_analysis(nt[:n], pi_c, wf)
-            assert r.refined is not None
+            results = [cipher.frequency_analysis(nt[:n], k, ot) for k in keys]
+            refined = [r.refined for r in results if r.refined is not None]
+            rank = float(np.mean([r.rank_only for r in results]))
+            wf_rank = float(np.mean([cipher.frequency_analysis(nt[:n], k, wf).rank_only for k in keys]))
             return (
-                f"{_pct(r.refined)} (rank only {_pct(r.rank_only)}; wordfreq rank only {_pct(wr.rank_only)})",
-                r.refined,
+                f"{_pct(float(np.mean(refined)))} (keys: {', '.join(_pct(x) for x in refined)}; "
+                f"rank only {_pct(rank)}; wordfreq rank only {_pct(wf_rank)})",
+                float(np.mean(refined)),
             )
 
         add("4 frequency analysis", f"{n:,} tokens seen (NT), one key", "public statistics (OT bigrams)", freq)
@@ -192,7 +183,16 @@ def run_audit(size: AuditSize = FULL, on_row: Callable[[Row], None] | None = Non
         return run
 
     add("5 weight matching", "demo Llama, tied", "public base model", llama_weights(tied, lref))
-    add("5 weight matching", "demo Llama, untied", "public base model", llama_weights(untied, weights.reference_from_base(untied)))
+    uref = weights.reference_from_base(untied)
+    add("5 weight matching", "demo Llama, untied", "public base model", llama_weights(untied, uref))
+    tuned = scenario.deploy("llama-tuned", lfam, lcfg, scenario.perturbed(lw, size.noise), public=lw)
+    add(
+        "5 weight matching",
+        f"demo Llama + {size.noise:.0%} noise per tensor (a stand-in for a fine-tune)",
+        "public base model",
+        llama_weights(tuned, lref),
+    )
+    del tuned
 
     def brute() -> tuple[str, float | None]:
         def log10_fact(n: int) -> float:
