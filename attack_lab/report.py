@@ -130,6 +130,8 @@ def run_audit(size: AuditSize = FULL, on_row: Callable[[Row], None] | None = Non
             book = linking.build_dictionary(traffic, range(half))
             s = linking.score_dictionary(book, traffic, range(half), range(half, len(prompts)), dep.key.pi_c)
             steps = sum(len(r) - 1 for r in traffic.rows[:half])
+            if not s.dictionary:
+                return f"no row resolved from {steps} steps (no generated row seen often enough)", 0.0
             return (
                 f"{s.dictionary} rows labelled from {steps} steps, {_pct(s.correct)} of labels right; "
                 f"they label {_pct(s.labelled)} of later prompt tokens (random model: gibberish output)"
