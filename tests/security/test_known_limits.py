@@ -195,8 +195,14 @@ def test_token_mode_table_reveals_pi_c_for_every_token(tied: scenario.Deployment
     assert torch.equal(guess, tied.key.pi_c)
 
 
-def test_stip_audit_help_documents_the_scenarios() -> None:
-    text = build_parser().format_help()
+def test_stip_audit_help_documents_the_scenarios(capsys: pytest.CaptureFixture[str]) -> None:
+    from user_client.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["audit", "--help"])  # `stip audit --help`, dispatched to attack_lab.cli
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text == build_parser().format_help()
     for name in ("embedding matching", "generation linking", "tied-head lookup", "frequency analysis"):
         assert name in text
     for name in ("weight matching", "brute force", "key rotation", "per-group", "token mode", "offline"):
