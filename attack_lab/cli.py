@@ -29,6 +29,9 @@ Scenarios (attack: what P2 uses -> what the row reports):
 Knobs: key rotation (θ′_v2 matched to θ′_v1), per-group deployments (one colluding user),
 tied vs untied head (attack 3), an orthogonal rotation instead of π (norm matching), and
 token mode (issue 12: the permuted table E′ on P2).
+
+With --cloud-data-dir DIR --base MODEL: attack 5 on a real P2's files (the active θ′ of each
+deployment), checked without any key: θ′ must equal the base under the recovered permutations.
 """
 
 from __future__ import annotations
@@ -45,7 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stip audit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="a reduced audit (the tests' sizes): less data, no 100k stream")
+    p.add_argument(
+        "--cloud-data-dir",
+        help="instead: weight matching (attack 5) on a real P2's data directory (STIP_CLOUD_DATA_DIR), "
+        "against the public base model given with --base",
+    )
+    p.add_argument("--base", help="the public base model's local directory (config.json, model.safetensors)")
     return p
+
+
+def _data_dir(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from attack_lab.p2_data import audit_data_dir
+
+    if not args.base:
+        raise SystemExit("stip audit --cloud-data-dir needs --base, the public base model's directory")
+    results = audit_data_dir(Path(args.cloud_data_dir), Path(args.base))
+    if not results:
+        sys.stdout.write("no active llama or bert deployment of the base's shape in that data directory\n")
+        return 1
+    for r in results:
+        sys.stdout.write(
+            f"{r.deployment_id} v{r.key_version} ({r.family}): permutations recovered from θ′ and the base in "
+            f"{r.seconds:.1f} s; θ′ equals the base under them to max |Δ| = {r.max_delta:.2g}\n"
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    if args.cloud_data_dir:
+        return _data_dir(args)
 
     def progress(row: Row) -> None:
         sys.stderr.write(f"  done: {row.attack} / {row.scenario} ({row.seconds:.1f} s)\n")

@@ -54,19 +54,11 @@ def reference_from_base(dep: Deployment) -> StateDict:
     return transform_state_dict(dep.family, dep.public, ident, dep.config)[0]
 
 
-def _role(family: str, name: str) -> tuple[int | None, str | None]:
-    layer_re, table, outside = _ROLES[family]
-    m = layer_re.fullmatch(name)
-    if m:
-        return int(m.group(1)), table.get(m.group(2))
-    return None, outside.get(name)
-
-
 def _fingerprints(sd: StateDict, family: str) -> torch.Tensor:
     """(d, f): a per-coordinate fingerprint of the residual stream that no inner permutation changes."""
     parts = []
     for name in sorted(sd):
-        layer, role = _role(family, name)
+        layer, role = tensor_role(family, name)
         t = sd[name].float()
         if role in _VECTORS:
             parts.append(t[:, None])
@@ -97,7 +89,7 @@ def match_weights(cloud: StateDict, reference: StateDict, family: str) -> Recove
     inner: dict[tuple[int, str], torch.Tensor] = {}
     groups: dict[tuple[int, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for name in sorted(cloud):
-        layer, role = _role(family, name)
+        layer, role = tensor_role(family, name)
         if layer is None or role is None or role.split(".")[0] not in _INNER:
             continue
         kind = _INNER[role.split(".")[0]]
@@ -115,6 +107,15 @@ def match_weights(cloud: StateDict, reference: StateDict, family: str) -> Recove
     if "lm_head.weight" in cloud:
         pi_c = nearest_rows(cloud["lm_head.weight"], reference["lm_head.weight"][:, pi])
     return Recovered(pi, pi_c, inner, time.perf_counter() - t0)
+
+
+def tensor_role(family: str, name: str) -> tuple[int | None, str | None]:
+    """(block index or None, role in shared.families.base or None) of a θ′ tensor name."""
+    layer_re, table, outside = _ROLES[family]
+    m = layer_re.fullmatch(name)
+    if m:
+        return int(m.group(1)), table.get(m.group(2))
+    return None, outside.get(name)
 
 
 def true_inner(dep: Deployment) -> dict[tuple[int, str], torch.Tensor]:

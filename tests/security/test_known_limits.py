@@ -6,6 +6,8 @@ claims to change. A change that weakened the lab, or closed a hole, fails here, 
 SECURITY.md would have to change with it. Keys are used only to score.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -207,3 +209,24 @@ def test_stip_audit_help_documents_the_scenarios(capsys: pytest.CaptureFixture[s
         assert name in text
     for name in ("weight matching", "brute force", "key rotation", "per-group", "token mode", "offline"):
         assert name in text
+
+
+def test_weight_matching_on_a_p2_data_directory(tmp_path: Path, tied: scenario.Deployment) -> None:
+    """`stip audit --cloud-data-dir`: P2's files alone (cloud_service.storage's layout) and the base."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from attack_lab import p2_data
+    from shared.api import PUSH_CONFIG, PUSH_FAMILY
+
+    base = tmp_path / "base"
+    random_causal_lm(TIED).save_pretrained(base)  # the same weights as the fixture's (seed 0)
+    dep_dir = tmp_path / "cloud" / "deployments" / "dep-1"
+    dep_dir.mkdir(parents=True)
+    meta = {PUSH_FAMILY: "llama", PUSH_CONFIG: json.dumps(LLAMA.cloud_config(TIED))}
+    save_file(tied.cloud, str(dep_dir / "v3.safetensors"), metadata=meta)
+    record = {"deployment_id": "dep-1", "key_version": 3, "file": "v3.safetensors", "sha256": "-", "size": 0}
+    (dep_dir / "active.json").write_text(json.dumps(record | {"activated_at": 0}))
+    [result] = p2_data.audit_data_dir(tmp_path / "cloud", base)
+    assert (result.deployment_id, result.key_version, result.max_delta) == ("dep-1", 3, 0.0)
