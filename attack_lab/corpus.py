@@ -22,7 +22,7 @@ _VERSE_NUMBER = re.compile(r"\b\d+:\d+\s*")  # "1:3 " also inside joined verses
 OLD_TESTAMENT, NEW_TESTAMENT = 1, 2
 
 
-def _tokenizer():  # type: ignore[no-untyped-def]
+def tokenizer():  # type: ignore[no-untyped-def]  # tokenizers.Tokenizer, imported lazily
     from tokenizers import Tokenizer
 
     from user_client.demo import minilm_path
@@ -51,7 +51,7 @@ def bible_text(testament: int) -> list[str]:
 @lru_cache(maxsize=4)
 def token_stream(testament: int = NEW_TESTAMENT) -> np.ndarray:
     """MiniLM WordPiece ids of one testament, verse after verse, no special tokens: (n,) int64."""
-    tok = _tokenizer()
+    tok = tokenizer()
     ids = [i for enc in tok.encode_batch(bible_text(testament), add_special_tokens=False) for i in enc.ids]
     return np.asarray(ids, dtype=np.int64)
 
@@ -81,7 +81,7 @@ def wordfreq_stats(vocab_size: int, n_words: int = 30000) -> LanguageStats:
     wordfreq has no punctuation, so its counts for `.`, `,` ... are zero)."""
     import wordfreq
 
-    tok = _tokenizer()
+    tok = tokenizer()
     words = wordfreq.top_n_list("en", n_words)
     unigram = np.zeros(vocab_size, dtype=np.float64)
     for word, enc in zip(words, tok.encode_batch(words, add_special_tokens=False), strict=True):

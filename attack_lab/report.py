@@ -72,7 +72,7 @@ def run_audit(size: AuditSize = FULL, on_row: Callable[[Row], None] | None = Non
     # --- MiniLM: real weights ---------------------------------------------------------------------
     fam, cfg, w = scenario.minilm()
     mini = scenario.deploy("all-MiniLM-L6-v2", fam, cfg, w)
-    tok = corpus._tokenizer()
+    tok = corpus.tokenizer()
     tok.enable_truncation(size.seq)
     encs = tok.encode_batch(corpus.bible_text(corpus.NEW_TESTAMENT)[: size.sentences])
     ids = torch.tensor([e.ids for e in encs if len(e.ids) == size.seq][: size.sentences])

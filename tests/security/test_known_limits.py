@@ -56,7 +56,7 @@ def test_encoder_inputs_with_positions_and_layernorm_reveal_tokens() -> None:
     builds each position's candidate table from the public embedding module."""
     family, config, w = scenario.minilm()
     dep = scenario.deploy("minilm", family, config, w)
-    tok = corpus._tokenizer()
+    tok = corpus.tokenizer()
     tok.enable_truncation(5)
     ids = torch.tensor([e.ids for e in tok.encode_batch(["A man is riding a horse.", "The girl carried a baby."])])
     x_pi = permute(family.embed(dep.user, config, ids), dep.key.pi)
