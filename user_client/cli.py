@@ -5,6 +5,7 @@
     stip classify cat.jpg dog.png --top-k 3     # ViT: one JSON object per image
     stip demo ...                               # the three-party demo (user_client.demo)
     stip gateway --deployment llama=dep-...     # an OpenAI-compatible server (user_client.gateway)
+    stip audit [--quick]                        # the attack lab: a curious P2, measured (attack_lab)
 
 Connection options fall back to the STIP_CLIENT_* environment variables (DEVELOPER_URL,
 CLOUD_URL, DEPLOYMENT_ID, CREDENTIAL, CACHE_DIR); prefer the environment for the credential,
@@ -34,6 +35,7 @@ COMMANDS: dict[str, str] = {
 PASSTHROUGH: dict[str, str] = {
     "demo": "user_client.demo:main",
     "gateway": "user_client.gateway.cli:main",
+    "audit": "attack_lab.cli:main",
 }
 
 
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="run the three-party demo (options: stip demo --help)", add_help=False)
     sub.add_parser("gateway", help="serve the OpenAI API locally (options: stip gateway --help)", add_help=False)
+    sub.add_parser("audit", help="measure what a curious P2 recovers (scenarios: stip audit --help)", add_help=False)
     return parser
 
 
