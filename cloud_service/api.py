@@ -348,8 +348,7 @@ async def forward(
     service.check_key_version(dep, key_version)
     body = await read_body(request, service.settings.max_body_bytes)
     options = ForwardOptions(output=output, k=k, session_id=session_id)
-    limiter = forward_limiter(request, dep)
-    result = await anyio.to_thread.run_sync(service.forward, dep, body, options, claims, limiter=limiter)
+    result = await service.forward_async(dep, body, options, claims, limiter=forward_limiter(request, dep))
     return Response(result.body, media_type=CONTENT_TYPE, headers={KEY_VERSION_HEADER: str(result.key_version)})
 
 

@@ -12,6 +12,7 @@ switch the registry entry in one assignment once the new model is loaded, so the
 version serves until then.
 """
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -23,7 +24,9 @@ import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +35,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors import safe_open
 
+from cloud_service.batching import Batcher, BatchItem, Job, batchable, forward_batch
 from cloud_service.errors import (
     BadInput,
     Forbidden,
@@ -99,6 +103,7 @@ class Deployment:
     keeps_cache: bool  # decoder with a KV cache: sessions are possible
     max_positions: int | None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    batcher: Batcher | None = field(default=None, repr=False)  # its scheduler, made on first use
 
     @property
     def family(self) -> Family:
@@ -127,6 +132,35 @@ class Deployment:
         )
 
 
+@dataclass
+class _Request:
+    """A parsed, checked forward request waiting for the scheduler."""
+
+    x: torch.Tensor  # (B, S, d) permuted by π, as received
+    mask: torch.Tensor | None  # (B, S) int64, the new rows only
+    options: ForwardOptions
+    claims: Claims
+    start: float  # perf_counter when it arrived
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def seq(self) -> int:
+        return int(self.x.shape[1])
+
+
+@dataclass
+class _Step:
+    """A request in the scheduler's hands: its batch item and, for a session, the session."""
+
+    request: _Request
+    item: BatchItem
+    session: Session | None = None
+    broken: bool = False  # its cache could not be restored after a failed forward
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` is the first CUDA device when there is one, else the CPU."""
     if name == "auto":
@@ -153,6 +187,7 @@ class CloudService:
         self._revoked: dict[str, dict[str, int]] = {}  # deployment -> {jti: expires_at}, from P1
         self._revocations_lock = threading.Lock()
         self._push_locks: dict[str, anyio.Lock] = {}
+        self._batchers_lock = threading.Lock()
         self.metrics.bind(
             sessions=lambda: self.sessions.count,
             cache_bytes=lambda: self.sessions.used_bytes,
@@ -446,35 +481,174 @@ class CloudService:
 
     def forward(self, dep: Deployment, body: bytes, options: ForwardOptions, claims: Claims) -> ForwardResult:
         """One forward pass (blocking: run it in a worker thread). Body and result are safetensors."""
+        return self.submit_forward(dep, body, options, claims).result()
+
+    async def forward_async(
+        self,
+        dep: Deployment,
+        body: bytes,
+        options: ForwardOptions,
+        claims: Claims,
+        *,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> ForwardResult:
+        """`forward` for the event loop: parsed in a worker thread, then awaited off any thread."""
+        future = await anyio.to_thread.run_sync(self.submit_forward, dep, body, options, claims, limiter=limiter)
+        return await asyncio.wrap_future(future)
+
+    def submit_forward(
+        self, dep: Deployment, body: bytes, options: ForwardOptions, claims: Claims
+    ) -> "Future[ForwardResult]":
+        """Parse and check a forward body (blocking, cheap), then queue it for the deployment's
+        scheduler (cloud_service.batching), which runs it batched with concurrent requests."""
         start = time.perf_counter()
         if len(body) >= 8 and struct.unpack("<Q", body[:8])[0] > len(body) - 8:
             raise BadInput("safetensors header length exceeds the body: truncated, or not safetensors")
         tensors, _ = wire.decode(body, max_bytes=self.settings.max_body_bytes)
         x, mask = self._check_inputs(dep, tensors)
         self._check_options(dep, options)
-        batch, seq = x.shape[0], x.shape[1]
-        last_only = options.output != "all"
-        with dep.lock:
-            if options.session_id is None:
-                self._check_positions(dep, 0, seq)
-                if mask is not None:
-                    _check_rows(mask)
-                out = dep.model.forward(x, mask, None, last_only=last_only)
-                length = seq
+        request = _Request(x=x, mask=mask, options=options, claims=claims, start=start)
+        return self._batcher(dep).submit(
+            Job(rows=request.rows, seq=request.seq, session_id=options.session_id, payload=request)
+        )
+
+    def _batcher(self, dep: Deployment) -> Batcher:
+        with self._batchers_lock:
+            if dep.batcher is None:
+                s = self.settings
+                dep.batcher = Batcher(
+                    partial(self._run_batch, dep),
+                    max_rows=s.batch_max_rows,
+                    max_tokens=s.batch_max_tokens,
+                    max_wait_s=s.batch_wait_ms / 1000,
+                    name=f"stip-batcher-{dep.deployment_id}",
+                )
+            return dep.batcher
+
+    # --- forward execution (the scheduler's thread) ---------------------------------------
+
+    def _run_batch(self, dep: Deployment, jobs: list[Job]) -> None:
+        """Run the jobs the scheduler gathered: one batched forward where exact, else one by one.
+
+        Settles every job's future. A batched forward that fails is retried request by request,
+        so each request hears its own outcome.
+        """
+        steps: list[tuple[Job, _Step]] = []
+        for job in jobs:
+            try:
+                steps.append((job, self._begin(dep, job.payload)))
+            except BaseException as e:
+                job.future.set_exception(e)
+        items = [step.item for _, step in steps]
+        if batchable(dep.model, items, dep.max_positions):
+            try:
+                with dep.lock:
+                    outs = forward_batch(dep.model, items)
+            except Exception as e:
+                log.warning(
+                    "batched forward of %d requests failed (%s); running them one by one", len(items), type(e).__name__
+                )
+                for _, step in steps:
+                    if step.session is not None and not _rollback(step.item.cache, step.item.past):
+                        step.broken = True
             else:
-                session = self._session_for(dep, options.session_id, claims)
-                out, length = self._extend(dep, session, x, mask, last_only)
-        outputs = self._outputs(dep, out, options, x.dtype)
-        meta = {
-            META_DEPLOYMENT: dep.deployment_id,
-            META_KEY_VERSION: str(dep.key_version),
-            META_SESSION_LENGTH: str(length),
-        }
-        result = wire.encode(outputs, meta)
-        tokens = batch * seq if mask is None else int(mask.sum())
-        self.metrics.tokens.inc(tokens)
-        self.metrics.forward_seconds.labels(options.output).observe(time.perf_counter() - start)
-        return ForwardResult(body=result, key_version=dep.key_version, session_length=length, tokens=tokens)
+                for (job, step), out in zip(steps, outs, strict=True):
+                    self._settle(dep, job, step, out)
+                return
+        for job, step in steps:
+            try:
+                if step.broken:
+                    raise Internal("the session's cache was lost in a failed batch; start a new session")
+                with dep.lock:
+                    out = self._run_alone(dep, step)
+            except BaseException as e:
+                if step.session is not None:
+                    self.sessions.release(step.session)
+                    if step.broken:
+                        self.sessions.delete(step.session.session_id)
+                job.future.set_exception(e)
+                continue
+            self._settle(dep, job, step, out)
+
+    def _begin(self, dep: Deployment, request: "_Request") -> "_Step":
+        """Checks that depend on the session's state, and its cache snapshot (reserved memory)."""
+        device, dtype = dep.model.device, dep.model.dtype
+        x = request.x.to(device, dtype)
+        mask = request.mask.to(device) if request.mask is not None else None
+        last_only = request.options.output != "all"
+        if request.options.session_id is None:
+            self._check_positions(dep, 0, request.seq)
+            if mask is not None:
+                _check_rows(mask)
+            return _Step(request, BatchItem(x=x, mask=mask, last_only=last_only))
+        session = self._session_for(dep, request.options.session_id, request.claims)
+        batch, seq = request.rows, request.seq
+        # cache and mask read together, under the session store's lock (a rotation may free them)
+        cache, held = self.sessions.reserve(session, dep.kv_bytes_per_token * batch * seq)  # held: (B, past)
+        try:
+            past = 0 if held is None else int(held.shape[1])
+            if held is not None and held.shape[0] != batch:
+                raise BadInput(f"the session holds {held.shape[0]} rows; this request has {batch}")
+            self._check_positions(dep, past, seq)
+            new = mask if mask is not None else torch.ones(batch, seq, dtype=torch.long, device=device)
+            _check_rows(new if held is None else torch.cat([held, new], dim=1))
+        except BaseException:
+            self.sessions.release(session)
+            raise
+        item = BatchItem(x=x, mask=mask, cache=cache, held=held, last_only=last_only, keep_cache=True)
+        return _Step(request, item, session)
+
+    def _run_alone(self, dep: Deployment, step: "_Step") -> CloudOutput:
+        """One request's forward without padding (the caller holds the model lock)."""
+        item = step.item
+        if step.session is None:
+            return dep.model.forward(item.x, item.mask, None, last_only=item.last_only)
+        new = (
+            item.mask
+            if item.mask is not None
+            else torch.ones(item.rows, item.seq, dtype=torch.long, device=item.x.device)
+        )
+        full = new if item.held is None else torch.cat([item.held, new], dim=1)  # (B, past + S)
+        try:
+            return dep.model.forward(item.x, full, item.cache, last_only=item.last_only)
+        except BaseException:
+            if not _rollback(item.cache, item.past):  # a cache in an unknown state must not serve another step
+                step.broken = True
+            raise
+
+    def _settle(self, dep: Deployment, job: Job, step: "_Step", out: CloudOutput) -> None:
+        """Store a session's extended cache, encode the answer and hand it to the waiting request."""
+        request, item = step.request, step.item
+        try:
+            length = request.seq
+            if step.session is not None:
+                new = (
+                    item.mask
+                    if item.mask is not None
+                    else torch.ones(item.rows, item.seq, dtype=torch.long, device=item.x.device)
+                )
+                full = new if item.held is None else torch.cat([item.held, new], dim=1)
+                nbytes = _cache_nbytes(out.cache) or (
+                    step.session.cache_bytes + dep.kv_bytes_per_token * item.rows * item.seq
+                )
+                self.sessions.commit(step.session, cache=out.cache, mask=full, nbytes=nbytes)
+                length = item.past + item.seq
+            outputs = self._outputs(dep, out, request.options, request.x.dtype)
+            meta = {
+                META_DEPLOYMENT: dep.deployment_id,
+                META_KEY_VERSION: str(dep.key_version),
+                META_SESSION_LENGTH: str(length),
+            }
+            body = wire.encode(outputs, meta)
+            mask = request.mask
+            tokens = request.rows * request.seq if mask is None else int(mask.sum())
+            self.metrics.tokens.inc(tokens)
+            self.metrics.forward_seconds.labels(request.options.output).observe(time.perf_counter() - request.start)
+            job.future.set_result(
+                ForwardResult(body=body, key_version=dep.key_version, session_length=length, tokens=tokens)
+            )
+        except BaseException as e:
+            job.future.set_exception(e)
 
     def _check_inputs(
         self, dep: Deployment, tensors: dict[str, torch.Tensor]
@@ -531,37 +705,6 @@ class CloudService:
         if dep.max_positions is not None and past + seq > dep.max_positions:
             where = f"{past} cached + {seq} new" if past else f"{seq}"
             raise BadInput(f"{where} positions exceed the model's {dep.max_positions}")
-
-    def _extend(
-        self, dep: Deployment, session: Session, x: torch.Tensor, mask: torch.Tensor | None, last_only: bool
-    ) -> tuple[CloudOutput, int]:
-        """Run the new rows on the session's cache; the mask sent covers the new rows only."""
-        batch, seq = x.shape[0], x.shape[1]
-        # cache and mask read together, under the session store's lock (a rotation may free them)
-        cache, held = self.sessions.reserve(session, dep.kv_bytes_per_token * batch * seq)  # held: (B, past)
-        past = 0 if held is None else int(held.shape[1])
-        try:
-            if held is not None and held.shape[0] != batch:
-                raise BadInput(f"the session holds {held.shape[0]} rows; this request has {batch}")
-            self._check_positions(dep, past, seq)
-            new = mask if mask is not None else torch.ones(batch, seq, dtype=torch.long)
-            new = new.to(dep.model.device)
-            full = new if held is None else torch.cat([held, new], dim=1)  # (B, past + S)
-            _check_rows(full)
-        except BaseException:
-            self.sessions.release(session)
-            raise
-        try:
-            out = dep.model.forward(x, full, cache, last_only=last_only)
-        except BaseException:
-            self.sessions.release(session)
-            if not _rollback(cache, past):  # a cache in an unknown state must not serve another step
-                log.warning("session cache could not be restored after a failed forward; the session ends")
-                self.sessions.delete(session.session_id)
-            raise
-        nbytes = _cache_nbytes(out.cache) or (session.cache_bytes + dep.kv_bytes_per_token * batch * seq)
-        self.sessions.commit(session, cache=out.cache, mask=full, nbytes=nbytes)
-        return out, past + seq
 
     def _outputs(
         self, dep: Deployment, out: CloudOutput, options: ForwardOptions, dtype: torch.dtype

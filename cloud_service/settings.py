@@ -47,6 +47,13 @@ class CloudSettings(BaseSettings):
     forward_threads: int = Field(
         2, ge=1, description="worker threads per deployment for forward passes; more requests wait their turn"
     )
+    batch_max_rows: int = Field(
+        32, ge=1, description="rows of one batched forward (requests of one deployment together)"
+    )
+    batch_max_tokens: int = Field(8192, ge=1, description="rows x padded positions of one batched forward")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="how long a batch may wait for more requests (only while fewer than last time)"
+    )
 
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
