@@ -23,6 +23,7 @@ import secrets
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WEIGHT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 FLUSH_BYTES = 4 << 20  # push bytes buffered before each write to disk
 HEX64 = frozenset("0123456789abcdef")
+VERIFIED_CREDENTIALS = 4096  # verified credentials remembered (least recently used dropped)
 
 
 @dataclass
@@ -130,6 +132,33 @@ class Deployment:
             dtype=str(self.model.dtype).removeprefix("torch."),
             max_positions=self.max_positions,
         )
+
+
+class _Verified:
+    """A bounded LRU map (deployment, verify key, token) -> Claims of verified credentials.
+
+    Only a signature that verified is remembered, under the exact token and the key that
+    verified it (a push with another P1 key misses); the caller still checks expiry and
+    revocation on every use.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[str, str, str], Claims] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, str]) -> Claims | None:
+        with self._lock:
+            claims = self._items.get(key)
+            if claims is not None:
+                self._items.move_to_end(key)
+            return claims
+
+    def put(self, key: tuple[str, str, str], claims: Claims) -> None:
+        with self._lock:
+            self._items[key] = claims
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
 
 
 @dataclass
@@ -188,6 +217,8 @@ class CloudService:
         self._revocations_lock = threading.Lock()
         self._push_locks: dict[str, anyio.Lock] = {}
         self._batchers_lock = threading.Lock()
+        # credentials whose signature verified, so a generation's steps skip the Ed25519 check
+        self._verified: _Verified = _Verified(VERIFIED_CREDENTIALS)
         self.metrics.bind(
             sessions=lambda: self.sessions.count,
             cache_bytes=lambda: self.sessions.used_bytes,
@@ -258,6 +289,13 @@ class CloudService:
         """Verify a user credential offline against the deployment's key (401, or 403 for another deployment)."""
         if not token:
             raise Unauthorized("a user credential is required: Authorization: Bearer <credential>")
+        cached = self._verified.get((dep.deployment_id, dep.verify_key, token))
+        if cached is not None:  # signature checked before: expiry and revocation are checked on every use
+            if int(time.time()) >= cached.exp:
+                raise Unauthorized("invalid user credential: credential has expired")
+            if cached.jti in self._revoked.get(dep.deployment_id, {}):
+                raise Unauthorized("the user credential has been revoked by the model owner")
+            return cached
         try:
             claims = credentials.verify(token, dep.verify_key, deployment_id=dep.deployment_id)
         except CredentialError as e:
@@ -267,6 +305,7 @@ class CloudService:
         else:
             if claims.jti in self._revoked.get(dep.deployment_id, {}):
                 raise Unauthorized("the user credential has been revoked by the model owner")
+            self._verified.put((dep.deployment_id, dep.verify_key, token), claims)
             return claims
         # Signed for another deployment: genuine (403) or not (401)?
         peer = self._deployments.get(other)

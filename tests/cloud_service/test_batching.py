@@ -18,9 +18,11 @@ from fastapi.testclient import TestClient
 
 from cloud_service import service as service_module
 from cloud_service.batching import Batcher, BatchItem, Job, batchable, forward_batch
+from cloud_service.errors import Unauthorized
 from cloud_service.schemas import ForwardOptions
 from shared import wire
-from shared.api import INPUTS_EMBEDS, LOGITS
+from shared.api import INPUTS_EMBEDS, LOGITS, Revocations, Revoked
+from shared.credentials import Signer
 from shared.families import get_family
 from shared.families.gpt2 import WTE
 from shared.permutation import permute, unpermute
@@ -86,7 +88,7 @@ def test_sessions_of_different_lengths_decode_together(protocol: Protocol) -> No
     late = torch.randint(1, 61, (1, 5), generator=g)  # its prefill joins the batch at step 0
     sessions.append({"ids": late[:, :0], "cache": None, "pending": late})
     free_ids, free_mask = left_padded(2, 4, 61, seed=9)
-    for step in range(4):
+    for _ in range(4):
         items = []
         for s in sessions:
             new = s.pop("pending", None)
@@ -254,3 +256,33 @@ def test_concurrent_sessions_equal_stock_generate(
         )
         assert torch.equal(results[i], expected)
     assert stacked and max(stacked) >= 2  # some steps really ran together
+
+
+# --- credentials verified once, checked on every use ------------------------------------------
+
+
+def test_verified_credential_still_expires_and_is_revoked(
+    deployed: TestClient, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = deployed.app.state.service  # type: ignore[attr-defined]
+    dep = service.deployment(DEPLOYMENT)
+    token, claims = signer.issue(subject="carol", deployment_id=DEPLOYMENT, ttl_s=60)
+    calls: list[str] = []
+    real_verify = service_module.credentials.verify
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append("verify")
+        return real_verify(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service_module.credentials, "verify", counting)
+    assert service.authorize_user(dep, token) == claims
+    assert service.authorize_user(dep, token) == claims
+    assert calls == ["verify"]  # the second step skipped the signature check
+    now = time.time()
+    monkeypatch.setattr(service_module.time, "time", lambda: now + 61)
+    with pytest.raises(Unauthorized, match="expired"):
+        service.authorize_user(dep, token)
+    monkeypatch.setattr(service_module.time, "time", lambda: now)
+    service.set_revocations(DEPLOYMENT, Revocations(revoked=[Revoked(jti=claims.jti, expires_at=claims.exp)]))
+    with pytest.raises(Unauthorized, match="revoked"):
+        service.authorize_user(dep, token)
