@@ -62,6 +62,7 @@ from shared.api import (
     INPUTS_EMBEDS,
     LOGITS,
     META_DEPLOYMENT,
+    META_DTYPE,
     META_KEY_VERSION,
     META_SESSION_LENGTH,
     POOLED,
@@ -677,6 +678,7 @@ class CloudService:
                 META_DEPLOYMENT: dep.deployment_id,
                 META_KEY_VERSION: str(dep.key_version),
                 META_SESSION_LENGTH: str(length),
+                META_DTYPE: str(dep.model.dtype).removeprefix("torch."),
             }
             body = wire.encode(outputs, meta)
             mask = request.mask

@@ -10,6 +10,7 @@ sessions through P2's service equal to stock `generate()`.
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,13 +22,13 @@ from cloud_service.batching import Batcher, BatchItem, Job, batchable, forward_b
 from cloud_service.errors import Unauthorized
 from cloud_service.schemas import ForwardOptions
 from shared import wire
-from shared.api import INPUTS_EMBEDS, LOGITS, Revocations, Revoked
+from shared.api import INPUTS_EMBEDS, LOGITS, META_DTYPE, Revocations, Revoked
 from shared.credentials import Signer
 from shared.families import get_family
 from shared.families.gpt2 import WTE
 from shared.permutation import permute, unpermute
 from shared.runtime import CloudModel
-from tests.cloud_service.helpers import DEPLOYMENT, Deployed
+from tests.cloud_service.helpers import DEPLOYMENT, Deployed, decoded, embeds, forward, push, serve
 from tests.core.test_bert import deploy as deploy_bert
 from tests.core.test_bert import tiny_bert
 from tests.support import TINY_LLAMA, assert_close, deploy_decoder, left_padded, random_causal_lm
@@ -286,3 +287,24 @@ def test_verified_credential_still_expires_and_is_revoked(
     service.set_revocations(DEPLOYMENT, Revocations(revoked=[Revoked(jti=claims.jti, expires_at=claims.exp)]))
     with pytest.raises(Unauthorized, match="revoked"):
         service.authorize_user(dep, token)
+
+
+# --- half-precision transport ----------------------------------------------------------------
+
+
+def test_half_precision_inputs_change_nothing_on_a_half_precision_p2(
+    tmp_path: Path, original: transformers.PreTrainedModel, v1: Deployed, signer: Signer, credential: str
+) -> None:
+    """P2 in fp16 rounds x·π to fp16 on arrival: x·π sent already in fp16 gives the same logits,
+    bit for bit, in half the bytes each way; the answer names P2's dtype for the SDK."""
+    ids = torch.randint(1, 61, (2, 5), generator=torch.Generator().manual_seed(2))
+    with serve(tmp_path / "data", dtype="float16") as client:
+        body, digest = v1.body(signer)
+        assert push(client, body, digest).status_code == 200
+        x = embeds(original, ids, v1.pi)
+        full = forward(client, credential, x, output="all")
+        half = forward(client, credential, {INPUTS_EMBEDS: x[INPUTS_EMBEDS].half()}, output="all")
+        (a, meta), (b, _) = decoded(full), decoded(half)
+    assert meta[META_DTYPE] == "float16" and b[LOGITS].dtype == torch.float16
+    assert torch.equal(a[LOGITS], b[LOGITS].float())
+    assert len(half.content) < 0.6 * len(full.content)
