@@ -6,8 +6,9 @@ permutation, an embedding table or a token id: a push with an integer tensor or 
 embedding table is refused, and a forward body carries only `inputs_embeds` and
 `attention_mask`.
 
-Concurrency: the model of a deployment runs in worker threads under the deployment's lock;
-pushes of one deployment are serialised by an async lock, stream to a temporary file, and
+Concurrency: forwards of a deployment run in its scheduler's thread (cloud_service.batching),
+which batches concurrent requests into one forward of the stock model; request threads only
+parse and check bodies. Pushes of one deployment are serialised by an async lock, stream to a temporary file, and
 switch the registry entry in one assignment once the new model is loaded, so the old
 version serves until then.
 """
@@ -91,6 +92,7 @@ INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WEIGHT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 FLUSH_BYTES = 4 << 20  # push bytes buffered before each write to disk
 HEX64 = frozenset("0123456789abcdef")
+INLINE_PARSE_BYTES = 64 << 10  # forward bodies parsed on the event loop: a thread hop costs more
 VERIFIED_CREDENTIALS = 4096  # verified credentials remembered (least recently used dropped)
 
 
@@ -532,8 +534,12 @@ class CloudService:
         *,
         limiter: anyio.CapacityLimiter | None = None,
     ) -> ForwardResult:
-        """`forward` for the event loop: parsed in a worker thread, then awaited off any thread."""
-        future = await anyio.to_thread.run_sync(self.submit_forward, dep, body, options, claims, limiter=limiter)
+        """`forward` for the event loop: parsed (in a worker thread unless the body is small, like
+        a decode step's), then awaited without holding a thread while the scheduler runs it."""
+        if len(body) <= INLINE_PARSE_BYTES:
+            future = self.submit_forward(dep, body, options, claims)
+        else:
+            future = await anyio.to_thread.run_sync(self.submit_forward, dep, body, options, claims, limiter=limiter)
         return await asyncio.wrap_future(future)
 
     def submit_forward(

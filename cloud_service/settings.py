@@ -45,7 +45,7 @@ class CloudSettings(BaseSettings):
     max_push_bytes: int = Field(256 * GIB, gt=0, description="weight push bodies; 413 past it")
     max_batch: int = Field(64, ge=1, description="rows of one forward request")
     forward_threads: int = Field(
-        2, ge=1, description="worker threads per deployment for forward passes; more requests wait their turn"
+        2, ge=1, description="worker threads per deployment that parse large forward bodies; more wait their turn"
     )
     batch_max_rows: int = Field(
         32, ge=1, description="rows of one batched forward (requests of one deployment together)"
