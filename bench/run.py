@@ -213,6 +213,17 @@ def counting_proxy(target_port: int, one_way_delay_s: float = 0.0) -> Any:
             self.up = 0  # bytes to P2
             self.down = 0  # bytes from P2
 
+        def __exit__(self, *exc: object) -> None:
+            async def cancel() -> None:  # the connections still open end here, not at interpreter exit
+                tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+            with suppress(Exception):
+                asyncio.run_coroutine_threadsafe(cancel(), self._loop).result(5)
+            super().__exit__(*exc)
+
         async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
             try:
                 server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
