@@ -76,6 +76,7 @@ class Plan:
     streams: int = 8  # concurrent clients / plaintext batch
     repeats: int = 3  # each timing is the median of this many runs
     dtype: str = "float32"  # P2's STIP_CLOUD_DTYPE
+    threads: int | None = None  # torch threads in this process and in P2
 
 
 def plan_for(name: str) -> Plan:
@@ -212,6 +213,7 @@ def counting_proxy(target_port: int, one_way_delay_s: float = 0.0) -> Any:
             super().__init__(target_port)
             self.up = 0  # bytes to P2
             self.down = 0  # bytes from P2
+            self.connections = 0  # TCP connections the client opened
 
         def __exit__(self, *exc: object) -> None:
             async def cancel() -> None:  # the connections still open end here, not at interpreter exit
@@ -225,6 +227,7 @@ def counting_proxy(target_port: int, one_way_delay_s: float = 0.0) -> Any:
             super().__exit__(*exc)
 
         async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+            self.connections += 1
             try:
                 server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
             except OSError:
@@ -266,9 +269,12 @@ class Results:
     stip_8_tokens_per_s: float
     plain_prefill_ms: float
     stip_prefill_ms: float
+    p2_model_ms: float  # P2's stock-model forward per decode step, from its metrics
+    p2_request_ms: float  # P2's whole forward request per step (parse, scheduling, model, encoding)
     sdk_ms_per_step: float  # client-side work of a step (embed, permute, encode, decode, un-permute)
     http_ms: float  # a round trip of a small request to P2 (GET of the deployment)
     figures: dict[str, float]
+    connections: int = 0  # TCP connections one client opened for three generations (reuse: 1)
 
 
 def sdk_step_ms(client: Any, repeats: int = 200) -> float:
@@ -287,6 +293,27 @@ def sdk_step_ms(client: Any, repeats: int = 200) -> float:
         bundle.key.pi_c[out[api.TOPK_INDICES]]
 
     return timed(lambda: _repeat(step, repeats), 1) / repeats * 1000
+
+
+def metric_sum(cloud_url: str, name: str) -> float:
+    """The sum over every label set of one of P2's /metrics series (0 when absent)."""
+    import httpx
+
+    text = httpx.get(f"{cloud_url}/metrics", timeout=10.0).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name)
+
+
+def p2_step_ms(cloud_url: str, generate: Callable[[int], Any], n: int) -> tuple[float, float]:
+    """P2's own time per decode step, from its metrics: (the stock model's forward, the whole
+    forward request: parse, scheduling, model, encoding), each (Δ(n) - Δ(1)) / (n - 1)."""
+    names = ("stip_cloud_model_seconds_sum", "stip_cloud_forward_seconds_sum")
+    spent: dict[int, list[float]] = {}
+    for k in (1, n):
+        before = [metric_sum(cloud_url, m) for m in names]
+        generate(k)
+        spent[k] = [metric_sum(cloud_url, m) - b for m, b in zip(names, before, strict=True)]
+    model, whole = ((spent[n][i] - spent[1][i]) / (n - 1) * 1000 for i in range(2))
+    return model, whole
 
 
 def _repeat(fn: Callable[[], Any], n: int) -> None:
@@ -328,6 +355,8 @@ def run(plan: Plan, work: Path, log: Callable[[str], None]) -> Results:
 
     log("STIP: P2 and P1 on loopback ...")
     cloud_env = {"STIP_CLOUD_LOG_LEVEL": "WARNING", "STIP_CLOUD_DTYPE": plan.dtype, "STIP_CLOUD_DEVICE": "cpu"}
+    if plan.threads:
+        cloud_env["OMP_NUM_THREADS"] = str(plan.threads)
     with ExitStack() as stack:
         (work / "services").mkdir(exist_ok=True)
         services = stack.enter_context(local_services(work / "services", cloud_env=cloud_env))
@@ -358,6 +387,7 @@ def run(plan: Plan, work: Path, log: Callable[[str], None]) -> Results:
         log("STIP: one stream ...")
         stip_tok = per_token(lambda k: gen(one, first, k), n, reps)
         stip_1 = n / timed(lambda: gen(one, first, n), reps)
+        model_ms, p2_request_ms = p2_step_ms(services.cloud_url, lambda k: gen(one, first, k), n)
         sdk_ms = sdk_step_ms(one)
         http = one._cloud_http()
         info = f"/v1/deployments/{dep}"
@@ -408,13 +438,14 @@ def run(plan: Plan, work: Path, log: Callable[[str], None]) -> Results:
         gen(counted, first, n)
         up_n, down_n = proxy.up - up0 - up1, proxy.down - down0 - down1
         wire_up, wire_down = (up_n - up1) / (n - 1), (down_n - down1) / (n - 1)
+        connections = proxy.connections
         wan = stack.enter_context(counting_proxy(cloud_port, one_way_delay_s=0.010))
         far = client(f"http://127.0.0.1:{wan.port}")
         wan_tok = per_token(lambda k: gen(far, first, k), n, max(1, reps - 1))
 
     figures = {
         "e2e_decode_ratio": plain_tok / stip_tok,
-        "overhead_ms_per_step": (stip_tok * 1000) - p2_ms,
+        "overhead_ms_per_step": (stip_tok * 1000) - model_ms,
         "p2_forward_ratio": p2_ratio,
         "batch8_throughput_ratio": stip_8 / stip_1,
         "plain_batch8_ratio": plain_b8 / plain_b1,
@@ -436,22 +467,30 @@ def run(plan: Plan, work: Path, log: Callable[[str], None]) -> Results:
         stip_8_tokens_per_s=stip_8,
         plain_prefill_ms=plain_prefill * 1000,
         stip_prefill_ms=stip_prefill * 1000,
+        p2_model_ms=model_ms,
+        p2_request_ms=p2_request_ms,
         sdk_ms_per_step=sdk_ms,
         http_ms=http_ms,
         figures=figures,
+        connections=connections,
     )
 
 
 def format_table(r: Results, plan: Plan) -> str:
     rows = [
-        ("model", f"{r.model} ({r.parameters_m:.1f} M parameters, P2 {plan.dtype}, CPU)"),
-        ("decode, one stream: plaintext / STIP", f"{r.plain_ms_per_token:.2f} / {r.stip_ms_per_token:.2f} ms/token"),
-        ("P2's forward per decode step (θ′, in process)", f"{r.p2_forward_ms:.2f} ms"),
         (
-            "overhead per step: SDK work / HTTP round trip / rest",
-            f"{r.sdk_ms_per_step:.2f} / {r.http_ms:.2f} / "
-            f"{r.figures['overhead_ms_per_step'] - r.sdk_ms_per_step - r.http_ms:.2f} ms",
+            "model",
+            f"{r.model} ({r.parameters_m:.1f} M parameters, P2 {plan.dtype}, CPU, {torch.get_num_threads()} threads)",
         ),
+        ("decode, one stream: plaintext / STIP", f"{r.plain_ms_per_token:.2f} / {r.stip_ms_per_token:.2f} ms/token"),
+        ("P2's forward per decode step (θ′, in this process)", f"{r.p2_forward_ms:.2f} ms"),
+        ("P2's model forward per decode step (P2's metrics)", f"{r.p2_model_ms:.2f} ms"),
+        (
+            "overhead per step: P2 framing / SDK work / HTTP and the rest",
+            f"{r.p2_request_ms - r.p2_model_ms:.2f} / {r.sdk_ms_per_step:.2f} / "
+            f"{r.stip_ms_per_token - r.p2_request_ms - r.sdk_ms_per_step:.2f} ms",
+        ),
+        ("HTTP round trip of a small GET to P2", f"{r.http_ms:.2f} ms"),
         (
             f"throughput, 1 vs {plan.streams} streams: plaintext",
             f"{r.plain_b1_tokens_per_s:.1f} / {r.plain_b8_tokens_per_s:.1f} tokens/s",
@@ -465,6 +504,7 @@ def format_table(r: Results, plan: Plan) -> str:
             f"{r.plain_prefill_ms:.1f} / {r.stip_prefill_ms:.1f} ms",
         ),
     ]
+    rows.append(("TCP connections of one client, 3 generations", str(r.connections)))
     rows += [(k, f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}") for k, v in r.figures.items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -475,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller model and fewer tokens (under 3 minutes)")
     p.add_argument("--size", choices=sorted(SIZES), help="the model size (default: gpt2-small; quick with --quick)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="P2's dtype")
+    p.add_argument("--threads", type=int, help="torch threads here and in P2 (default: torch's own choice)")
     p.add_argument("--work-dir", type=Path, help="keep models and logs here (default: a temporary directory)")
     return p
 
@@ -483,7 +524,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = args.size or ("quick" if args.quick else "gpt2-small")
     plan = plan_for(name)
-    plan = Plan(**{**asdict(plan), "size": plan.size, "dtype": args.dtype})
+    plan = Plan(**{**asdict(plan), "size": plan.size, "dtype": args.dtype, "threads": args.threads})
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)

@@ -589,7 +589,10 @@ class CloudService:
         if batchable(dep.model, items, dep.max_positions):
             try:
                 with dep.lock:
+                    started = time.perf_counter()
                     outs = forward_batch(dep.model, items)
+                    self.metrics.model_seconds.observe(time.perf_counter() - started)
+                    self.metrics.batch_rows.observe(sum(item.rows for item in items))
             except Exception as e:
                 log.warning(
                     "batched forward of %d requests failed (%s); running them one by one", len(items), type(e).__name__
@@ -606,7 +609,10 @@ class CloudService:
                 if step.broken:
                     raise Internal("the session's cache was lost in a failed batch; start a new session")
                 with dep.lock:
+                    started = time.perf_counter()
                     out = self._run_alone(dep, step)
+                    self.metrics.model_seconds.observe(time.perf_counter() - started)
+                    self.metrics.batch_rows.observe(step.item.rows)
             except BaseException as e:
                 if step.session is not None:
                     self.sessions.release(step.session)

@@ -65,7 +65,7 @@ def test_output_ends_with_one_json_line_of_every_figure(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     figures = {k: float(i + 1) for i, k in enumerate(bench.FIGURES)}
-    fake = bench.Results("m", 1.0, 2.0, 2.1, 1.9, 50, 200, 48, 180, 10, 11, 0.3, 0.4, figures)
+    fake = bench.Results("m", 1.0, 2.0, 2.1, 1.9, 50, 200, 48, 180, 10, 11, 1.8, 1.9, 0.3, 0.4, figures)
     monkeypatch.setattr(bench, "run", lambda plan, work, log: fake)
     assert bench.main(["--size", "tiny"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
