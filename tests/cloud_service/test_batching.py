@@ -308,3 +308,52 @@ def test_half_precision_inputs_change_nothing_on_a_half_precision_p2(
     assert meta[META_DTYPE] == "float16" and b[LOGITS].dtype == torch.float16
     assert torch.equal(a[LOGITS], b[LOGITS].float())
     assert len(half.content) < 0.6 * len(full.content)
+
+
+def test_a_failed_batch_is_rerun_request_by_request(
+    deployed: TestClient,
+    v1: Deployed,
+    original: transformers.PreTrainedModel,
+    credential: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the batched forward raises, each request runs alone: right answers, sessions intact."""
+    service = deployed.app.state.service  # type: ignore[attr-defined]
+    dep = service.deployment(DEPLOYMENT)
+    claims = service.authorize_user(dep, credential)
+
+    def x_of(ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return permute(original.get_input_embeddings()(ids), v1.pi)
+
+    prompts = [torch.randint(1, 61, (1, n), generator=torch.Generator().manual_seed(n)) for n in (3, 6)]
+    sessions = [service.create_session(dep, claims).session_id for _ in prompts]
+    for sid, ids in zip(sessions, prompts, strict=True):  # prefills, one at a time
+        service.forward(
+            dep, wire.encode({INPUTS_EMBEDS: x_of(ids)}), ForwardOptions(output="last", session_id=sid), claims
+        )
+
+    def failing(model: CloudModel, items: list[BatchItem]) -> list:
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(service_module, "forward_batch", failing)
+    nxt = torch.tensor([[7]])
+    jobs = [
+        Job(
+            rows=1,
+            seq=1,
+            session_id=sid,
+            payload=service_module._Request(
+                x=x_of(nxt), mask=None, options=ForwardOptions(output="last", session_id=sid), claims=claims, start=0.0
+            ),
+        )
+        for sid in sessions
+    ]
+    service._run_batch(dep, jobs)
+    for job, ids in zip(jobs, prompts, strict=True):
+        result = job.future.result(0)
+        assert result.session_length == ids.shape[1] + 1
+        logits = unpermute(wire.decode(result.body)[0][LOGITS], v1.pi_c)
+        with torch.no_grad():
+            ref = original(input_ids=torch.cat([ids, nxt], dim=1)).logits[:, -1:]
+        assert_close(ref, logits)
