@@ -6,8 +6,8 @@ Two pieces, both free of HTTP:
   forms a batch (at most `max_rows` rows and `max_tokens` padded positions, one step per
   session), hands it to an `execute` callback, and starts over. While a batch runs, new
   requests queue; that queue is the next batch. It waits for more requests only while it has
-  fewer than the previous batch had, and never longer than `max_wait_s`, so a single stream
-  never waits.
+  fewer than the requesters of the last two batches, never longer than `max_wait_s` nor half
+  the previous batch's run time, so a single stream never waits.
 - `forward_batch`, the maths: requests of different lengths, each with its own KV cache of
   its own length (or none), stacked into one forward of the stock model on `inputs_embeds`,
   and split back. Every row equals what it would be alone, to float rounding:
@@ -222,7 +222,9 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._expect = 1  # jobs the previous batch held: worth a short wait for as many
+        self._expect = 1  # requesters seen in the last two batches: worth a short wait for as many
+        self._last_sessions: set[str] = set()
+        self._last_run_s = 0.0  # how long the previous batch took: waits stay well below it
         self.batches = 0  # counters, for tests and metrics
         self.jobs = 0
 
@@ -262,7 +264,7 @@ class Batcher:
                     return None
             batch: list[Job] = []
             self._take(batch)
-            deadline = time.monotonic() + self.max_wait_s
+            deadline = time.monotonic() + min(self.max_wait_s, self._last_run_s / 2)
             while len(batch) < self._expect and not self._queue:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -277,9 +279,15 @@ class Batcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._expect = len(batch)
+            # Streams whose steps arrive staggered split into groups that alternate; expecting
+            # everyone seen in the last two batches lets the groups merge into one batch.
+            sessions = {j.session_id for j in batch if j.session_id is not None}
+            stateless = sum(j.session_id is None for j in batch)
+            self._expect = max(1, len(sessions | self._last_sessions) + stateless)
+            self._last_sessions = sessions
             self.batches += 1
             self.jobs += len(batch)
+            started = time.monotonic()
             try:
                 self.execute(batch)
             except BaseException as e:  # the executor failed as a whole: every job hears it
@@ -287,6 +295,7 @@ class Batcher:
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(e)
+            self._last_run_s = time.monotonic() - started
 
 
 __all__ = ["BatchItem", "Batcher", "Job", "batchable", "forward_batch", "layout"]

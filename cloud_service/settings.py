@@ -52,7 +52,10 @@ class CloudSettings(BaseSettings):
     )
     batch_max_tokens: int = Field(8192, ge=1, description="rows x padded positions of one batched forward")
     batch_wait_ms: float = Field(
-        5.0, ge=0, description="how long a batch may wait for more requests (only while fewer than last time)"
+        20.0,
+        ge=0,
+        description="how long a batch may wait for more requests: only while it has fewer than the last two "
+        "batches' requesters, and never more than half the previous batch's run time",
     )
 
     tls_certfile: Path | None = None
