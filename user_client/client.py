@@ -195,6 +195,8 @@ class StipClient:
             },
             follow_redirects=False,
         )
+        for name in ("Accept", "Accept-Encoding", "Connection"):  # httpx's defaults: bytes on every step, no use
+            client.headers.pop(name, None)
         return Http(client, party=party, retries=self._retries, backoff=self._backoff)
 
     def close(self) -> None:
