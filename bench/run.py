@@ -248,7 +248,8 @@ def counting_proxy(target_port: int, one_way_delay_s: float = 0.0) -> Any:
                 with suppress(Exception):
                     w.close()
 
-            await asyncio.gather(pipe(client_r, server_w, True), pipe(server_r, client_w, False))
+            with suppress(asyncio.CancelledError):  # cancelled when the proxy stops
+                await asyncio.gather(pipe(client_r, server_w, True), pipe(server_r, client_w, False))
 
     return Counting()
 
@@ -382,8 +383,12 @@ def run(plan: Plan, work: Path, log: Callable[[str], None]) -> Results:
         one = client()
         first = [int(t) for t in prompt[0]]
         expected = plain.generate(prompt, n)[0, plan.prompt_tokens :].tolist()
-        if gen(one, first, n) != expected:
+        got = gen(one, first, n)
+        if plan.dtype == "float32" and got != expected:
             raise RuntimeError("STIP's greedy tokens differ from plaintext generate(): the benchmark is void")
+        if got != expected:  # half precision rounds differently from the fp32 original: said, not fatal
+            same = sum(a == b for a, b in zip(got, expected, strict=True))
+            log(f"P2 in {plan.dtype}: {same}/{n} greedy tokens equal to the fp32 plaintext")
         log("STIP: one stream ...")
         stip_tok = per_token(lambda k: gen(one, first, k), n, reps)
         stip_1 = n / timed(lambda: gen(one, first, n), reps)
