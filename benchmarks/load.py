@@ -452,6 +452,16 @@ class Cluster:
         )
 
 
+def deploy_model(admin: Any, path: Path, *, name: str, cloud_url: str, timeout_s: float = 600) -> str:
+    """Register a local model on P1 and deploy it to P2; the deployment id once it is active."""
+    model = admin.register(path, name=name)
+    dep = admin.deploy(model.model_id, cloud_url=cloud_url)
+    status = admin.wait(dep.deployment_id, timeout_s=timeout_s)
+    if status.status != "active":
+        raise RuntimeError(f"deploying {path.name} failed: {status.error}")
+    return str(dep.deployment_id)
+
+
 @contextmanager
 def cluster(
     work: Path,
@@ -485,14 +495,9 @@ def cluster(
             "generate": make_random_llama(work / "models" / "random-llama"),
             "embed": minilm_path(),
         }
-        deployments: dict[Kind, str] = {}
-        for kind, path in dirs.items():
-            model = admin.register(path, name=f"load-{kind}")
-            dep = admin.deploy(model.model_id, cloud_url=cloud)
-            status = admin.wait(dep.deployment_id, timeout_s=600)
-            if status.status != "active":
-                raise RuntimeError(f"deploying {path.name} failed: {status.error}")
-            deployments[kind] = dep.deployment_id
+        deployments = {
+            kind: deploy_model(admin, path, name=f"load-{kind}", cloud_url=cloud) for kind, path in dirs.items()
+        }
         c = Cluster(dev, cloud, admin, cloud_pid, deployments, dirs, work / "client-cache")
         for kind in KINDS:  # fetch each bundle once: the load's clients read it from the cache
             with c.client(kind, c.credential(kind, "load-warmup")) as client:

@@ -272,13 +272,14 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def forward_limiter(request: Request, dep: Deployment) -> anyio.CapacityLimiter:
-    """The worker threads one deployment's forwards may use (STIP_CLOUD_FORWARD_THREADS).
+    """The worker threads that parse one deployment's large forward bodies (STIP_CLOUD_FORWARD_THREADS).
 
-    Its forwards run one at a time anyway (the model lock); the bound keeps waiting requests
-    out of threads. Every thread that enters torch keeps its own allocator arena and OpenMP
-    team: under 32 clients (benchmarks/load.py), anyio's shared pool of 40 threads grew P2 by
-    about 370 MiB that stayed; two threads per deployment by about 60. One limiter per
-    deployment also keeps a busy deployment from starving the others' requests of threads.
+    The forwards themselves run in the deployment's scheduler thread (cloud_service.batching);
+    the bound keeps waiting requests out of threads. Every thread that enters torch keeps its
+    own allocator arena and OpenMP team: under 32 clients (benchmarks/load.py), anyio's shared
+    pool of 40 threads grew P2 by about 370 MiB that stayed; two threads per deployment by
+    about 60. One limiter per deployment also keeps a busy deployment from starving the others'
+    requests of threads.
     """
     limiters: dict[str, anyio.CapacityLimiter] = request.app.state.forward_limiters
     limiter = limiters.get(dep.deployment_id)
@@ -421,8 +422,7 @@ async def forward(
     async with admission.forward(dep.deployment_id, claims.sub):  # before the body is read (admission.py)
         body = await read_body(request, service.settings.max_body_bytes)
         check_response_size(dep, body, options, service.settings.max_response_bytes)
-        limiter = forward_limiter(request, dep)
-        result = await anyio.to_thread.run_sync(service.forward, dep, body, options, claims, limiter=limiter)
+        result = await service.forward_async(dep, body, options, claims, limiter=forward_limiter(request, dep))
     return Response(result.body, media_type=CONTENT_TYPE, headers={KEY_VERSION_HEADER: str(result.key_version)})
 
 

@@ -40,6 +40,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.model_seconds = Histogram(
+            "stip_cloud_model_seconds",
+            "Time in the stock model's forward, per (batched) forward pass",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "stip_cloud_batch_rows",
+            "Rows of each forward pass P2 ran (concurrent requests batched together)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
         self.tokens = Counter("stip_cloud_tokens", "Real (unmasked) tokens processed by forward", registry=r)
         self.push_bytes = Counter("stip_cloud_push_bytes", "Bytes of weight pushes received", registry=r)
         self.pushes = Counter("stip_cloud_pushes", "Weight pushes by outcome", ["outcome"], registry=r)

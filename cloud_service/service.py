@@ -6,12 +6,14 @@ permutation, an embedding table or a token id: a push with an integer tensor or 
 embedding table is refused, and a forward body carries only `inputs_embeds` and
 `attention_mask`.
 
-Concurrency: the model of a deployment runs in worker threads under the deployment's lock;
-pushes of one deployment are serialised by an async lock, stream to a temporary file, and
+Concurrency: forwards of a deployment run in its scheduler's thread (cloud_service.batching),
+which batches concurrent requests into one forward of the stock model; request threads only
+parse and check bodies. Pushes of one deployment are serialised by an async lock, stream to a temporary file, and
 switch the registry entry in one assignment once the new model is loaded, so the old
 version serves until then.
 """
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -20,8 +22,11 @@ import secrets
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,6 +35,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors import safe_open
 
+from cloud_service.batching import Batcher, BatchItem, Job, batchable, forward_batch
 from cloud_service.errors import (
     BadInput,
     Forbidden,
@@ -55,6 +61,7 @@ from shared.api import (
     INPUTS_EMBEDS,
     LOGITS,
     META_DEPLOYMENT,
+    META_DTYPE,
     META_KEY_VERSION,
     META_SESSION_LENGTH,
     POOLED,
@@ -84,6 +91,8 @@ INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WEIGHT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 FLUSH_BYTES = 4 << 20  # push bytes buffered before each write to disk
 HEX64 = frozenset("0123456789abcdef")
+INLINE_PARSE_BYTES = 64 << 10  # forward bodies parsed on the event loop: a thread hop costs more
+VERIFIED_CREDENTIALS = 4096  # verified credentials remembered (least recently used dropped)
 
 
 @dataclass
@@ -98,6 +107,7 @@ class Deployment:
     keeps_cache: bool  # decoder with a KV cache: sessions are possible
     max_positions: int | None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    batcher: Batcher | None = field(default=None, repr=False)  # its scheduler, made on first use
 
     @property
     def family(self) -> Family:
@@ -124,6 +134,62 @@ class Deployment:
             dtype=str(self.model.dtype).removeprefix("torch."),
             max_positions=self.max_positions,
         )
+
+
+class _Verified:
+    """A bounded LRU map (deployment, verify key, token) -> Claims of verified credentials.
+
+    Only a signature that verified is remembered, under the exact token and the key that
+    verified it (a push with another P1 key misses); the caller still checks expiry and
+    revocation on every use.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[str, str, str], Claims] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, str]) -> Claims | None:
+        with self._lock:
+            claims = self._items.get(key)
+            if claims is not None:
+                self._items.move_to_end(key)
+            return claims
+
+    def put(self, key: tuple[str, str, str], claims: Claims) -> None:
+        with self._lock:
+            self._items[key] = claims
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+@dataclass
+class _Request:
+    """A parsed, checked forward request waiting for the scheduler."""
+
+    x: torch.Tensor  # (B, S, d) permuted by π, as received
+    mask: torch.Tensor | None  # (B, S) int64, the new rows only
+    options: ForwardOptions
+    claims: Claims
+    start: float  # perf_counter when it arrived
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def seq(self) -> int:
+        return int(self.x.shape[1])
+
+
+@dataclass
+class _Step:
+    """A request in the scheduler's hands: its batch item and, for a session, the session."""
+
+    request: _Request
+    item: BatchItem
+    session: Session | None = None
+    broken: bool = False  # its cache could not be restored after a failed forward
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,6 +220,9 @@ class CloudService:
         self._revoked: dict[str, dict[str, int]] = {}  # deployment -> {jti: expires_at}, from P1
         self._revocations_lock = threading.Lock()
         self._push_locks: dict[str, anyio.Lock] = {}
+        self._batchers_lock = threading.Lock()
+        # credentials whose signature verified, so a generation's steps skip the Ed25519 check
+        self._verified: _Verified = _Verified(VERIFIED_CREDENTIALS)
         self.metrics.bind(
             sessions=lambda: self.sessions.count,
             cache_bytes=lambda: self.sessions.used_bytes,
@@ -224,6 +293,13 @@ class CloudService:
         """Verify a user credential offline against the deployment's key (401, or 403 for another deployment)."""
         if not token:
             raise Unauthorized("a user credential is required: Authorization: Bearer <credential>")
+        cached = self._verified.get((dep.deployment_id, dep.verify_key, token))
+        if cached is not None:  # signature checked before: expiry and revocation are checked on every use
+            if int(time.time()) >= cached.exp:
+                raise Unauthorized("invalid user credential: credential has expired")
+            if cached.jti in self._revoked.get(dep.deployment_id, {}):
+                raise Unauthorized("the user credential has been revoked by the model owner")
+            return cached
         try:
             claims = credentials.verify(token, dep.verify_key, deployment_id=dep.deployment_id)
         except CredentialError as e:
@@ -233,6 +309,7 @@ class CloudService:
         else:
             if claims.jti in self._revoked.get(dep.deployment_id, {}):
                 raise Unauthorized("the user credential has been revoked by the model owner")
+            self._verified.put((dep.deployment_id, dep.verify_key, token), claims)
             return claims
         # Signed for another deployment: genuine (403) or not (401)?
         peer = self._deployments.get(other)
@@ -472,35 +549,185 @@ class CloudService:
 
     def forward(self, dep: Deployment, body: bytes, options: ForwardOptions, claims: Claims) -> ForwardResult:
         """One forward pass (blocking: run it in a worker thread). Body and result are safetensors."""
+        return self.submit_forward(dep, body, options, claims).result()
+
+    async def forward_async(
+        self,
+        dep: Deployment,
+        body: bytes,
+        options: ForwardOptions,
+        claims: Claims,
+        *,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> ForwardResult:
+        """`forward` for the event loop: parsed (in a worker thread unless the body is small, like
+        a decode step's), then awaited without holding a thread while the scheduler runs it."""
+        if len(body) <= INLINE_PARSE_BYTES:
+            future = self.submit_forward(dep, body, options, claims)
+        else:
+            future = await anyio.to_thread.run_sync(self.submit_forward, dep, body, options, claims, limiter=limiter)
+        return await asyncio.wrap_future(future)
+
+    def submit_forward(
+        self, dep: Deployment, body: bytes, options: ForwardOptions, claims: Claims
+    ) -> "Future[ForwardResult]":
+        """Parse and check a forward body (blocking, cheap), then queue it for the deployment's
+        scheduler (cloud_service.batching), which runs it batched with concurrent requests."""
         start = time.perf_counter()
         if len(body) >= 8 and struct.unpack("<Q", body[:8])[0] > len(body) - 8:
             raise BadInput("safetensors header length exceeds the body: truncated, or not safetensors")
         tensors, _ = wire.decode(body, max_bytes=self.settings.max_body_bytes)
         x, mask = self._check_inputs(dep, tensors)
         self._check_options(dep, options)
-        batch, seq = x.shape[0], x.shape[1]
-        last_only = options.output != "all"
-        with dep.lock:
-            if options.session_id is None:
-                self._check_positions(dep, 0, seq)
-                if mask is not None:
-                    _check_rows(mask)
-                out = dep.model.forward(x, mask, None, last_only=last_only)
-                length = seq
+        request = _Request(x=x, mask=mask, options=options, claims=claims, start=start)
+        return self._batcher(dep).submit(
+            Job(rows=request.rows, seq=request.seq, session_id=options.session_id, payload=request)
+        )
+
+    def _batcher(self, dep: Deployment) -> Batcher:
+        with self._batchers_lock:
+            if dep.batcher is None:
+                s = self.settings
+                dep.batcher = Batcher(
+                    partial(self._run_batch, dep),
+                    max_rows=s.batch_max_rows,
+                    max_tokens=s.batch_max_tokens,
+                    max_wait_s=s.batch_wait_ms / 1000,
+                    name=f"stip-batcher-{dep.deployment_id}",
+                )
+            return dep.batcher
+
+    # --- forward execution (the scheduler's thread) ---------------------------------------
+
+    def _run_batch(self, dep: Deployment, jobs: list[Job]) -> None:
+        """Run the jobs the scheduler gathered: one batched forward where exact, else one by one.
+
+        Settles every job's future. A batched forward that fails is retried request by request,
+        so each request hears its own outcome.
+        """
+        steps: list[tuple[Job, _Step]] = []
+        for job in jobs:
+            try:
+                steps.append((job, self._begin(dep, job.payload)))
+            except BaseException as e:
+                job.future.set_exception(e)
+        items = [step.item for _, step in steps]
+        if batchable(dep.model, items, dep.max_positions):
+            try:
+                with dep.lock:
+                    started = time.perf_counter()
+                    outs = forward_batch(dep.model, items)
+                    self.metrics.model_seconds.observe(time.perf_counter() - started)
+                    self.metrics.batch_rows.observe(sum(item.rows for item in items))
+            except Exception as e:
+                log.warning(
+                    "batched forward of %d requests failed (%s); running them one by one", len(items), type(e).__name__
+                )
+                for _, step in steps:
+                    if step.session is not None and not _rollback(step.item.cache, step.item.past):
+                        step.broken = True
             else:
-                session = self._session_for(dep, options.session_id, claims)
-                out, length = self._extend(dep, session, x, mask, last_only)
-        outputs = self._outputs(dep, out, options, x.dtype)
-        meta = {
-            META_DEPLOYMENT: dep.deployment_id,
-            META_KEY_VERSION: str(dep.key_version),
-            META_SESSION_LENGTH: str(length),
-        }
-        result = wire.encode(outputs, meta)
-        tokens = batch * seq if mask is None else int(mask.sum())
-        self.metrics.tokens.inc(tokens)
-        self.metrics.forward_seconds.labels(options.output).observe(time.perf_counter() - start)
-        return ForwardResult(body=result, key_version=dep.key_version, session_length=length, tokens=tokens)
+                for (job, step), out in zip(steps, outs, strict=True):
+                    self._settle(dep, job, step, out)
+                return
+        for job, step in steps:
+            try:
+                if step.broken:
+                    raise Internal("the session's cache was lost in a failed batch; start a new session")
+                with dep.lock:
+                    started = time.perf_counter()
+                    out = self._run_alone(dep, step)
+                    self.metrics.model_seconds.observe(time.perf_counter() - started)
+                    self.metrics.batch_rows.observe(step.item.rows)
+            except BaseException as e:
+                if step.session is not None:
+                    self.sessions.release(step.session)
+                    if step.broken:
+                        self.sessions.delete(step.session.session_id)
+                job.future.set_exception(e)
+                continue
+            self._settle(dep, job, step, out)
+
+    def _begin(self, dep: Deployment, request: "_Request") -> "_Step":
+        """Checks that depend on the session's state, and its cache snapshot (reserved memory)."""
+        device, dtype = dep.model.device, dep.model.dtype
+        x = request.x.to(device, dtype)
+        mask = request.mask.to(device) if request.mask is not None else None
+        last_only = request.options.output != "all"
+        if request.options.session_id is None:
+            self._check_positions(dep, 0, request.seq)
+            if mask is not None:
+                _check_rows(mask)
+            return _Step(request, BatchItem(x=x, mask=mask, last_only=last_only))
+        session = self._session_for(dep, request.options.session_id, request.claims)
+        batch, seq = request.rows, request.seq
+        # cache and mask read together, under the session store's lock (a rotation may free them)
+        cache, held = self.sessions.reserve(session, dep.kv_bytes_per_token * batch * seq)  # held: (B, past)
+        try:
+            past = 0 if held is None else int(held.shape[1])
+            if held is not None and held.shape[0] != batch:
+                raise BadInput(f"the session holds {held.shape[0]} rows; this request has {batch}")
+            self._check_positions(dep, past, seq)
+            new = mask if mask is not None else torch.ones(batch, seq, dtype=torch.long, device=device)
+            _check_rows(new if held is None else torch.cat([held, new], dim=1))
+        except BaseException:
+            self.sessions.release(session)
+            raise
+        item = BatchItem(x=x, mask=mask, cache=cache, held=held, last_only=last_only, keep_cache=True)
+        return _Step(request, item, session)
+
+    def _run_alone(self, dep: Deployment, step: "_Step") -> CloudOutput:
+        """One request's forward without padding (the caller holds the model lock)."""
+        item = step.item
+        if step.session is None:
+            return dep.model.forward(item.x, item.mask, None, last_only=item.last_only)
+        new = (
+            item.mask
+            if item.mask is not None
+            else torch.ones(item.rows, item.seq, dtype=torch.long, device=item.x.device)
+        )
+        full = new if item.held is None else torch.cat([item.held, new], dim=1)  # (B, past + S)
+        try:
+            return dep.model.forward(item.x, full, item.cache, last_only=item.last_only)
+        except BaseException:
+            if not _rollback(item.cache, item.past):  # a cache in an unknown state must not serve another step
+                step.broken = True
+            raise
+
+    def _settle(self, dep: Deployment, job: Job, step: "_Step", out: CloudOutput) -> None:
+        """Store a session's extended cache, encode the answer and hand it to the waiting request."""
+        request, item = step.request, step.item
+        try:
+            length = request.seq
+            if step.session is not None:
+                new = (
+                    item.mask
+                    if item.mask is not None
+                    else torch.ones(item.rows, item.seq, dtype=torch.long, device=item.x.device)
+                )
+                full = new if item.held is None else torch.cat([item.held, new], dim=1)
+                nbytes = _cache_nbytes(out.cache) or (
+                    step.session.cache_bytes + dep.kv_bytes_per_token * item.rows * item.seq
+                )
+                self.sessions.commit(step.session, cache=out.cache, mask=full, nbytes=nbytes)
+                length = item.past + item.seq
+            outputs = self._outputs(dep, out, request.options, request.x.dtype)
+            meta = {
+                META_DEPLOYMENT: dep.deployment_id,
+                META_KEY_VERSION: str(dep.key_version),
+                META_SESSION_LENGTH: str(length),
+                META_DTYPE: str(dep.model.dtype).removeprefix("torch."),
+            }
+            body = wire.encode(outputs, meta)
+            mask = request.mask
+            tokens = request.rows * request.seq if mask is None else int(mask.sum())
+            self.metrics.tokens.inc(tokens)
+            self.metrics.forward_seconds.labels(request.options.output).observe(time.perf_counter() - request.start)
+            job.future.set_result(
+                ForwardResult(body=body, key_version=dep.key_version, session_length=length, tokens=tokens)
+            )
+        except BaseException as e:
+            job.future.set_exception(e)
 
     def _check_inputs(
         self, dep: Deployment, tensors: dict[str, torch.Tensor]
@@ -557,37 +784,6 @@ class CloudService:
         if dep.max_positions is not None and past + seq > dep.max_positions:
             where = f"{past} cached + {seq} new" if past else f"{seq}"
             raise BadInput(f"{where} positions exceed the model's {dep.max_positions}")
-
-    def _extend(
-        self, dep: Deployment, session: Session, x: torch.Tensor, mask: torch.Tensor | None, last_only: bool
-    ) -> tuple[CloudOutput, int]:
-        """Run the new rows on the session's cache; the mask sent covers the new rows only."""
-        batch, seq = x.shape[0], x.shape[1]
-        # cache and mask read together, under the session store's lock (a rotation may free them)
-        cache, held = self.sessions.reserve(session, dep.kv_bytes_per_token * batch * seq)  # held: (B, past)
-        past = 0 if held is None else int(held.shape[1])
-        try:
-            if held is not None and held.shape[0] != batch:
-                raise BadInput(f"the session holds {held.shape[0]} rows; this request has {batch}")
-            self._check_positions(dep, past, seq)
-            new = mask if mask is not None else torch.ones(batch, seq, dtype=torch.long)
-            new = new.to(dep.model.device)
-            full = new if held is None else torch.cat([held, new], dim=1)  # (B, past + S)
-            _check_rows(full)
-        except BaseException:
-            self.sessions.release(session)
-            raise
-        try:
-            out = dep.model.forward(x, full, cache, last_only=last_only)
-        except BaseException:
-            self.sessions.release(session)
-            if not _rollback(cache, past):  # a cache in an unknown state must not serve another step
-                log.warning("session cache could not be restored after a failed forward; the session ends")
-                self.sessions.delete(session.session_id)
-            raise
-        nbytes = _cache_nbytes(out.cache) or (session.cache_bytes + dep.kv_bytes_per_token * batch * seq)
-        self.sessions.commit(session, cache=out.cache, mask=full, nbytes=nbytes)
-        return out, past + seq
 
     def _outputs(
         self, dep: Deployment, out: CloudOutput, options: ForwardOptions, dtype: torch.dtype

@@ -45,7 +45,17 @@ class CloudSettings(BaseSettings):
     max_push_bytes: int = Field(256 * GIB, gt=0, description="weight push bodies; 413 past it")
     max_batch: int = Field(64, ge=1, description="rows of one forward request")
     forward_threads: int = Field(
-        2, ge=1, description="worker threads per deployment for forward passes; more requests wait their turn"
+        2, ge=1, description="worker threads per deployment that parse large forward bodies; more wait their turn"
+    )
+    batch_max_rows: int = Field(
+        32, ge=1, description="rows of one batched forward (requests of one deployment together)"
+    )
+    batch_max_tokens: int = Field(8192, ge=1, description="rows x padded positions of one batched forward")
+    batch_wait_ms: float = Field(
+        20.0,
+        ge=0,
+        description="how long a batch may wait for more requests: only while it has fewer than the last two "
+        "batches' requesters, and never more than half the previous batch's run time",
     )
     max_json_bytes: int = Field(MIB, gt=0, description="every body other than forward and push (JSON); 413 past it")
     max_response_bytes: int = Field(

@@ -33,6 +33,7 @@ POOLED = "pooled"  # (B, d) permuted by π (encoders with a pooler)
 META_DEPLOYMENT = "deployment_id"
 META_KEY_VERSION = "key_version"
 META_SESSION_LENGTH = "session_length"
+META_DTYPE = "dtype"  # P2's compute dtype ("float32", "float16", "bfloat16"): x·π may travel in it
 
 OutputMode = Literal["last", "all", "topk"]
 

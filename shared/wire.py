@@ -10,6 +10,7 @@ and that floats are finite. `concat_files` streams several safetensors shards as
 import json
 import math
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from shared.errors import BadTensor, PayloadTooLarge
 
 DEFAULT_MAX_HEADER = 1 << 20  # 1 MiB of JSON is far more than any request needs
 CONTENT_TYPE = "application/octet-stream"
+LITTLE_ENDIAN = sys.byteorder == "little"  # safetensors stores little-endian: tensors map directly
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -47,7 +49,23 @@ class TensorInfo:
 
 
 def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    """Tensors -> one safetensors buffer: the header built here, each tensor's bytes copied once
+    (into the joined body). The layout is the standard one (`safetensors.torch.load` reads it)."""
+    if not LITTLE_ENDIAN:
+        return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    chunks: list[memoryview | bytes] = []
+    pos = 0
+    for name, tensor in tensors.items():
+        t = tensor.detach().cpu().contiguous()
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + size]}
+        if size:
+            chunks.append(t.reshape(-1).view(torch.uint8).numpy().data)  # its bytes, not copied yet
+        pos += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # align the data region, as safetensors does
+    return b"".join([struct.pack("<Q", len(head)), head, *chunks])
 
 
 def parse_header(
@@ -111,15 +129,28 @@ def decode(
     """Check and load a safetensors body. Raises BadTensor / PayloadTooLarge."""
     if max_bytes is not None and len(body) > max_bytes:
         raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
-    _, meta, _ = parse_header(body, body_size=len(body), max_header=max_header)
-    try:
-        tensors = st_load(body)
-    except Exception as e:  # the rust parser's own errors: report their kind, never the bytes
-        raise BadTensor(f"safetensors body rejected: {type(e).__name__}") from None
+    infos, meta, start = parse_header(body, body_size=len(body), max_header=max_header)
+    if LITTLE_ENDIAN:  # the header is checked (offsets tile the data exactly): read the tensors from it
+        view = memoryview(body)
+        tensors = {
+            name: _tensor(view[start + i.start : start + i.end], DTYPES[i.dtype], i.shape) for name, i in infos.items()
+        }
+    else:
+        try:
+            tensors = st_load(body)
+        except Exception as e:  # the rust parser's own errors: report their kind, never the bytes
+            raise BadTensor(f"safetensors body rejected: {type(e).__name__}") from None
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise BadTensor(f"tensor {name!r} holds NaN or Inf")
     return tensors, meta
+
+
+def _tensor(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of its own memory (one copy) from a slice of the body."""
+    if not data.nbytes:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
 def read_header(path: Path, max_header: int = 100 << 20) -> tuple[dict[str, TensorInfo], dict[str, str], int]:

@@ -51,6 +51,8 @@ from user_client.errors import KeyOutdated, NotFound, SessionExpired, StipError,
 from user_client.sampling import Sampler, SamplingParams, TextAssembler
 from user_client.settings import ClientSettings
 
+WIRE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # P2 dtypes sent as they are
+
 log = logging.getLogger("stip.client")
 
 T = TypeVar("T")
@@ -188,6 +190,7 @@ class StipClient:
         if self._explicit_cloud_url:
             self._cloud = self._http("P2", self._explicit_cloud_url, self._cloud_transport)
         self._bundle: Bundle | None = None
+        self._wire_dtypes: dict[int, torch.dtype] = {}  # key version -> dtype of x·π on the wire
         self._lock = threading.RLock()
         self._sessions: set[Session] = set()
         self._closed = False
@@ -212,6 +215,8 @@ class StipClient:
             },
             follow_redirects=False,
         )
+        for name in ("Accept", "Accept-Encoding", "Connection"):  # httpx's defaults: bytes on every step, no use
+            client.headers.pop(name, None)
         return Http(client, party=party, retries=self._retries, backoff=self._backoff)
 
     def close(self) -> None:
@@ -425,7 +430,7 @@ class StipClient:
         k: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """POST x·π to P2; return its (still permuted) tensors after checking the metadata."""
-        tensors = {api.INPUTS_EMBEDS: x}
+        tensors = {api.INPUTS_EMBEDS: x.to(self._wire_dtype(bundle))}
         if mask is not None:
             tensors[api.ATTENTION_MASK] = mask.to(torch.int64)
         params: dict[str, str | int] = {"output": output}
@@ -474,6 +479,7 @@ class StipClient:
         version = meta.get(api.META_KEY_VERSION)
         if version is not None and version != str(bundle.key_version):
             raise StipError(f"P2 answered under key version {version}, the request used {bundle.key_version}")
+        self._wire_dtypes[bundle.key_version] = WIRE_DTYPES.get(meta.get(api.META_DTYPE, ""), torch.float32)
         if session is not None:
             expected = session.length + x.shape[1]
             reported = meta.get(api.META_SESSION_LENGTH)
@@ -481,6 +487,15 @@ class StipClient:
                 raise StipError(f"P2 reports a session length of {reported}, the client expected {expected}")
             session.length = expected
         return out
+
+    def _wire_dtype(self, bundle: Bundle) -> torch.dtype:
+        """The dtype x·π travels in: P2's own when it runs in half precision (it rounds x·π to it
+        on arrival, so sending it rounded changes no output and halves the bytes), else fp32.
+
+        P2 names its dtype in every forward answer's metadata; until the first answer of this
+        key version, fp32.
+        """
+        return self._wire_dtypes.get(bundle.key_version, torch.float32)
 
     def _session_bundle(self, session: Session) -> Bundle:
         if session._client is not self:

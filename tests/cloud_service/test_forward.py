@@ -16,6 +16,7 @@ from shared.api import (
     KEY_VERSION_HEADER,
     LOGITS,
     META_DEPLOYMENT,
+    META_DTYPE,
     META_KEY_VERSION,
     META_SESSION_LENGTH,
     POOLED,
@@ -55,7 +56,12 @@ def test_forward_all_matches_the_original(
     assert max_abs_diff(unpermute(tensors[LOGITS], v1.pi_c), ref) <= TOL
     # the output is permuted: without π_c it is not the plaintext
     assert max_abs_diff(tensors[LOGITS], ref) > 0.1
-    assert meta == {META_DEPLOYMENT: DEPLOYMENT, META_KEY_VERSION: "1", META_SESSION_LENGTH: "7"}
+    assert meta == {
+        META_DEPLOYMENT: DEPLOYMENT,
+        META_KEY_VERSION: "1",
+        META_SESSION_LENGTH: "7",
+        META_DTYPE: "float32",  # P2's compute dtype: the SDK sends x·π in it when it is half precision
+    }
 
 
 def test_forward_default_is_all_and_last_is_the_last_position(

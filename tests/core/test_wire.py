@@ -104,3 +104,27 @@ def test_concat_files_refuses_duplicate_names(tmp_path: Path) -> None:
         save_file({"a": torch.zeros(1)}, str(tmp_path / f"s{i}.safetensors"))
     with pytest.raises(BadTensor, match="two shards"):
         concat_files([tmp_path / "s0.safetensors", tmp_path / "s1.safetensors"], {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool])
+def test_own_encoder_and_decoder_agree_with_safetensors(dtype: torch.dtype) -> None:
+    """wire.encode / wire.decode build and read the layout themselves: safetensors' own
+    functions must read what they write and vice versa, byte for byte in the tensors."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "b": (torch.randn(2, 3, 5, generator=g) * 4).to(dtype),
+        "a": (torch.randn(7, generator=g)).to(dtype),
+        "empty": torch.zeros(0, 4, dtype=dtype),
+        "strided": (torch.randn(4, 6, generator=g)).to(dtype)[:, ::2],
+    }
+    meta = {"deployment": "dep-1", "n": "3"}
+    theirs = st_load(encode(tensors, meta))
+    ours, got_meta = decode(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+    assert got_meta == meta
+    for name, t in tensors.items():
+        for other in (theirs[name], ours[name]):
+            assert other.dtype == t.dtype and other.shape == t.shape and torch.equal(other, t)
+    ours["a"].zero_()  # decoded tensors own their memory: writable, without a warning

@@ -1,0 +1,1 @@
+"""Performance benchmarks of STIP serving: `python -m bench.run`."""
