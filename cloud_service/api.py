@@ -71,7 +71,7 @@ from shared.errors import (
     StipCoreError,
     UnsupportedModel,
 )
-from shared.http_edge import LimitFor
+from shared.http_edge import LimitFor, UnexpectedErrors
 from shared.wire import CONTENT_TYPE
 
 log = logging.getLogger("stip.cloud.api")
@@ -199,7 +199,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ClientDisconnect, _domain_error)  # an ordinary event, not a 500 with a traceback
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(UnexpectedErrors, respond=lambda scope, exc: _unexpected(Request(scope), exc))  # inside metrics
 
 
 # --- dependencies --------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from developer_service.service import DeveloperService
 from shared import api as contract
 from shared.credentials import Claims
 from shared.errors import CheckpointError, CredentialError, StipCoreError, UnsupportedModel
+from shared.http_edge import UnexpectedErrors
 
 log = logging.getLogger("stip.developer.api")
 
@@ -101,7 +102,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StipCoreError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(
+        UnexpectedErrors, respond=lambda scope, exc: _unexpected_error(Request(scope), exc)
+    )  # inside metrics
 
 
 # --- dependencies --------------------------------------------------------------------------

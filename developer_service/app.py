@@ -45,8 +45,8 @@ def create_app(
     )
     # every body is JSON and small: bounded while it streams, before FastAPI buffers it
     limit = (settings.max_body_bytes, "STIP_DEVELOPER_MAX_BODY_BYTES")
+    install_error_handlers(app)  # its catch-all layer first: inside BodyLimit and the metrics
     app.add_middleware(BodyLimit, limit_for=lambda scope: limit)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts the 413s of BodyLimit too
-    install_error_handlers(app)
     app.include_router(router)
     return app

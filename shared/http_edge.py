@@ -175,3 +175,32 @@ def _bounded_head_protocol(timeout_s: float, max_bytes: int) -> type[asyncio.Pro
                 self.transport.close()
 
     return BoundedHeadProtocol
+
+
+class UnexpectedErrors:
+    """Answer an exception that escaped the routes with the service's own 500, and stop it there.
+
+    Starlette's handler for `Exception` sends its answer and then re-raises to the server, and
+    uvicorn with httptools closes the connection on that: the client then reads a connection
+    reset instead of the 500. Mounted inside the metrics middleware, so a 500 is counted."""
+
+    def __init__(self, app: ASGIApp, respond: Callable[[Scope, Exception], Any]) -> None:
+        self.app, self.respond = app, respond  # respond(scope, exc) -> an ASGI response (logs it)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:  # half an answer is out: nothing sound can follow it on this connection
+                raise
+            await (await self.respond(scope, exc))(scope, receive, send)

@@ -734,8 +734,8 @@ def test_a_forward_that_fails_inside_the_model_leaves_the_session_as_it_was(
     model = p2.service.deployment(DEPLOYMENT).model
     forward = model.forward
 
-    def fails_after_the_cache_grew(*args: Any) -> Any:
-        forward(*args)  # every layer appended this step's keys and values
+    def fails_after_the_cache_grew(*args: Any, **kwargs: Any) -> Any:
+        forward(*args, **kwargs)  # every layer appended this step's keys and values
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(model, "forward", fails_after_the_cache_grew)
