@@ -37,6 +37,7 @@ class PushManifest:
     config: dict[str, Any]
     key_version: int
     verify_key: str
+    mode: str = "embeds"  # "token": θ′ carries the permuted token table (PROTOCOL.md section 7)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ P2 holds θ′ (transformed weights, no embedding module), P1's public verificat
 deployment, and per session a KV cache of permuted activations. It never holds or accepts a
 permutation, an embedding table or a token id: a push with an integer tensor or a non-zero
 embedding table is refused, and a forward body carries only `inputs_embeds` and
-`attention_mask`.
+`attention_mask`. The one exception is a deployment P1 created in token mode (PROTOCOL.md
+section 7, cloud_service.generation): its push, marked so in the metadata, carries the permuted
+token table E′, and P2 generates on ids relabelled by π_c.
 
 Concurrency: the model of a deployment runs in worker threads under the deployment's lock;
 pushes of one deployment are serialised by an async lock, stream to a temporary file, and
@@ -32,6 +34,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors import safe_open
 
+from cloud_service import generation
 from cloud_service.errors import (
     BadInput,
     Forbidden,
@@ -64,6 +67,7 @@ from shared.api import (
     PUSH_DEPLOYMENT,
     PUSH_FAMILY,
     PUSH_KEY_VERSION,
+    PUSH_MODE,
     PUSH_VERIFY_KEY,
     TOPK_INDICES,
     TOPK_VALUES,
@@ -77,6 +81,7 @@ from shared.api import (
 from shared.credentials import Claims
 from shared.errors import CredentialError, PayloadTooLarge, StipCoreError
 from shared.families import CloudOutput, Family, detect_family, get_family
+from shared.families.base import CausalLMFamily
 from shared.runtime import CloudModel, load_cloud_model
 
 log = logging.getLogger("stip.cloud")
@@ -99,6 +104,7 @@ class Deployment:
     keeps_cache: bool  # decoder with a KV cache: sessions are possible
     max_positions: int | None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    mode: str = "embeds"  # "token": θ′ holds E′ and serves generate (cloud_service.generation)
 
     @property
     def family(self) -> Family:
@@ -124,6 +130,7 @@ class Deployment:
             device=str(self.model.device),
             dtype=str(self.model.dtype).removeprefix("torch."),
             max_positions=self.max_positions,
+            mode="token" if self.mode == "token" else "embeds",
         )
 
 
@@ -380,6 +387,8 @@ class CloudService:
             )
             x = torch.zeros(1, 1, model.dims.d_model)
             probe = model.forward(x, torch.ones(1, 1, dtype=torch.long), None)
+            if manifest.mode == "token":
+                generation.prepare(model.model)
         except StipCoreError:
             raise
         except torch.OutOfMemoryError:
@@ -396,6 +405,7 @@ class CloudService:
             model=model,
             keeps_cache=keeps_cache,
             max_positions=int(max_positions) if isinstance(max_positions, int) else None,
+            mode=manifest.mode,
         )
 
     # --- sessions ------------------------------------------------------------------------
@@ -591,7 +601,8 @@ def inspect_push(path: Path, deployment_id: str) -> PushManifest:
     Refused: missing metadata, another deployment, an unknown family, a config the family
     cannot read, a malformed verification key, any non-float tensor (a permutation is an
     int64 vector) and any embedding table that is not all zero (GPT-2's cloud position table
-    is zero by design).
+    is zero by design) — unless the metadata marks a token-mode push of a decoder, which must
+    then carry every embedding table (E′, and GPT-2's positions permuted by π).
     """
     infos, meta, _ = wire.read_header(path)
     missing = [
@@ -634,13 +645,27 @@ def inspect_push(path: Path, deployment_id: str) -> PushManifest:
         raise BadInput(f"P2 accepts floating-point weights only, never an index tensor: {ints[:5]}")
     embedding = family.embedding_names(config)
     suspects = sorted(n for n in infos if any(n == e or n.endswith("." + e) for e in embedding))
-    if suspects:
+    mode = meta.get(PUSH_MODE, "embeds")
+    if mode not in ("embeds", "token"):
+        raise BadInput(f"{PUSH_MODE} must be 'embeds' or 'token', not {mode[:32]!r}")
+    if mode == "token":
+        if family.is_encoder or not isinstance(family, CausalLMFamily):
+            raise BadInput(f"token mode needs a decoder; the {family.name} family is not one")
+        absent = sorted(set(embedding) - set(infos))
+        if absent:
+            raise BadInput(f"a token-mode push must carry the permuted tables {absent}")
+    elif suspects:
         with safe_open(str(path), "pt") as f:
             nonzero = [n for n in suspects if bool(f.get_tensor(n).any())]
         if nonzero:
             raise BadInput(f"P2 never accepts the embedding module: {nonzero}")
     return PushManifest(
-        deployment_id=deployment_id, family=family.name, config=config, key_version=key_version, verify_key=verify_key
+        deployment_id=deployment_id,
+        family=family.name,
+        config=config,
+        key_version=key_version,
+        verify_key=verify_key,
+        mode=mode,
     )
 
 
