@@ -10,8 +10,9 @@ relabelling is (SECURITY.md measures what that reveals).
 The model's own generation defaults are dropped at load (`prepare`): its config names bos,
 eos and pad ids in the REAL vocabulary, meaningless here. Every setting comes from the request;
 `stop_ids` (relabelled) are the only end-of-sequence ids. Sampling runs on P2 with the stock
-processors; a `seed` seeds torch's generator for that one generation (sampled generations with
-a seed run one at a time in the process, since torch's default generator is process-wide).
+processors; torch's generator is seeded for each sampled generation, with the request's `seed`
+or else a fresh random one (sampled generations run one at a time in the process, since torch's
+default generator is process-wide).
 
 Served on the deployment's lock, like a forward pass: a generation holds its deployment's model
 until it ends (bounded by `max_tokens`), or until a streaming client goes away.
@@ -20,6 +21,7 @@ until it ends (bounded by `max_tokens`), or until a streaming client goes away.
 import json
 import logging
 import math
+import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -142,7 +144,8 @@ def run(
     config = GenerationConfig(**options)
     model = dep.model
     ids = torch.tensor([req.input_ids], dtype=torch.long, device=model.device)  # (1, S) relabelled
-    with dep.lock, _seeded(req.seed if sample else None, model.device), torch.inference_mode():
+    seed = None if not sample else req.seed if req.seed is not None else secrets.randbits(63)
+    with dep.lock, _seeded(seed, model.device), torch.inference_mode():
         out = model.model.generate(  # type: ignore[operator]
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

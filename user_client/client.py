@@ -7,7 +7,9 @@ id, a permutation or the embedding module anywhere. One forward pass:
                                                   --> hidden·π   (B, S, d)  --·πᵀ-->   hidden
 
 Generation opens a P2 session (P2 keeps the KV cache), sends the prompt once and then one new
-row per step; sampling happens here. Key rotation: when P2 answers `409 key_outdated` the client
+row per step; sampling happens here. On a token-mode deployment (`client.mode == "token"`,
+PROTOCOL.md section 7) `generate` and `stream` instead send the prompt's ids relabelled by π_c
+in one request and P2 generates (user_client.token_mode). Key rotation: when P2 answers `409 key_outdated` the client
 refetches the bundle from P1; a stateless call (`forward`, `embed`) is then retried once,
 transparently. A generation cannot keep its session (the session's cache was computed under the
 old key), so it opens a new session under the new key and re-sends the prompt plus every token
@@ -45,6 +47,7 @@ from shared.pooling import mean_pool
 from shared.pooling import normalize as l2_normalize
 from shared.tls import tls_verify
 from user_client import images as images_
+from user_client import token_mode
 from user_client._http import Http
 from user_client.bundle import Bundle, BundleCache
 from user_client.errors import KeyOutdated, NotFound, SessionExpired, StipError, TransportError
@@ -169,6 +172,7 @@ class StipClient:
         if self._explicit_cloud_url:
             self._cloud = self._http("P2", self._explicit_cloud_url, self._cloud_transport)
         self._bundle: Bundle | None = None
+        self._embeds_only = False  # `client.mode = "embeds"` on a token-mode deployment
         self._lock = threading.RLock()
         self._sessions: set[Session] = set()
         self._closed = False
@@ -238,8 +242,32 @@ class StipClient:
             if not url:
                 raise StipError("no cloud URL: the bundle names none; pass cloud_url= or set STIP_CLIENT_CLOUD_URL")
             self._cloud = self._http("P2", url, self._cloud_transport)
+        if self._bundle is None or self._bundle.manifest.mode != bundle.manifest.mode:
+            log.info(
+                "deployment %s: %s mode%s",
+                self.deployment_id,
+                bundle.manifest.mode,
+                " (P2 generates on token ids relabelled by pi_c; see SECURITY.md)"
+                if bundle.manifest.mode == "token"
+                else " (P2 receives x·pi only)",
+            )
         self._bundle = bundle
         return bundle
+
+    @property
+    def mode(self) -> Literal["embeds", "token"]:
+        """How generation talks to P2: "token" on a deployment P1 created in token mode (one request
+        of relabelled ids per generation), else "embeds" (x·π, one round trip per token). Setting
+        "embeds" uses embeds mode, which every deployment serves, on a token-mode one too."""
+        return "embeds" if self._embeds_only else self.bundle.manifest.mode
+
+    @mode.setter
+    def mode(self, value: Literal["embeds", "token"]) -> None:
+        if value not in ("embeds", "token"):
+            raise ValueError(f"mode is 'embeds' or 'token', not {value!r}")
+        if value == "token" and self.bundle.manifest.mode != "token":
+            raise ValueError(f"deployment {self.deployment_id} serves embeds mode only (P1 enables token mode)")
+        self._embeds_only = value == "embeds"
 
     @property
     def cloud_url(self) -> str | None:
@@ -598,6 +626,9 @@ class StipClient:
         if limit is not None and len(prompt_ids) >= limit:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
         if params.max_new_tokens == 0:
+            return
+        if self.mode == "token":
+            yield from token_mode.token_stream(self, prompt_ids, params, eos_ids)
             return
         sampler = Sampler(params)
         k = params.topk_shortcut()
