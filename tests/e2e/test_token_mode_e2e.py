@@ -184,7 +184,7 @@ def test_stip_generate_works_unchanged(stack: Stack) -> None:
         "STIP_CLIENT_CREDENTIAL": stack.credential("gpt2"),
         "STIP_CLIENT_CACHE_DIR": str(stack.work / "cli-cache"),
     }
-    cmd = [str(BIN / "stip"), "-v", "generate", PROMPT, "--max-new-tokens", "8", "--no-eos"]
+    cmd = [str(BIN / "stip"), "generate", PROMPT, "-v", "--max-new-tokens", "8", "--no-eos"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "token mode" in result.stderr  # the SDK says which mode it uses
