@@ -34,7 +34,15 @@ import torch
 from pydantic import ValidationError
 
 from cloud_service.errors import BadInput, CloudError
-from shared.api import E_BAD_INPUT, E_INTERNAL, ErrorBody, ErrorResponse, GenerateRequest, GenerateResult
+from shared.api import (
+    E_BAD_INPUT,
+    E_INTERNAL,
+    ErrorBody,
+    ErrorResponse,
+    FinishReason,
+    GenerateRequest,
+    GenerateResult,
+)
 
 if TYPE_CHECKING:
     from cloud_service.service import CloudService, Deployment
@@ -65,7 +73,7 @@ def prepare(model: torch.nn.Module) -> None:
     """At load: no generation default of the model's config applies (its token ids are real ones)."""
     from transformers import GenerationConfig
 
-    model.generation_config = GenerationConfig()
+    model.generation_config = GenerationConfig()  # type: ignore[assignment]
 
 
 def parse(body: bytes, dep: "Deployment", service: "CloudService") -> GenerateRequest:
@@ -155,7 +163,7 @@ def run(
         )
     new = [int(j) for j in out[0, ids.shape[1] :].tolist()]  # relabelled
     service.metrics.tokens.inc(len(req.input_ids) + len(new))
-    finish = "stop" if new and new[-1] in req.stop_ids else "length"
+    finish: FinishReason = "stop" if new and new[-1] in req.stop_ids else "length"
     return GenerateResult(
         deployment_id=dep.deployment_id,
         key_version=dep.key_version,

@@ -124,7 +124,8 @@ def _events(lines: Iterable[str], what: str) -> Iterator[tuple[str, dict[str, An
 
 
 def _stream_error(data: dict[str, Any], what: str) -> StipError:
-    err = data.get("error") if isinstance(data.get("error"), dict) else {}
+    raw = data.get("error")
+    err: dict[str, Any] = raw if isinstance(raw, dict) else {}
     code, message = err.get("code"), err.get("message", "error")
     text = f"{what}: {code}: {message}"
     if code == api.E_BAD_INPUT:
