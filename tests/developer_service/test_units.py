@@ -122,4 +122,5 @@ def test_streamed_tar_is_a_standard_archive(tmp_path: Path) -> None:
         assert key is not None and key.read() == b"k" * 513
     long_name = "long-name-" + "x" * 120 + ".json"
     assert sorted(names) == ["1_Pooling", "1_Pooling/config.json", "key.safetensors", long_name, "stip.json"]
-    assert got == {**manifest, "deployment_id": "dep-x", "cloud_url": "http://p2"}
+    # a manifest written without a mode (before token mode existed) is served as embeds mode
+    assert got == {**manifest, "deployment_id": "dep-x", "cloud_url": "http://p2", "mode": "embeds"}
