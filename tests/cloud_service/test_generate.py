@@ -6,6 +6,7 @@ plaintext model's own greedy tokens. Sampling with a seed is reproducible.
 """
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 import transformers
 from fastapi.testclient import TestClient
 
+from cloud_service import generation
 from shared.api import (
     E_BAD_INPUT,
     E_KEY_OUTDATED,
@@ -21,6 +23,7 @@ from shared.api import (
     KEY_VERSION_HEADER,
     PUSH_MODE,
     DeploymentInfo,
+    GenerateRequest,
     GenerateResult,
 )
 from shared.checkpoint import transform_model_dir
@@ -151,3 +154,30 @@ def test_generate_refusals(token_p2: TestClient, deployed: TestClient, credentia
     outdated = generate(token_p2, credential, ok, **{KEY_VERSION_HEADER: "2"})
     assert "key version 2" in assert_error(outdated, 409, E_KEY_OUTDATED)
     assert generate(token_p2, credential, ok).status_code == 200  # and it still serves
+
+
+def test_a_gone_client_stops_the_generation(token_p2: TestClient, token_v1: Deployed) -> None:
+    """A streaming client that goes away sets the event: generate() stops within a step, not at max_tokens."""
+    service = token_p2.app.state.service  # type: ignore[attr-defined]
+    dep = service.deployment(DEPLOYMENT)
+    request = GenerateRequest(input_ids=relabel(PROMPT, token_v1.pi_c), max_tokens=NEW)
+    seen: list[int] = []
+    gone = threading.Event()
+
+    def on_token(j: int) -> None:
+        seen.append(j)
+        gone.set()  # the response is gone after the first id
+
+    result = generation.run(service, dep, request, on_token=on_token, cancelled=gone)
+    assert result.ids == seen and result.generated_tokens <= 2 < NEW
+
+
+def test_token_mode_survives_a_restart(tmp_path: Path, token_v1: Deployed, signer: Signer, credential: str) -> None:
+    request = {"input_ids": relabel(PROMPT, token_v1.pi_c), "max_tokens": 6}
+    with serve(tmp_path / "data") as client:
+        body, digest = token_v1.body(signer, **{PUSH_MODE: "token"})
+        assert push(client, body, digest).status_code == 200
+        before = generate(client, credential, request).json()["ids"]
+    with serve(tmp_path / "data") as client:  # reloaded from disk, the mode from the push's metadata
+        assert client.get(f"/v1/deployments/{DEPLOYMENT}").json()["mode"] == "token"
+        assert generate(client, credential, request).json()["ids"] == before

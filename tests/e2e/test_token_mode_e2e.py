@@ -190,3 +190,19 @@ def test_stip_generate_works_unchanged(stack: Stack) -> None:
     assert "token mode" in result.stderr  # the SDK says which mode it uses
     with stack.client("gpt2") as client:
         assert result.stdout.strip() == client.generate(PROMPT, max_new_tokens=8, eos=False).strip()
+
+
+def test_a_rotation_relabels_and_the_client_follows(stack: Stack) -> None:
+    """After a rotation P2 refuses ids relabelled under the old π_c (409); the SDK refetches the
+    bundle, relabels under the new key and gets the same tokens."""
+    name = "llama-untied"
+    with stack.client(name) as client:
+        old = client.bundle
+        before = client.generate_ids(PROMPT_IDS, max_new_tokens=8, eos=False)
+        deployment_id = stack.deployments[name]
+        stack.admin.rotate(deployment_id)
+        assert stack.admin.wait(deployment_id, timeout_s=300).key_version == 2
+        assert client.bundle is old  # still the old key, until P2 says so
+        after = client.generate_ids(PROMPT_IDS, max_new_tokens=8, eos=False)
+        assert client.key_version == 2 and not torch.equal(client.bundle.key.pi_c, old.key.pi_c)
+    assert after == before == _stock(stack, name, PROMPT_IDS, 8)
