@@ -72,6 +72,7 @@ from shared.api import (
     TOPK_INDICES,
     TOPK_VALUES,
     DeploymentInfo,
+    Mode,
     PushResult,
     Revocations,
     RevocationsResult,
@@ -104,7 +105,7 @@ class Deployment:
     keeps_cache: bool  # decoder with a KV cache: sessions are possible
     max_positions: int | None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    mode: str = "embeds"  # "token": θ′ holds E′ and serves generate (cloud_service.generation)
+    mode: Mode = "embeds"  # "token": θ′ holds E′ and serves generate (cloud_service.generation)
 
     @property
     def family(self) -> Family:
@@ -130,7 +131,7 @@ class Deployment:
             device=str(self.model.device),
             dtype=str(self.model.dtype).removeprefix("torch."),
             max_positions=self.max_positions,
-            mode="token" if self.mode == "token" else "embeds",
+            mode=self.mode,
         )
 
 
@@ -665,7 +666,7 @@ def inspect_push(path: Path, deployment_id: str) -> PushManifest:
         config=config,
         key_version=key_version,
         verify_key=verify_key,
-        mode=mode,
+        mode="token" if mode == "token" else "embeds",
     )
 
 

@@ -7,9 +7,7 @@ id, a permutation or the embedding module anywhere. One forward pass:
                                                   --> hidden·π   (B, S, d)  --·πᵀ-->   hidden
 
 Generation opens a P2 session (P2 keeps the KV cache), sends the prompt once and then one new
-row per step; sampling happens here. On a token-mode deployment (`client.mode == "token"`,
-PROTOCOL.md section 7) `generate` and `stream` instead send the prompt's ids relabelled by π_c
-in one request and P2 generates (user_client.token_mode). Key rotation: when P2 answers `409 key_outdated` the client
+row per step; sampling happens here. Key rotation: when P2 answers `409 key_outdated` the client
 refetches the bundle from P1; a stateless call (`forward`, `embed`) is then retried once,
 transparently. A generation cannot keep its session (the session's cache was computed under the
 old key), so it opens a new session under the new key and re-sends the prompt plus every token
@@ -20,6 +18,10 @@ same way, without a refetch. A step that fails in transit (`TransportError`: the
 after the request may have reached P2) is never sent again, since P2 may already have extended the
 session with it: the generation raises. Connections that could not be opened, and a P2 answering
 `503 not_ready` while it reloads after a restart, are retried with backoff for every call.
+
+On a token-mode deployment (`client.mode == "token"`, PROTOCOL.md section 7) `generate` and
+`stream` instead send the prompt's ids relabelled by π_c in one request and P2 generates
+(user_client.token_mode).
 """
 
 from __future__ import annotations
