@@ -11,7 +11,8 @@ Who holds what:
   `embed` adds the token and position embeddings before P3 permutes by π.
 - P2 (cloud): every block, `ln_f`, an untied head `lm_head.weight = πᵀ W_wte π_c`, and an
   all-zero `transformer.wpe.weight`, so the stock class adds nothing positional. It never
-  receives `wte`.
+  receives `wte`, except in token mode (PROTOCOL.md section 7): then P2 holds wte[π_c][:, π]
+  and the real position table permuted by π, wpe[:, π], and adds positions itself.
 
 Checkpoint names are accepted with or without the `transformer.` prefix (hub GPT-2
 checkpoints use bare `h.0.attn.c_attn.weight`); the cloud names are the canonical
