@@ -13,13 +13,14 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Scope
 
+from cloud_service import generation
 from cloud_service.admission import Admission, check_response_size
 from cloud_service.errors import (
     BadInput,
@@ -57,6 +58,7 @@ from shared.api import (
     KEY_VERSION_HEADER,
     DeploymentDeleted,
     ErrorBody,
+    GenerateResult,
     OutputMode,
     Revocations,
     RevocationsResult,
@@ -85,6 +87,7 @@ PUSH_PATH = DEPLOYMENT_PATH + "/weights"
 SESSIONS_PATH = DEPLOYMENT_PATH + "/sessions"
 SESSION_PATH = "/v1/sessions/{session_id}"
 FORWARD_PATH = DEPLOYMENT_PATH + "/forward"
+GENERATE_PATH = DEPLOYMENT_PATH + "/generate"  # token mode (PROTOCOL.md section 7)
 REVOCATIONS_PATH = DEPLOYMENT_PATH + "/revocations"
 
 
@@ -424,6 +427,30 @@ async def forward(
         check_response_size(dep, body, options, service.settings.max_response_bytes)
         result = await service.forward_async(dep, body, options, claims, limiter=forward_limiter(request, dep))
     return Response(result.body, media_type=CONTENT_TYPE, headers={KEY_VERSION_HEADER: str(result.key_version)})
+
+
+@v1.post(
+    GENERATE_PATH,
+    response_model=GenerateResult,
+    tags=["P3 -> P2"],
+    openapi_extra=generation.OPENAPI,
+    responses=generation.RESPONSES,
+)
+async def generate(
+    request: Request, dep: DeploymentDep, claims: UserDep, service: ServiceDep, key_version: KeyVersionHeader = None
+) -> Response:
+    """Token mode: ids relabelled by π_c in (JSON), relabelled ids out (JSON, or events with stream=true)."""
+    service.check_key_version(dep, key_version)
+    body = await read_body(request, generation.MAX_BODY_BYTES)  # read only once the credential is checked
+    req = generation.parse(body, dep, service)
+    headers = {KEY_VERSION_HEADER: str(dep.key_version)}
+    if req.stream:
+        return StreamingResponse(
+            generation.events(service, dep, req), media_type=generation.SSE_MEDIA_TYPE, headers=headers
+        )
+    limiter = forward_limiter(request, dep)
+    result = await anyio.to_thread.run_sync(generation.run, service, dep, req, limiter=limiter)
+    return JSONResponse(result.model_dump(), headers=headers)
 
 
 @router.get("/health/live", response_model=Health, tags=["health"])

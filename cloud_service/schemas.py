@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from shared.api import DeploymentInfo, ErrorResponse, OutputMode, PushResult, SessionCreated
+from shared.api import DeploymentInfo, ErrorResponse, Mode, OutputMode, PushResult, SessionCreated
 
 
 class ActiveRecord(BaseModel):
@@ -37,6 +37,7 @@ class PushManifest:
     config: dict[str, Any]
     key_version: int
     verify_key: str
+    mode: Mode = "embeds"  # "token": θ′ carries the permuted token table (PROTOCOL.md section 7)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ P2 holds θ′ (transformed weights, no embedding module), P1's public verificat
 deployment, and per session a KV cache of permuted activations. It never holds or accepts a
 permutation, an embedding table or a token id: a push with an integer tensor or a non-zero
 embedding table is refused, and a forward body carries only `inputs_embeds` and
-`attention_mask`.
+`attention_mask`. The one exception is a deployment P1 created in token mode (PROTOCOL.md
+section 7, cloud_service.generation): its push, marked so in the metadata, carries the permuted
+token table E′, and P2 generates on ids relabelled by π_c.
 
 Concurrency: forwards of a deployment run in its scheduler's thread (cloud_service.batching),
 which batches concurrent requests into one forward of the stock model; request threads only
@@ -35,6 +37,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors import safe_open
 
+from cloud_service import generation
 from cloud_service.batching import Batcher, BatchItem, Job, batchable, forward_batch
 from cloud_service.errors import (
     BadInput,
@@ -69,11 +72,13 @@ from shared.api import (
     PUSH_DEPLOYMENT,
     PUSH_FAMILY,
     PUSH_KEY_VERSION,
+    PUSH_MODE,
     PUSH_VERIFY_KEY,
     TOPK_INDICES,
     TOPK_VALUES,
     DeploymentDeleted,
     DeploymentInfo,
+    Mode,
     PushResult,
     Revocations,
     RevocationsResult,
@@ -83,6 +88,7 @@ from shared.api import (
 from shared.credentials import Claims
 from shared.errors import CredentialError, PayloadTooLarge, StipCoreError
 from shared.families import CloudOutput, Family, detect_family, get_family
+from shared.families.base import CausalLMFamily
 from shared.runtime import CloudModel, load_cloud_model
 
 log = logging.getLogger("stip.cloud")
@@ -108,6 +114,7 @@ class Deployment:
     max_positions: int | None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     batcher: Batcher | None = field(default=None, repr=False)  # its scheduler, made on first use
+    mode: Mode = "embeds"  # "token": θ′ holds E′ and serves generate (cloud_service.generation)
 
     @property
     def family(self) -> Family:
@@ -133,6 +140,7 @@ class Deployment:
             device=str(self.model.device),
             dtype=str(self.model.dtype).removeprefix("torch."),
             max_positions=self.max_positions,
+            mode=self.mode,
         )
 
 
@@ -483,6 +491,8 @@ class CloudService:
             )
             x = torch.zeros(1, 1, model.dims.d_model)
             probe = model.forward(x, torch.ones(1, 1, dtype=torch.long), None)
+            if manifest.mode == "token":
+                generation.prepare(model.model)
         except StipCoreError:
             raise
         except torch.OutOfMemoryError:
@@ -499,6 +509,7 @@ class CloudService:
             model=model,
             keeps_cache=keeps_cache,
             max_positions=int(max_positions) if isinstance(max_positions, int) else None,
+            mode=manifest.mode,
         )
 
     # --- sessions ------------------------------------------------------------------------
@@ -813,7 +824,8 @@ def inspect_push(path: Path, deployment_id: str) -> PushManifest:
     Refused: missing metadata, another deployment, an unknown family, a config the family
     cannot read, a malformed verification key, any non-float tensor (a permutation is an
     int64 vector) and any embedding table that is not all zero (GPT-2's cloud position table
-    is zero by design).
+    is zero by design) — unless the metadata marks a token-mode push of a decoder, which must
+    then carry every embedding table (E′, and GPT-2's positions permuted by π).
     """
     infos, meta, _ = wire.read_header(path)
     missing = [
@@ -856,13 +868,27 @@ def inspect_push(path: Path, deployment_id: str) -> PushManifest:
         raise BadInput(f"P2 accepts floating-point weights only, never an index tensor: {ints[:5]}")
     embedding = family.embedding_names(config)
     suspects = sorted(n for n in infos if any(n == e or n.endswith("." + e) for e in embedding))
-    if suspects:
+    mode = meta.get(PUSH_MODE, "embeds")
+    if mode not in ("embeds", "token"):
+        raise BadInput(f"{PUSH_MODE} must be 'embeds' or 'token', not {mode[:32]!r}")
+    if mode == "token":
+        if family.is_encoder or not isinstance(family, CausalLMFamily):
+            raise BadInput(f"token mode needs a decoder; the {family.name} family is not one")
+        absent = sorted(set(embedding) - set(infos))
+        if absent:
+            raise BadInput(f"a token-mode push must carry the permuted tables {absent}")
+    elif suspects:
         with safe_open(str(path), "pt") as f:
             nonzero = [n for n in suspects if bool(f.get_tensor(n).any())]
         if nonzero:
             raise BadInput(f"P2 never accepts the embedding module: {nonzero}")
     return PushManifest(
-        deployment_id=deployment_id, family=family.name, config=config, key_version=key_version, verify_key=verify_key
+        deployment_id=deployment_id,
+        family=family.name,
+        config=config,
+        key_version=key_version,
+        verify_key=verify_key,
+        mode="token" if mode == "token" else "embeds",
     )
 
 

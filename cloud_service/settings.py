@@ -44,6 +44,8 @@ class CloudSettings(BaseSettings):
     max_body_bytes: int = Field(128 * MIB, gt=0, description="forward request bodies; 413 past it")
     max_push_bytes: int = Field(256 * GIB, gt=0, description="weight push bodies; 413 past it")
     max_batch: int = Field(64, ge=1, description="rows of one forward request")
+    max_prompt_tokens: int = Field(8192, ge=1, description="token mode: ids of one generate request")
+    max_new_tokens: int = Field(2048, ge=1, description="token mode: the largest max_tokens of a generate request")
     forward_threads: int = Field(
         2, ge=1, description="worker threads per deployment that parse large forward bodies; more wait their turn"
     )

@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_command("deploy", "cmd_deploy", "deploy a model to P2 (key version 1)", waiting)
     p.add_argument("model_id", metavar="MODEL_ID")
     p.add_argument("--cloud-url", required=True, help="P2's URL, as P1 reaches it")
+    p.add_argument(
+        "--mode",
+        choices=("embeds", "token"),
+        default="embeds",
+        help="token: P2 also gets the permuted token table and generates (needs STIP_DEVELOPER_ALLOW_TOKEN_MODE=true)",
+    )
     p = client_command("rotate", "cmd_rotate", "new key set and new θ′ for a deployment", waiting)
     p.add_argument("deployment_id", metavar="DEPLOYMENT_ID")
     p = client_command("status", "cmd_status", "a deployment's status and progress")

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -108,8 +108,8 @@ class DeveloperAdminClient:
         result: list[ModelInfo] = self._call("GET", "/v1/models", list[ModelInfo])
         return result
 
-    def deploy(self, model_id: str, *, cloud_url: str) -> DeploymentStatus:
-        body = CreateDeployment(model_id=model_id, cloud_url=cloud_url)
+    def deploy(self, model_id: str, *, cloud_url: str, mode: Literal["embeds", "token"] = "embeds") -> DeploymentStatus:
+        body = CreateDeployment(model_id=model_id, cloud_url=cloud_url, mode=mode)
         result: DeploymentStatus = self._call("POST", "/v1/deployments", DeploymentStatus, body)
         return result
 

@@ -248,7 +248,7 @@ def cmd_models(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
-    status = p1.deploy(args.model_id, cloud_url=args.cloud_url)
+    status = p1.deploy(args.model_id, cloud_url=args.cloud_url, mode=args.mode)
     if not args.wait:
         _emit(status)
         return 0

@@ -57,6 +57,7 @@ from shared.api import (
     PUSH_DEPLOYMENT,
     PUSH_FAMILY,
     PUSH_KEY_VERSION,
+    PUSH_MODE,
     PUSH_VERIFY_KEY,
     BundleManifest,
     Revocations,
@@ -67,6 +68,7 @@ from shared.credentials import Claims, Signer, verify
 from shared.errors import CredentialError, StipCoreError
 from shared.families import detect_family
 from shared.tls import tls_verify
+from shared.transform import check_mode
 
 log = logging.getLogger("stip.developer")
 
@@ -326,6 +328,14 @@ class DeveloperService:
         cloud_url = normalize_cloud_url(request.cloud_url)
         self._push_token()
         inspect_model(Path(model.path))  # still there and still valid
+        if request.mode == "token":
+            if not self.settings.allow_token_mode:
+                raise Forbidden(
+                    "token mode is disabled on this P1: P2 would hold the permuted token table and see "
+                    "relabelled token ids (SECURITY.md); the operator enables it with "
+                    "STIP_DEVELOPER_ALLOW_TOKEN_MODE=true"
+                )
+            check_mode(detect_family(read_config(Path(model.path))), request.mode)  # decoders only
         now = int(time.time())
         record = DeploymentRecord(
             deployment_id=_new_id("dep"),
@@ -337,11 +347,18 @@ class DeveloperService:
             last_version=1,
             created_at=now,
             updated_at=now,
+            mode=request.mode,
         )
         with self._lock:
             self.store.add_deployment(record)
             self._start_job(record.deployment_id, 1, kind="deploy")
-        log.info("deployment %s of model %s to %s: queued", record.deployment_id, model.model_id, cloud_url)
+        log.info(
+            "deployment %s of model %s to %s (%s mode): queued",
+            record.deployment_id,
+            model.model_id,
+            cloud_url,
+            record.mode,
+        )
         return self.deployment(record.deployment_id)
 
     def rotate(self, deployment_id: str) -> DeploymentStatus:
@@ -469,6 +486,7 @@ class DeveloperService:
             pending_key_version=dep.pending_key_version,
             progress=progress.model_copy(),
             error=dep.error,
+            mode=dep.mode,
         )
 
     # --- jobs ------------------------------------------------------------------------------
@@ -536,6 +554,7 @@ class DeveloperService:
             shard_bytes=self.settings.shard_bytes,
             progress=False,
             on_progress=on_tensors,
+            mode=dep.mode,
         )
         log.info("deployment %s: key version %d transformed into %s", deployment_id, version, vdir)
 
@@ -550,6 +569,8 @@ class DeveloperService:
             PUSH_KEY_VERSION: str(version),
             PUSH_VERIFY_KEY: self.signer.public_key,
         }
+        if dep.mode == "token":
+            metadata[PUSH_MODE] = "token"  # P2 accepts the embedding tables of this push only then
         request = PushRequest(dep.cloud_url, deployment_id, version, list(result.cloud_files), metadata)
         pushed = self._pusher().push(request, on_bytes)
         self.metrics.pushed_bytes.inc(self._progress[deployment_id].total)

@@ -49,6 +49,11 @@ class DeveloperSettings(BaseSettings):
     push_retry_backoff_s: float = Field(2.0, ge=0)
     shard_bytes: int = Field(2 << 30, gt=0, description="size of the transformed cloud shards")
     max_parallel_jobs: int = Field(1, ge=1, description="transforms/pushes running at once")
+    allow_token_mode: bool = Field(
+        False,
+        description="allow deployments in token mode (PROTOCOL.md section 7): P2 then holds the permuted "
+        "token table and sees ids relabelled by π_c; see SECURITY.md for what that reveals",
+    )
 
     max_body_bytes: int = Field(1 << 20, gt=0, description="every request body (JSON); 413 past it")
     max_connections: int = Field(256, ge=1, description="open connections and requests (uvicorn limit_concurrency)")

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from developer_service.errors import StateError, UnknownCredential, UnknownDeployment, UnknownModel
-from shared.api import ModelInfo, Progress
+from shared.api import Mode, ModelInfo, Progress
 from shared.files import write_atomic
 
 STATE_FORMAT = 1
@@ -42,6 +42,7 @@ class DeploymentRecord(BaseModel):
     error: str | None = None
     created_at: int
     updated_at: int
+    mode: Mode = "embeds"  # token: θ′ carries E′, P2 generates on relabelled ids (kept across rotations)
 
 
 class CredentialRecord(BaseModel):

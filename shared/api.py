@@ -20,6 +20,11 @@ PUSH_FAMILY = "stip.family"
 PUSH_CONFIG = "stip.config"  # the cloud config.json, as JSON text
 PUSH_KEY_VERSION = "stip.key_version"
 PUSH_VERIFY_KEY = "stip.verify_key"  # P1's Ed25519 public key, base64url: verifies user credentials
+PUSH_MODE = "stip.mode"  # "token": θ′ carries the permuted token table E′ (PROTOCOL.md section 7); absent: embeds
+
+# Deployment modes (PROTOCOL.md section 7): every deployment serves embeds mode; a token-mode one
+# also serves POST /v1/deployments/{id}/generate on ids relabelled by π_c.
+Mode = Literal["embeds", "token"]
 
 # --- tensor names of forward (P3 <-> P2) ------------------------------------------------------
 INPUTS_EMBEDS = "inputs_embeds"  # (B, S, d) permuted by π
@@ -76,6 +81,7 @@ class DeploymentInfo(BaseModel):
     device: str
     dtype: str
     max_positions: int | None = None
+    mode: Mode = "embeds"
 
 
 class PushResult(BaseModel):
@@ -118,6 +124,41 @@ class SessionCreated(BaseModel):
     idle_ttl_s: int
 
 
+class GenerateRequest(BaseModel):
+    """P3 -> P2, token mode: generate from ids relabelled by π_c (a real token t is argsort(π_c)[t]).
+
+    temperature 0 is greedy; otherwise transformers' processors repetition penalty, temperature,
+    top-k, top-p apply on P2, and `seed` makes the draw reproducible. Generation stops after
+    `max_tokens`, or once it has produced one of `stop_ids` (included in the answer).
+    """
+
+    model_config = {"extra": "forbid"}
+
+    input_ids: list[int] = Field(min_length=1, description="the prompt, relabelled by π_c")
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=100.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop_ids: list[int] = Field(default_factory=list, max_length=64, description="relabelled ids that end it")
+    stream: bool = False
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class GenerateResult(BaseModel):
+    """P2 -> P3, token mode (JSON, or the last server-sent event `done` without `ids`)."""
+
+    deployment_id: str
+    key_version: int
+    ids: list[int] = Field(description="the generated ids, relabelled: the real token is pi_c[id]")
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+
+
 # --- P1, developer service --------------------------------------------------------------
 
 
@@ -140,6 +181,11 @@ class ModelInfo(BaseModel):
 class CreateDeployment(BaseModel):
     model_id: str
     cloud_url: str
+    mode: Mode = Field(
+        "embeds",
+        description="token: P2 also receives the permuted token table and generates on relabelled ids "
+        "(decoders only; P1 needs STIP_DEVELOPER_ALLOW_TOKEN_MODE=true)",
+    )
 
 
 class Progress(BaseModel):
@@ -158,6 +204,7 @@ class DeploymentStatus(BaseModel):
     pending_key_version: int | None = None
     progress: Progress
     error: str | None = None
+    mode: Mode = "embeds"
 
 
 class DeletedDeployment(BaseModel):
@@ -202,3 +249,4 @@ class BundleManifest(BaseModel):
     fingerprint: str
     deployment_id: str | None = None
     cloud_url: str | None = None
+    mode: Mode = "embeds"

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from shared.errors import CheckpointError
 from shared.families import Config, Family, detect_family
 from shared.keys import DeveloperKey, draw_key
+from shared.transform import check_mode, token_tables
 
 log = logging.getLogger("stip.checkpoint")
 
@@ -197,8 +198,12 @@ def transform_model_dir(
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
+    mode: str = "embeds",
 ) -> TransformResult:
     """Transform a local model directory into OUT/{cloud,user,developer}; see the module doc.
+
+    `mode="token"` (decoders, PROTOCOL.md section 7) also writes the permuted token table E′
+    (and GPT-2's position table permuted by π) into OUT/cloud; the bundle's stip.json says the mode.
 
     `progress` draws a tqdm bar; `on_progress(done, total)` is called after each tensor (a
     service reports it as job status; raising from it aborts the transform cleanly).
@@ -207,6 +212,7 @@ def transform_model_dir(
     config = read_config(model_dir)
     family = detect_family(config)
     files = checkpoint_files(model_dir)
+    check_mode(family, mode)
     if key is None:
         key = draw_key(family.dims(config), key_version=key_version)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -217,7 +223,7 @@ def transform_model_dir(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        cloud_files = _write(model_dir, tmp, family, config, key, files, shard_bytes, progress, on_progress)
+        cloud_files = _write(model_dir, tmp, family, config, key, files, shard_bytes, progress, on_progress, mode)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -239,6 +245,7 @@ def _write(
     shard_bytes: int,
     progress: bool,
     on_progress: Callable[[int, int], None] | None,
+    mode: str,
 ) -> list[Path]:
     cloud_dir, user_dir, dev_dir = out / "cloud", out / "user", out / "developer"
     for d in (cloud_dir, user_dir, dev_dir):
@@ -260,11 +267,15 @@ def _write(
             bar.update()
             if on_progress is not None:
                 on_progress(done, total)
-    for piece in family.extra_cloud_tensors(key, config):
-        writer.add(piece.name, piece.tensor)
     missing = [n for n in family.embedding_names(config) if n not in user]
     if missing:
         raise CheckpointError(f"checkpoint lacks the embedding tensors {missing}")
+    tables = token_tables(family, mode, user, key, config)  # token mode: E′ (and GPT-2's wpe·π)
+    for piece in family.extra_cloud_tensors(key, config):
+        if piece.name not in tables:
+            writer.add(piece.name, piece.tensor)
+    for name, tensor in tables.items():
+        writer.add(name, tensor)
     cloud_files = writer.finish()
     (cloud_dir / "config.json").write_text(json.dumps(family.cloud_config(config), indent=2))
 
@@ -276,6 +287,7 @@ def _write(
         "family": family.name,
         "key_version": key.user.key_version,
         "fingerprint": key.user.fingerprint,
+        "mode": mode,
     }
     (user_dir / "stip.json").write_text(json.dumps(bundle, indent=2))
     key.save(dev_dir / "key.safetensors")

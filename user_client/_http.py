@@ -179,6 +179,18 @@ class Http:
 
         return self._attempts(method, path, idempotent, send, retries)
 
+    def stream(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send a request and return its response unread (the caller iterates and closes it), or
+        raise a StipError. Never resent once it may have reached the server."""
+
+        def send() -> httpx.Response:
+            resp = self.client.send(self.client.build_request(method, path, **kwargs), stream=True)
+            if resp.status_code >= 400:
+                resp.read()
+            return resp
+
+        return self._attempts(method, path, False, send)
+
     def download(self, path: str, sink: Callable[[], IO[bytes]], *, max_bytes: int, **kwargs: Any) -> httpx.Headers:
         """Stream a GET body into a fresh file from `sink()` (retried as a whole); return headers."""
 

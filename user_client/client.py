@@ -18,6 +18,10 @@ same way, without a refetch. A step that fails in transit (`TransportError`: the
 after the request may have reached P2) is never sent again, since P2 may already have extended the
 session with it: the generation raises. Connections that could not be opened, and a P2 answering
 `503 not_ready` while it reloads after a restart, are retried with backoff for every call.
+
+On a token-mode deployment (`client.mode == "token"`, PROTOCOL.md section 7) `generate` and
+`stream` instead send the prompt's ids relabelled by π_c in one request and P2 generates
+(user_client.token_mode).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from shared.pooling import mean_pool
 from shared.pooling import normalize as l2_normalize
 from shared.tls import tls_verify
 from user_client import images as images_
+from user_client import token_mode
 from user_client._http import Http
 from user_client.bundle import Bundle, BundleCache
 from user_client.errors import KeyOutdated, NotFound, SessionExpired, StipError, TransportError
@@ -74,11 +79,12 @@ class Step(NamedTuple):
 
     `scores` (V,) are the un-permuted logits of the position that chose the token, before any
     sampling processor. Unless the generation asked for `full_scores`, a greedy or top-k draw
-    fetches only P2's top-k, and every other entry is -inf.
+    fetches only P2's top-k, and every other entry is -inf. In token mode P2 samples and no
+    logits reach the user: `scores` is None (`full_scores=True` generates in embeds mode).
     """
 
     token_id: int
-    scores: torch.Tensor  # (V,) float
+    scores: torch.Tensor | None  # (V,) float
 
 
 class Session:
@@ -191,6 +197,7 @@ class StipClient:
             self._cloud = self._http("P2", self._explicit_cloud_url, self._cloud_transport)
         self._bundle: Bundle | None = None
         self._wire_dtypes: dict[int, torch.dtype] = {}  # key version -> dtype of x·π on the wire
+        self._embeds_only = False  # `client.mode = "embeds"` on a token-mode deployment
         self._lock = threading.RLock()
         self._sessions: set[Session] = set()
         self._closed = False
@@ -262,8 +269,32 @@ class StipClient:
             if not url:
                 raise StipError("no cloud URL: the bundle names none; pass cloud_url= or set STIP_CLIENT_CLOUD_URL")
             self._cloud = self._http("P2", url, self._cloud_transport)
+        if self._bundle is None or self._bundle.manifest.mode != bundle.manifest.mode:
+            log.info(
+                "deployment %s: %s mode%s",
+                self.deployment_id,
+                bundle.manifest.mode,
+                " (P2 generates on token ids relabelled by pi_c; see SECURITY.md)"
+                if bundle.manifest.mode == "token"
+                else " (P2 receives x·pi only)",
+            )
         self._bundle = bundle
         return bundle
+
+    @property
+    def mode(self) -> Literal["embeds", "token"]:
+        """How generation talks to P2: "token" on a deployment P1 created in token mode (one request
+        of relabelled ids per generation), else "embeds" (x·π, one round trip per token). Setting
+        "embeds" uses embeds mode, which every deployment serves, on a token-mode one too."""
+        return "embeds" if self._embeds_only else self.bundle.manifest.mode
+
+    @mode.setter
+    def mode(self, value: Literal["embeds", "token"]) -> None:
+        if value not in ("embeds", "token"):
+            raise ValueError(f"mode is 'embeds' or 'token', not {value!r}")
+        if value == "token" and self.bundle.manifest.mode != "token":
+            raise ValueError(f"deployment {self.deployment_id} serves embeds mode only (P1 enables token mode)")
+        self._embeds_only = value == "embeds"
 
     @property
     def cloud_url(self) -> str | None:
@@ -636,6 +667,10 @@ class StipClient:
         if limit is not None and len(prompt_ids) >= limit:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
         if params.max_new_tokens == 0:
+            return
+        if self.mode == "token" and not full_scores:  # P2 samples: no logits reach the user
+            for token in token_mode.token_stream(self, prompt_ids, params, eos_ids):
+                yield Step(token, None)
             return
         sampler = Sampler(params)
         k = None if full_scores else params.topk_shortcut()

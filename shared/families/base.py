@@ -293,6 +293,18 @@ class CausalLMFamily(Family):
             pieces.append(Piece("cloud", HEAD, head_weight(name, tensor, key)))
         return pieces
 
+    def token_mode_tensors(
+        self, embedding: dict[str, torch.Tensor], key: DeveloperKey, config: Config
+    ) -> dict[str, torch.Tensor]:
+        """Token mode (PROTOCOL.md section 7): the embedding module for P2, under the cloud names.
+
+        The token table becomes E′ = E[π_c][:, π]: row j is the embedding of token π_c[j], its
+        columns permuted by π, so θ′ is a complete stock causal LM over ids relabelled by π_c.
+        Families with learned positions add their position table permuted by π (GPT-2).
+        """
+        (name,) = self.embedding_names(config)  # RoPE families: the token table only
+        return {name: cols(rows(embedding[name], key.pi_c), key.pi)}
+
     def head_pieces(self, name: str, tensor: torch.Tensor, key: DeveloperKey, *, tied: bool) -> list[Piece]:
         if tied:
             return []  # a stored copy of the tied table: the cloud's head comes from the token table

@@ -11,7 +11,8 @@ Who holds what:
   `embed` adds the token and position embeddings before P3 permutes by π.
 - P2 (cloud): every block, `ln_f`, an untied head `lm_head.weight = πᵀ W_wte π_c`, and an
   all-zero `transformer.wpe.weight`, so the stock class adds nothing positional. It never
-  receives `wte`.
+  receives `wte`, except in token mode (PROTOCOL.md section 7): then P2 holds wte[π_c][:, π]
+  and the real position table permuted by π, wpe[:, π], and adds positions itself.
 
 Checkpoint names are accepted with or without the `transformer.` prefix (hub GPT-2
 checkpoints use bare `h.0.attn.c_attn.weight`); the cloud names are the canonical
@@ -30,6 +31,7 @@ from shared.families.base import (
     CausalLMFamily,
     Config,
     Piece,
+    cols,
     config_get,
     expect_shape,
     rows,
@@ -103,6 +105,14 @@ class GPT2Family(CausalLMFamily):
             return []
         # Conv1D stores [in, out], the transpose of nn.Linear's layout
         return self.layer_pieces(name, tensor, key, match, LAYER_TENSORS, "transformer.h", conv1d=True)
+
+    def token_mode_tensors(
+        self, embedding: dict[str, torch.Tensor], key: DeveloperKey, config: Config
+    ) -> dict[str, torch.Tensor]:
+        """Token mode: wte′ = wte[π_c][:, π] and the real position table wpe′ = wpe[:, π] (in
+        place of the zero one), so the stock class adds positions on P2."""
+        wte, wpe = embedding[WTE], embedding[WPE]
+        return {WTE: cols(rows(wte, key.pi_c), key.pi), WPE: cols(wpe, key.pi)}
 
     def extra_cloud_tensors(self, key: DeveloperKey, config: Config) -> Iterator[Piece]:
         # Positions are added on the user side; the stock class adds this all-zero table.

@@ -124,7 +124,8 @@ def test_streamed_tar_is_a_standard_archive(tmp_path: Path) -> None:
         assert key is not None and key.read() == b"k" * 513
     long_name = "long-name-" + "x" * 120 + ".json"
     assert sorted(names) == ["1_Pooling", "1_Pooling/config.json", "key.safetensors", long_name, "stip.json"]
-    assert got == {**manifest, "deployment_id": "dep-x", "cloud_url": "http://p2"}
+    # a manifest written without a mode (before token mode existed) is served as embeds mode
+    assert got == {**manifest, "deployment_id": "dep-x", "cloud_url": "http://p2", "mode": "embeds"}
 
 
 def test_the_bundle_is_one_owner_only_file_that_outlives_its_version(tmp_path: Path) -> None:

@@ -139,6 +139,12 @@ def _forward(s: Service, h: Headers) -> Reply:
     return s.client.post(f"/v1/deployments/{DEPLOYMENT}/forward", content=s.data["request"], headers=h)
 
 
+def _generate(s: Service, h: Headers) -> Reply:
+    return s.client.post(
+        f"/v1/deployments/{DEPLOYMENT}/generate", json={"input_ids": [1, 2], "max_tokens": 2}, headers=h
+    )
+
+
 def _session(s: Service) -> str:
     """A fresh session of user A (so that a refused delete is refused for its credential alone)."""
     reply = s.client.post(f"/v1/deployments/{DEPLOYMENT}/sessions", headers=_bearer(s.tokens["user"]))
@@ -206,6 +212,9 @@ CLOUD_ROUTES: dict[tuple[str, str], tuple[str, int, Call]] = {
         200,
         lambda s, h: s.client.delete(f"/v1/deployments/{VICTIM}", headers=h),
     ),
+    # the deployment serves embeds mode: an admitted user gets the 400 that says so (token mode:
+    # tests/cloud_service/test_generate.py)
+    ("POST", "/v1/deployments/{deployment_id}/generate"): ("user", 400, _generate),
 }
 
 

@@ -188,7 +188,7 @@ class StipModelInfo(BaseModel):
     """What the gateway adds to OpenAI's model object: how the model is served."""
 
     deployment_id: str
-    mode: Literal["embeds", "tokens"]  # token mode does not exist yet: always "embeds"
+    mode: Literal["embeds", "token"]  # the SDK's (PROTOCOL.md section 7); requests for logprobs use embeds mode
     kind: Literal["decoder", "encoder"] | None = None  # None: the bundle could not be loaded yet
     family: str | None = None
     key_version: int | None = None

@@ -157,6 +157,7 @@ class Model:
             info.kind = "encoder" if bundle.is_encoder else "decoder"
             info.family = bundle.family.name
             info.key_version = bundle.key_version
+            info.mode = self.client.mode
         return s.ModelCard(id=self.name, created=self.created, stip=info)
 
 
@@ -523,6 +524,8 @@ def _token_info(tokenizer: Any, before: list[int], step: Step, k: int | None) ->
     """Log-probabilities of the raw model distribution (before temperature and filters), as vLLM reports them."""
     if k is None:
         return None
+    if step.scores is None:  # token mode: P2 sampled; generate_steps(full_scores=True) uses embeds mode
+        raise GatewayError(500, "no logits reached the user for this token", type="server_error")
     logprobs = torch.log_softmax(step.scores.float(), dim=-1)  # (V,)
     top: list[tuple[str, float]] = []
     if k:
