@@ -58,6 +58,15 @@ def test_help_is_fast_and_imports_nothing_heavy(prog: str) -> None:
     assert "HEAVY=\n" in done.stdout, done.stdout.splitlines()[-1]
 
 
+@pytest.mark.parametrize("subcommand", ["demo", "audit", "classify"])
+def test_subcommand_help_is_fast_and_imports_nothing_heavy(subcommand: str) -> None:
+    """Subcommands that parse their own arguments (demo, audit) answer --help before their imports too."""
+    done = _run(CLIS["stip"], [subcommand, "--help"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: stip {subcommand}")
+    assert "HEAVY=\n" in done.stdout, done.stdout.splitlines()[-1]
+
+
 @pytest.mark.parametrize(
     ("prog", "argv", "subcommand"),
     [

@@ -33,7 +33,7 @@ COMMANDS: dict[str, str] = {
 }
 # subcommands that parse their own arguments: "module:function(argv: list[str]) -> int"
 PASSTHROUGH: dict[str, str] = {
-    "demo": "user_client.demo:main",
+    "demo": "user_client.demo_cli:main",
     "gateway": "user_client.gateway.cli:main",
     "audit": "attack_lab.cli:main",
 }

@@ -475,25 +475,21 @@ def _token_from_env() -> str:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stip demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--developer-url", help="attach to a running P1 (with --cloud-url)")
-    p.add_argument("--cloud-url", help="attach to a running P2 (with --developer-url)")
-    p.add_argument("--admin-token", help="P1's admin token when attaching (or STIP_CLIENT_ADMIN_TOKEN[_FILE])")
-    p.add_argument("--ca-bundle", help="CA bundle verifying both services' TLS certificates (or STIP_CLIENT_VERIFY)")
-    p.add_argument("--models-dir", help="where the random demo model is written (must be visible to P1)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
+    """`stip demo` (and `python -m user_client.demo`): arguments parsed by user_client.demo_cli."""
+    from user_client.demo_cli import main as cli_main
+
+    return cli_main(argv)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The demo with its parsed arguments: one clear line on failure, not a traceback."""
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    args = build_parser().parse_args(argv)
     try:
         return run(args)
     except Mismatch as e:

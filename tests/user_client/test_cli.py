@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import types
@@ -74,14 +75,14 @@ def test_errors(run: Callable[..., tuple[int, str, str]], monkeypatch: pytest.Mo
 
 
 def test_demo_is_loaded_lazily(run: Callable[..., tuple[int, str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[list[str]] = []
+    seen: list[argparse.Namespace] = []
     demo = types.ModuleType("user_client.demo")
 
-    def demo_main(argv: list[str] | None = None) -> int:
-        seen.append(list(argv or []))
+    def run_demo(args: argparse.Namespace) -> int:
+        seen.append(args)
         return 0
 
-    demo.main = demo_main  # type: ignore[attr-defined]
+    demo.run_demo = run_demo  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "user_client.demo", demo)
     code, _, _ = run("demo", "--developer-url", "http://x", "--models-dir", "/m")
-    assert code == 0 and seen == [["--developer-url", "http://x", "--models-dir", "/m"]]
+    assert code == 0 and [(a.developer_url, a.models_dir) for a in seen] == [("http://x", "/m")]
