@@ -54,32 +54,17 @@ def _describe(e: ValidationError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    import uvicorn
     from pydantic import ValidationError
 
     from cloud_service.app import create_app
-    from shared.http_edge import server_options
+    from shared.http_edge import serve
 
     try:
         settings = settings_from_args(args)
     except ValidationError as e:
         parser.exit(2, f"stip-cloud: invalid settings:\n{_describe(e)}\n")
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
-        ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
-        timeout_graceful_shutdown=30,
-        **server_options(
-            max_connections=settings.max_connections,
-            keep_alive_s=settings.keep_alive_s,
-            header_timeout_s=settings.header_timeout_s,
-            max_header_bytes=settings.max_header_bytes,
-        ),
-    )
+    serve(create_app(settings), settings)
     return 0
 
 

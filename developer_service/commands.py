@@ -55,12 +55,11 @@ def _settings_error(e: ValidationError) -> CliError:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from developer_service.app import create_app
     from developer_service.service import STATE_FILE
     from developer_service.store import Store
-    from shared.http_edge import server_options
+    from shared.http_edge import serve
 
     try:
         settings = load_settings(host=args.host, port=args.port, data_dir=args.data_dir, log_level=args.log_level)
@@ -73,21 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             Store(state)  # refuse to start over an unreadable state, before binding the port
         except StateError as e:
             raise CliError(e.message, EXIT_USAGE) from None
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
-        ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
-        timeout_graceful_shutdown=30,
-        **server_options(
-            max_connections=settings.max_connections,
-            keep_alive_s=settings.keep_alive_s,
-            header_timeout_s=settings.header_timeout_s,
-            max_header_bytes=settings.max_header_bytes,
-        ),
-    )
+    serve(create_app(settings), settings)
     return 0
 
 

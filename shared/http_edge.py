@@ -1,7 +1,7 @@
 """The HTTP edge both services share: body-size bounds, bounded metrics labels, server limits.
 
 No FastAPI here: `BodyLimit` is plain ASGI (it sees every request before routing), and
-`server_options` gives uvicorn's keyword arguments (uvicorn is imported only there). What a
+`serve` runs a service under uvicorn with them (uvicorn is imported only there). What a
 request may cost a service before its credential is checked is decided here:
 
 - `BodyLimit` refuses a body past its bound with 413: a declared `Content-Length` before a
@@ -9,7 +9,7 @@ request may cost a service before its credential is checked is decided here:
   sees the client as gone, so nothing buffers the rest.
 - `method_label` maps the HTTP method to a fixed set, so invented methods cannot grow the
   metrics without bound (unknown paths are the route template "unmatched" already).
-- `server_options`: at most `max_connections` connections and requests (uvicorn's
+- `serve`: at most `max_connections` connections and requests (uvicorn's
   `limit_concurrency`, 503 past it), idle keep-alive connections closed after `keep_alive_s`,
   a request head (line and headers) of at most `max_header_bytes`, due within
   `header_timeout_s` of the connection or of the previous response: a client that trickles
@@ -20,7 +20,8 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -106,16 +107,54 @@ async def _too_large(send: Send, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def server_options(
-    *, max_connections: int, keep_alive_s: int, header_timeout_s: float, max_header_bytes: int
-) -> dict[str, Any]:
-    """uvicorn.run's keyword arguments for the bounds above (both services' `serve`)."""
-    return {
-        "limit_concurrency": max_connections,
-        "timeout_keep_alive": keep_alive_s,
-        "h11_max_incomplete_event_size": max_header_bytes,
-        "http": _bounded_head_protocol(header_timeout_s, max_header_bytes),
-    }
+class ServerSettings(Protocol):
+    """What `serve` reads of a service's settings (CloudSettings and DeveloperSettings have it)."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def log_level(self) -> str: ...
+
+    @property
+    def tls_certfile(self) -> Path | None: ...
+
+    @property
+    def tls_keyfile(self) -> Path | None: ...
+
+    @property
+    def max_connections(self) -> int: ...
+
+    @property
+    def keep_alive_s(self) -> int: ...
+
+    @property
+    def header_timeout_s(self) -> float: ...
+
+    @property
+    def max_header_bytes(self) -> int: ...
+
+
+def serve(app: Any, settings: ServerSettings) -> None:
+    """Run a service's app under uvicorn with its bind address, TLS and the bounds above (blocks)."""
+    import uvicorn
+
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
+        ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
+        timeout_graceful_shutdown=30,
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive_s,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        http=_bounded_head_protocol(settings.header_timeout_s, settings.max_header_bytes),
+    )
 
 
 def _bounded_head_protocol(timeout_s: float, max_bytes: int) -> type[asyncio.Protocol]:
