@@ -9,6 +9,7 @@ WORKDIR /app
 RUN pip install torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY shared ./shared
+COPY stip_http ./stip_http
 COPY developer_service ./developer_service
 COPY cloud_service ./cloud_service
 COPY user_client ./user_client

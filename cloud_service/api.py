@@ -73,8 +73,8 @@ from shared.errors import (
     StipCoreError,
     UnsupportedModel,
 )
-from shared.http_edge import LimitFor, UnexpectedErrors
 from shared.wire import CONTENT_TYPE
+from stip_http.edge import LimitFor, UnexpectedErrors
 
 log = logging.getLogger("stip.cloud.api")
 
@@ -102,7 +102,7 @@ _STREAMED = {  # the two bodies read from the raw stream, each with its own boun
 
 
 def body_limit(settings: CloudSettings) -> LimitFor:
-    """The bound of each request's body (shared.http_edge.BodyLimit): a push and a forward have
+    """The bound of each request's body (stip_http.edge.BodyLimit): a push and a forward have
     their own; every other body is JSON, bounded by STIP_CLOUD_MAX_JSON_BYTES."""
 
     def limit_for(scope: Scope) -> tuple[int, str]:

@@ -21,7 +21,7 @@ from cloud_service.metrics import Metrics, MetricsMiddleware
 from cloud_service.service import CloudService
 from cloud_service.sessions import Clock
 from cloud_service.settings import CloudSettings, load_settings
-from shared.http_edge import BodyLimit
+from stip_http.edge import BodyLimit
 
 log = logging.getLogger("stip.cloud")
 

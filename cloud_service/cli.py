@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from cloud_service.app import create_app
-    from shared.http_edge import serve
+    from stip_http.edge import serve
 
     try:
         settings = settings_from_args(args)

@@ -1,7 +1,7 @@
 """Prometheus metrics of P2, in a registry of their own (one per app, so tests can build many).
 
 Labels are bounded: the route template (never the raw path; "unmatched" for unknown paths), the
-method ("other" outside the standard ones: shared.http_edge.method_label), the status and the
+method ("other" outside the standard ones: stip_http.edge.method_label), the status and the
 output mode. No label ever carries a session id, a credential or a tensor value.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.http_edge import method_label
+from stip_http.edge import method_label
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

@@ -34,7 +34,7 @@ from developer_service.service import DeveloperService
 from shared import api as contract
 from shared.credentials import Claims
 from shared.errors import CheckpointError, CredentialError, StipCoreError, UnsupportedModel
-from shared.http_edge import UnexpectedErrors
+from stip_http.edge import UnexpectedErrors
 
 log = logging.getLogger("stip.developer.api")
 

@@ -15,7 +15,7 @@ from developer_service.api import install_error_handlers, router
 from developer_service.metrics import Metrics, MetricsMiddleware
 from developer_service.service import DeveloperService
 from developer_service.settings import DeveloperSettings, load_settings
-from shared.http_edge import BodyLimit
+from stip_http.edge import BodyLimit
 
 
 def create_app(

@@ -59,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from developer_service.app import create_app
     from developer_service.service import STATE_FILE
     from developer_service.store import Store
-    from shared.http_edge import serve
+    from stip_http.edge import serve
 
     try:
         settings = load_settings(host=args.host, port=args.port, data_dir=args.data_dir, log_level=args.log_level)

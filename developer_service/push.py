@@ -18,8 +18,8 @@ from pydantic import ValidationError
 
 from developer_service.errors import JobCancelled, PushFailed
 from shared.api import DIGEST_HEADER, KEY_VERSION_HEADER, DeploymentInfo, PushResult, Revocations
-from shared.tls import certificate_refused
 from shared.wire import CONTENT_TYPE, concat_files
+from stip_http.tls import certificate_refused
 
 log = logging.getLogger("stip.developer.push")
 

@@ -67,8 +67,8 @@ from shared.checkpoint import bundle_side_files, checkpoint_files, count_tensors
 from shared.credentials import Claims, Signer, verify
 from shared.errors import CredentialError, StipCoreError
 from shared.families import detect_family
-from shared.tls import tls_verify
 from shared.transform import check_mode
+from stip_http.tls import tls_verify
 
 log = logging.getLogger("stip.developer")
 

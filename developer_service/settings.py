@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.settings_util import resolve_secret
+from stip_http.settings import resolve_secret
 
 ENV_PREFIX = "STIP_DEVELOPER_"
 DEFAULT_PORT = 8001

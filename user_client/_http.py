@@ -24,7 +24,7 @@ from typing import IO, Any
 import httpx
 
 from shared import api
-from shared.tls import certificate_refused
+from stip_http.tls import certificate_refused
 from user_client.errors import (
     AuthError,
     BadRequest,

@@ -47,7 +47,7 @@ from shared.errors import BadTensor
 from shared.permutation import permute, unpermute
 from shared.pooling import mean_pool
 from shared.pooling import normalize as l2_normalize
-from shared.tls import tls_verify
+from stip_http.tls import tls_verify
 from user_client import images as images_
 from user_client import token_mode
 from user_client._http import Http

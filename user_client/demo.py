@@ -31,7 +31,7 @@ import torch
 
 from shared import wire
 from shared.pooling import mean_pool, normalize
-from shared.tls import tls_verify
+from stip_http.tls import tls_verify
 from user_client.client import StipClient
 from user_client.settings import ClientSettings
 

@@ -344,7 +344,7 @@ def test_plain_http_to_a_tls_port_fails(tls: TlsCluster, party: str) -> None:
 
 
 def test_verify_accepts_a_path_a_directory_or_a_context_and_refuses_a_missing_file(tls: TlsCluster) -> None:
-    from shared.tls import tls_verify
+    from stip_http.tls import tls_verify
 
     assert isinstance(tls_verify(tls.certs.ca), ssl.SSLContext)  # a pathlib.Path, not only a str
     assert isinstance(tls_verify(str(tls.certs.ca.parent)), ssl.SSLContext)  # a CA directory (capath)
