@@ -1,8 +1,7 @@
-"""P2's HTTP routes (a few lines each), their dependencies, and the one error table.
+"""P2's HTTP routes (a few lines each) and their dependencies.
 
-Every error leaves as `{"error": {"code", "message"}}` (shared.api.ErrorResponse): domain
-exceptions of cloud_service.errors and shared.errors are mapped to statuses in `ERRORS`,
-FastAPI's validation errors and Starlette's 404/405 are rewritten to the same shape.
+Every error leaves as `{"error": {"code", "message"}}`: stip_http.errors maps the exceptions of
+cloud_service.errors and shared.errors to statuses in its one table.
 """
 
 import logging
@@ -12,12 +11,9 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 from starlette.types import Scope
 
 from cloud_service import generation
@@ -25,39 +21,15 @@ from cloud_service.admission import Admission, check_response_size
 from cloud_service.errors import (
     BadInput,
     CloudError,
-    Forbidden,
-    Internal,
-    KeyOutdated,
-    NotFound,
     NotReady,
-    PushesDisabled,
-    ResponseTooLarge,
-    SenderGone,
-    SessionExpired,
-    TooManyForwards,
-    TooManySessions,
-    Unauthorized,
-    VersionConflict,
 )
-from cloud_service.schemas import DeploymentInfo, ErrorResponse, ForwardOptions, Health, PushResult, SessionCreated
+from cloud_service.schemas import DeploymentInfo, ForwardOptions, Health, PushResult, SessionCreated
 from cloud_service.service import CloudService, Deployment
 from cloud_service.settings import CloudSettings
 from shared.api import (
     DIGEST_HEADER,
-    E_BAD_INPUT,
-    E_CONFLICT,
-    E_FORBIDDEN,
-    E_INTERNAL,
-    E_KEY_OUTDATED,
-    E_NOT_FOUND,
-    E_NOT_READY,
-    E_SESSION_EXPIRED,
-    E_TOO_LARGE,
-    E_TOO_MANY_SESSIONS,
-    E_UNAUTHORIZED,
     KEY_VERSION_HEADER,
     DeploymentDeleted,
-    ErrorBody,
     GenerateResult,
     OutputMode,
     Revocations,
@@ -65,21 +37,15 @@ from shared.api import (
 )
 from shared.credentials import Claims
 from shared.errors import (
-    BadTensor,
-    CheckpointError,
-    CredentialError,
-    KeyFormatError,
     PayloadTooLarge,
-    StipCoreError,
-    UnsupportedModel,
 )
 from shared.wire import CONTENT_TYPE
-from stip_http.edge import LimitFor, UnexpectedErrors
+from stip_http.edge import LimitFor
+from stip_http.errors import documented
+from stip_http.errors import install_error_handlers as install_errors
 
 log = logging.getLogger("stip.cloud.api")
 
-E_METHOD_NOT_ALLOWED = "method_not_allowed"  # 405; not (yet) one of shared.api's codes
-E_TOO_MANY_REQUESTS = "too_many_requests"  # 429: a per-user quota of forwards in flight; not (yet) in shared.api
 
 # Paths (PROTOCOL.md section 4).
 DEPLOYMENT_PATH = "/v1/deployments/{deployment_id}"
@@ -114,95 +80,11 @@ def body_limit(settings: CloudSettings) -> LimitFor:
     return limit_for
 
 
-# The one place that turns an exception into a status and a code: first match wins.
-ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
-    (BadInput, 400, E_BAD_INPUT),
-    (SenderGone, 400, E_BAD_INPUT),  # nobody reads the answer: the sender left
-    (ClientDisconnect, 400, E_BAD_INPUT),  # a body cut off midway (a push or a forward)
-    (Unauthorized, 401, E_UNAUTHORIZED),
-    (Forbidden, 403, E_FORBIDDEN),
-    (PushesDisabled, 403, E_FORBIDDEN),
-    (NotFound, 404, E_NOT_FOUND),
-    (KeyOutdated, 409, E_KEY_OUTDATED),
-    (VersionConflict, 409, E_CONFLICT),
-    (SessionExpired, 410, E_SESSION_EXPIRED),
-    (TooManySessions, 429, E_TOO_MANY_SESSIONS),
-    (TooManyForwards, 429, E_TOO_MANY_REQUESTS),
-    (ResponseTooLarge, 422, E_TOO_LARGE),
-    (NotReady, 503, E_NOT_READY),
-    (Internal, 500, E_INTERNAL),
-    (PayloadTooLarge, 413, E_TOO_LARGE),  # before BadTensor, its base
-    (BadTensor, 400, E_BAD_INPUT),
-    (CredentialError, 401, E_UNAUTHORIZED),
-    (CheckpointError, 400, E_BAD_INPUT),
-    (UnsupportedModel, 400, E_BAD_INPUT),
-    (KeyFormatError, 400, E_BAD_INPUT),
-)
-HTTP_CODES = {
-    400: E_BAD_INPUT,
-    401: E_UNAUTHORIZED,
-    403: E_FORBIDDEN,
-    404: E_NOT_FOUND,
-    405: E_METHOD_NOT_ALLOWED,
-    413: E_TOO_LARGE,
-    503: E_NOT_READY,
-}
-ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 410, 413, 422, 429, 503)
-}
-
-
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(code=code, message=message))
-    if status == 401:
-        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-def status_of(exc: Exception) -> tuple[int, str]:
-    for kind, status, code in ERRORS:
-        if isinstance(exc, kind):
-            return status, code
-    return 500, E_INTERNAL
-
-
-async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
-    status, code = status_of(exc)
-    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    log.info("%s %s -> %d %s: %s", request.method, request.url.path, status, code, message)
-    return error_response(status, code, message)
-
-
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-    # location and reason only: pydantic's `input` could echo what the client sent
-    parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors]
-    return error_response(422, E_BAD_INPUT, "; ".join(parts) or "invalid request")
-
-
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
-    detail = exc.detail if isinstance(exc, StarletteHTTPException) else ""
-    headers = getattr(exc, "headers", None)
-    code = HTTP_CODES.get(status, E_INTERNAL if status >= 500 else E_BAD_INPUT)
-    message = detail if isinstance(detail, str) and detail else "error"
-    if status == 404:
-        message = f"no route {request.method} {request.url.path}"
-    return error_response(status, code, message, headers=headers)
-
-
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.error("%s %s failed: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
-    return error_response(500, E_INTERNAL, "internal error; see the service log")
+ERROR_RESPONSES = documented((400, 401, 403, 404, 409, 410, 413, 422, 429, 503))
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(CloudError, _domain_error)
-    app.add_exception_handler(StipCoreError, _domain_error)
-    app.add_exception_handler(ClientDisconnect, _domain_error)  # an ordinary event, not a 500 with a traceback
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_middleware(UnexpectedErrors, respond=lambda scope, exc: _unexpected(Request(scope), exc))  # inside metrics
+    install_errors(app, (CloudError,), log_hint="see the service log")
 
 
 # --- dependencies --------------------------------------------------------------------------

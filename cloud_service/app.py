@@ -17,11 +17,12 @@ from fastapi import FastAPI
 
 from cloud_service.admission import Admission
 from cloud_service.api import body_limit, install_error_handlers, router
-from cloud_service.metrics import Metrics, MetricsMiddleware
+from cloud_service.metrics import Metrics
 from cloud_service.service import CloudService
 from cloud_service.sessions import Clock
 from cloud_service.settings import CloudSettings, load_settings
 from stip_http.edge import BodyLimit
+from stip_http.metrics import RequestMetrics
 
 log = logging.getLogger("stip.cloud")
 
@@ -65,7 +66,7 @@ def create_app(settings: CloudSettings | None = None, *, clock: Clock = time.mon
     install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(BodyLimit, limit_for=body_limit(settings))
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts the 413s of BodyLimit too
+    app.add_middleware(RequestMetrics, record=metrics.record_request)  # outermost: counts the 413s of BodyLimit too
     return app
 
 

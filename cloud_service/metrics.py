@@ -5,13 +5,9 @@ method ("other" outside the standard ones: stip_http.edge.method_label), the sta
 output mode. No label ever carries a session id, a credential or a tensor value.
 """
 
-import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from stip_http.edge import method_label
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -72,30 +68,7 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-
-class MetricsMiddleware:
-    """Counts every HTTP request by route template and status (pure ASGI: bodies stream through)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-        start = time.perf_counter()
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(endpoint, method_label(scope.get("method", "")), str(status)).inc()
-            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
+    def record_request(self, *, method: str, route: str, status: int, headers_s: float | None, total_s: float) -> None:
+        """One HTTP request (stip_http.metrics.RequestMetrics calls this)."""
+        self.requests.labels(route, method, str(status)).inc()
+        self.request_seconds.labels(route).observe(total_s)

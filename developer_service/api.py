@@ -1,4 +1,4 @@
-"""P1's HTTP routes (PROTOCOL.md section 4), and the one table mapping errors to statuses.
+"""P1's HTTP routes (PROTOCOL.md section 4); stip_http.errors maps their errors to statuses.
 
 Routes are plain `def`: FastAPI runs them in its thread pool, so file I/O never blocks
 the event loop; transforms and pushes run in the service's own job threads.
@@ -9,10 +9,8 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response, status
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from developer_service import errors
 from developer_service.bundle import MEDIA_TYPE
@@ -24,7 +22,6 @@ from developer_service.schemas import (
     DeletedDeployment,
     DeletedModel,
     DeploymentStatus,
-    ErrorResponse,
     Health,
     IssueCredential,
     ModelInfo,
@@ -33,78 +30,14 @@ from developer_service.schemas import (
 from developer_service.service import DeveloperService
 from shared import api as contract
 from shared.credentials import Claims
-from shared.errors import CheckpointError, CredentialError, StipCoreError, UnsupportedModel
-from stip_http.edge import UnexpectedErrors
+from stip_http.errors import documented
+from stip_http.errors import install_error_handlers as install_errors
 
 log = logging.getLogger("stip.developer.api")
 
-# --- errors: the one place that maps exceptions to HTTP ----------------------------------
-
-ERROR_TABLE: list[tuple[type[Exception], int, str]] = [  # first match along the class wins
-    (errors.InvalidModel, 400, contract.E_BAD_INPUT),
-    (errors.BadRequest, 400, contract.E_BAD_INPUT),
-    (CheckpointError, 400, contract.E_BAD_INPUT),
-    (UnsupportedModel, 422, contract.E_BAD_INPUT),
-    (errors.Unauthorized, 401, contract.E_UNAUTHORIZED),
-    (CredentialError, 401, contract.E_UNAUTHORIZED),
-    (errors.Forbidden, 403, contract.E_FORBIDDEN),
-    (errors.NotFound, 404, contract.E_NOT_FOUND),
-    (errors.Conflict, 409, contract.E_CONFLICT),
-    (errors.NotConfigured, 503, contract.E_NOT_READY),
-]
-
-
-def error_response(status_code: int, code: str, message: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status_code == 401 else None
-    body = ErrorResponse.model_validate({"error": {"code": code, "message": message}})
-    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
-
-
-def _classify(exc: Exception) -> tuple[int, str]:
-    for cls, status_code, code in ERROR_TABLE:
-        if isinstance(exc, cls):
-            return status_code, code
-    return 500, contract.E_INTERNAL
-
-
-async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
-    status_code, code = _classify(exc)
-    if status_code >= 500 and code == contract.E_INTERNAL:
-        log.error("%s %s failed: %s", request.method, request.url.path, type(exc).__name__)
-        return error_response(500, code, "internal error; see P1's log")
-    return error_response(status_code, code, str(exc))
-
-
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    problems = []
-    for e in exc.errors() if isinstance(exc, RequestValidationError) else ():
-        where = ".".join(str(part) for part in e.get("loc", ()) if part != "body")
-        problems.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-    return error_response(422, contract.E_BAD_INPUT, "invalid request: " + "; ".join(problems))
-
-
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    if not isinstance(exc, StarletteHTTPException):
-        return await _unexpected_error(request, exc)
-    code = {401: contract.E_UNAUTHORIZED, 403: contract.E_FORBIDDEN, 404: contract.E_NOT_FOUND}.get(
-        exc.status_code, contract.E_BAD_INPUT if exc.status_code < 500 else contract.E_INTERNAL
-    )
-    return error_response(exc.status_code, code, str(exc.detail))
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("%s %s: unexpected error", request.method, request.url.path)
-    return error_response(500, contract.E_INTERNAL, "internal error; see P1's log")
-
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(errors.DeveloperError, _domain_error)
-    app.add_exception_handler(StipCoreError, _domain_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_middleware(
-        UnexpectedErrors, respond=lambda scope, exc: _unexpected_error(Request(scope), exc)
-    )  # inside metrics
+    install_errors(app, (errors.DeveloperError,), log_hint="see P1's log")
 
 
 # --- dependencies --------------------------------------------------------------------------
@@ -161,9 +94,7 @@ class AdminFirst(APIRoute):
         return admin_first
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 503)
-}
+ERRORS = documented((400, 401, 403, 404, 409, 413, 422, 503))
 
 router = APIRouter(responses=ERRORS)
 admin_json = APIRouter(responses=ERRORS, route_class=AdminFirst)  # the routes with a body; included below

@@ -12,10 +12,11 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from developer_service.api import install_error_handlers, router
-from developer_service.metrics import Metrics, MetricsMiddleware
+from developer_service.metrics import Metrics
 from developer_service.service import DeveloperService
 from developer_service.settings import DeveloperSettings, load_settings
 from stip_http.edge import BodyLimit
+from stip_http.metrics import RequestMetrics
 
 
 def create_app(
@@ -47,6 +48,6 @@ def create_app(
     limit = (settings.max_body_bytes, "STIP_DEVELOPER_MAX_BODY_BYTES")
     install_error_handlers(app)  # its catch-all layer first: inside BodyLimit and the metrics
     app.add_middleware(BodyLimit, limit_for=lambda scope: limit)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts the 413s of BodyLimit too
+    app.add_middleware(RequestMetrics, record=metrics.record_request)  # outermost: counts the 413s of BodyLimit too
     app.include_router(router)
     return app

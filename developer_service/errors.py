@@ -1,8 +1,11 @@
-"""P1's domain exceptions. The service raises these; api.py maps them to HTTP in one table.
+"""P1's domain exceptions. The service raises these; each derives from a kind of
+stip_http.kinds, which stip_http.errors.ERRORS (the one table) maps to HTTP.
 
 Messages are meant for the caller: they name what went wrong and never carry a token,
 a tensor value or key material.
 """
+
+from stip_http import kinds
 
 
 class DeveloperError(Exception):
@@ -13,7 +16,7 @@ class DeveloperError(Exception):
         self.message = message
 
 
-class BadRequest(DeveloperError):
+class BadRequest(DeveloperError, kinds.BadInput):
     """The request is well-formed but names something unusable (a path, a URL)."""
 
 
@@ -21,15 +24,15 @@ class InvalidModel(BadRequest):
     """A model directory is missing, unreadable or not a Hugging Face checkpoint."""
 
 
-class Unauthorized(DeveloperError):
+class Unauthorized(DeveloperError, kinds.Unauthorized):
     """A missing, malformed, unknown, expired or revoked token."""
 
 
-class Forbidden(DeveloperError):
+class Forbidden(DeveloperError, kinds.Forbidden):
     """A valid credential used outside its scope (another deployment)."""
 
 
-class NotFound(DeveloperError):
+class NotFound(DeveloperError, kinds.NotFound):
     pass
 
 
@@ -45,7 +48,7 @@ class UnknownCredential(NotFound):
     pass
 
 
-class Conflict(DeveloperError):
+class Conflict(DeveloperError, kinds.Conflict):
     pass
 
 
@@ -57,7 +60,7 @@ class NoActiveVersion(Conflict):
     """A deployment has no key version active on P2 yet."""
 
 
-class NotConfigured(DeveloperError):
+class NotConfigured(DeveloperError, kinds.NotReady):
     """The service lacks a setting this request needs (admin token, push token)."""
 
 

@@ -1,15 +1,11 @@
 """Prometheus metrics of P1, in a registry per app (so tests can build several apps)."""
 
-import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from stip_http.edge import method_label
-
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 
 class Metrics:
@@ -49,35 +45,8 @@ class Metrics:
             self._refresh()
         return generate_latest(self.registry)
 
-
-class MetricsMiddleware:
-    """Counts requests by method ("other" outside the standard ones), route template (not the raw
-    path; "unmatched" for unknown paths) and status: every label has a bounded set of values."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                elapsed = time.perf_counter() - start
-                self.metrics.latency.labels(method_label(scope["method"]), _route(scope)).observe(elapsed)
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            self.metrics.requests.labels(method_label(scope["method"]), _route(scope), str(status)).inc()
-
-
-def _route(scope: Scope) -> str:
-    route = scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
+    def record_request(self, *, method: str, route: str, status: int, headers_s: float | None, total_s: float) -> None:
+        """One HTTP request (stip_http.metrics.RequestMetrics calls this): the latency is to its headers."""
+        if headers_s is not None:
+            self.latency.labels(method, route).observe(headers_s)
+        self.requests.labels(method, route, str(status)).inc()

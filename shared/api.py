@@ -50,8 +50,10 @@ E_KEY_OUTDATED = "key_outdated"  # 409: tensors permuted with a key version P2 n
 E_CONFLICT = "conflict"  # 409
 E_SESSION_EXPIRED = "session_expired"  # 410
 E_TOO_LARGE = "payload_too_large"  # 413
-E_BAD_INPUT = "bad_input"  # 400 / 422
+E_BAD_INPUT = "bad_input"  # 400 / 422 (stip_http.errors.ERRORS: the status of each error)
 E_TOO_MANY_SESSIONS = "too_many_sessions"  # 429
+E_TOO_MANY_REQUESTS = "too_many_requests"  # 429: a per-user quota of requests in flight
+E_METHOD_NOT_ALLOWED = "method_not_allowed"  # 405
 E_NOT_READY = "not_ready"  # 503
 E_INTERNAL = "internal"  # 500
 

@@ -95,7 +95,7 @@ def test_a_gpt2_model_labelled_llama_cannot_put_its_token_table_on_p2(tmp_path: 
     assert config["model_type"] == "gpt2"
     body, digest = _body([*out.cloud_files, table], config, signer, "llama")
     with serve(tmp_path / "data") as client:
-        message = assert_error(push(client, body, digest), 400, E_BAD_INPUT)
+        message = assert_error(push(client, body, digest), 422, E_BAD_INPUT)  # UnsupportedModel, as on P1
         assert "same model family" in message and "gpt2" in message, message
         assert_error(client.get(f"/v1/deployments/{DEPLOYMENT}"), 404, E_NOT_FOUND)
         assert not list((tmp_path / "data" / "tmp").iterdir())
