@@ -41,6 +41,7 @@ from typing import Any, Literal
 import httpx
 import torch
 
+from shared.api import METRICS_PATH, SESSION_PATH, SESSIONS_PATH
 from user_client import RateLimited, StipClient, StipError
 from user_client.demo import SENTENCES
 
@@ -254,7 +255,7 @@ def thread_count(pid: int | None) -> int | None:
 
 def gauge(cloud_url: str, name: str = "stip_cloud_active_sessions", *, timeout: float = 10.0) -> float:
     """One unlabelled gauge of P2's /metrics."""
-    text = httpx.get(f"{cloud_url}/metrics", timeout=timeout).text
+    text = httpx.get(cloud_url + METRICS_PATH, timeout=timeout).text
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
@@ -263,7 +264,7 @@ def gauge(cloud_url: str, name: str = "stip_cloud_active_sessions", *, timeout: 
 
 def requests_counted(cloud_url: str, endpoint: str, method: str, status: int) -> float:
     """P2's `stip_cloud_requests_total` for one route template, method and status (0 if none yet)."""
-    text = httpx.get(f"{cloud_url}/metrics", timeout=10.0).text
+    text = httpx.get(cloud_url + METRICS_PATH, timeout=10.0).text
     labels = (f'endpoint="{endpoint}"', f'method="{method}"', f'status="{status}"')
     total = 0.0
     for line in text.splitlines():
@@ -272,8 +273,8 @@ def requests_counted(cloud_url: str, endpoint: str, method: str, status: int) ->
     return total
 
 
-SESSIONS_ROUTE = ("/v1/deployments/{deployment_id}/sessions", "POST", 201)
-SESSION_DELETE_ROUTE = ("/v1/sessions/{session_id}", "DELETE", 204)
+SESSIONS_ROUTE = (SESSIONS_PATH, "POST", 201)
+SESSION_DELETE_ROUTE = (SESSION_PATH, "DELETE", 204)
 
 
 class Sampler:

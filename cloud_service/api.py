@@ -27,8 +27,18 @@ from cloud_service.schemas import DeploymentInfo, ForwardOptions, Health, PushRe
 from cloud_service.service import CloudService, Deployment
 from cloud_service.settings import CloudSettings
 from shared.api import (
+    DEPLOYMENT_PATH,
     DIGEST_HEADER,
+    FORWARD_PATH,
+    GENERATE_PATH,
+    HEALTH_LIVE_PATH,
+    HEALTH_READY_PATH,
     KEY_VERSION_HEADER,
+    METRICS_PATH,
+    PUSH_PATH,
+    REVOCATIONS_PATH,
+    SESSION_PATH,
+    SESSIONS_PATH,
     DeploymentDeleted,
     GenerateResult,
     OutputMode,
@@ -45,16 +55,6 @@ from stip_http.errors import documented
 from stip_http.errors import install_error_handlers as install_errors
 
 log = logging.getLogger("stip.cloud.api")
-
-
-# Paths (PROTOCOL.md section 4).
-DEPLOYMENT_PATH = "/v1/deployments/{deployment_id}"
-PUSH_PATH = DEPLOYMENT_PATH + "/weights"
-SESSIONS_PATH = DEPLOYMENT_PATH + "/sessions"
-SESSION_PATH = "/v1/sessions/{session_id}"
-FORWARD_PATH = DEPLOYMENT_PATH + "/forward"
-GENERATE_PATH = DEPLOYMENT_PATH + "/generate"  # token mode (PROTOCOL.md section 7)
-REVOCATIONS_PATH = DEPLOYMENT_PATH + "/revocations"
 
 
 def _pattern(template: str) -> re.Pattern[str]:
@@ -335,18 +335,18 @@ async def generate(
     return JSONResponse(result.model_dump(), headers=headers)
 
 
-@router.get("/health/live", response_model=Health, tags=["health"])
+@router.get(HEALTH_LIVE_PATH, response_model=Health, tags=["health"])
 async def live() -> Health:
     return Health(status="live")
 
 
-@router.get("/health/ready", response_model=Health, tags=["health"])
+@router.get(HEALTH_READY_PATH, response_model=Health, tags=["health"])
 async def ready(service: ServiceDep) -> Health:
     await require_ready(service)
     return Health(status="ready", deployments=service.deployment_count)
 
 
-@router.get("/metrics", response_class=Response, tags=["health"], responses=METRICS_RESPONSE)
+@router.get(METRICS_PATH, response_class=Response, tags=["health"], responses=METRICS_RESPONSE)
 async def metrics(service: ServiceDep) -> Response:
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -103,7 +103,7 @@ admin_json = APIRouter(responses=ERRORS, route_class=AdminFirst)  # the routes w
 
 
 @admin_json.post(
-    "/v1/models",
+    contract.MODELS_PATH,
     status_code=status.HTTP_201_CREATED,
     tags=["models"],
     responses={200: {"model": ModelInfo, "description": "already registered (same path and name)"}},
@@ -116,17 +116,17 @@ def register_model(body: RegisterModel, service: ServiceDep, _: AdminDep, respon
     return info
 
 
-@router.get("/v1/models", tags=["models"])
+@router.get(contract.MODELS_PATH, tags=["models"])
 def list_models(service: ServiceDep, _: AdminDep) -> list[ModelInfo]:
     return service.models()
 
 
-@router.get("/v1/models/{model_id}", tags=["models"])
+@router.get(contract.MODEL_PATH, tags=["models"])
 def get_model(model_id: str, service: ServiceDep, _: AdminDep) -> ModelInfo:
     return service.model(model_id)
 
 
-@router.delete("/v1/models/{model_id}", tags=["models"])
+@router.delete(contract.MODEL_PATH, tags=["models"])
 def delete_model(model_id: str, service: ServiceDep, _: AdminDep) -> DeletedModel:
     """Unregister a model no deployment uses (409 names them); the directory stays on disk."""
     return service.delete_model(model_id)
@@ -135,31 +135,31 @@ def delete_model(model_id: str, service: ServiceDep, _: AdminDep) -> DeletedMode
 # --- deployments ---------------------------------------------------------------------------
 
 
-@admin_json.post("/v1/deployments", status_code=status.HTTP_202_ACCEPTED, tags=["deployments"])
+@admin_json.post(contract.DEPLOYMENTS_PATH, status_code=status.HTTP_202_ACCEPTED, tags=["deployments"])
 def create_deployment(body: CreateDeployment, service: ServiceDep, _: AdminDep, response: Response) -> DeploymentStatus:
     """Draw key version 1, transform, push θ′ to P2; poll the deployment for progress."""
     result = service.create_deployment(body)
-    response.headers["Location"] = f"/v1/deployments/{result.deployment_id}"
+    response.headers["Location"] = contract.path(contract.DEPLOYMENT_PATH, deployment_id=result.deployment_id)
     return result
 
 
-@router.get("/v1/deployments", tags=["deployments"])
+@router.get(contract.DEPLOYMENTS_PATH, tags=["deployments"])
 def list_deployments(service: ServiceDep, _: AdminDep) -> list[DeploymentStatus]:
     return service.deployments()
 
 
-@router.get("/v1/deployments/{deployment_id}", tags=["deployments"])
+@router.get(contract.DEPLOYMENT_PATH, tags=["deployments"])
 def get_deployment(deployment_id: str, service: ServiceDep, _: AdminDep) -> DeploymentStatus:
     return service.deployment(deployment_id)
 
 
-@router.delete("/v1/deployments/{deployment_id}", tags=["deployments"])
+@router.delete(contract.DEPLOYMENT_PATH, tags=["deployments"])
 def delete_deployment(deployment_id: str, service: ServiceDep, _: AdminDep) -> DeletedDeployment:
     """Delete keys, versions and credentials on P1, θ′ and sessions on P2 (in the background if P2 is down)."""
     return service.delete_deployment(deployment_id)
 
 
-@router.post("/v1/deployments/{deployment_id}/rotate", status_code=status.HTTP_202_ACCEPTED, tags=["deployments"])
+@router.post(contract.ROTATE_PATH, status_code=status.HTTP_202_ACCEPTED, tags=["deployments"])
 def rotate(deployment_id: str, service: ServiceDep, _: AdminDep) -> DeploymentStatus:
     """New key set and θ′; users get the old version until P2 has activated the new one."""
     return service.rotate(deployment_id)
@@ -168,7 +168,7 @@ def rotate(deployment_id: str, service: ServiceDep, _: AdminDep) -> DeploymentSt
 # --- users -----------------------------------------------------------------------------------
 
 
-@admin_json.post("/v1/deployments/{deployment_id}/users", status_code=status.HTTP_201_CREATED, tags=["users"])
+@admin_json.post(contract.USERS_PATH, status_code=status.HTTP_201_CREATED, tags=["users"])
 def issue_credential(
     deployment_id: str, service: ServiceDep, _: AdminDep, response: Response, body: IssueCredential | None = None
 ) -> CredentialIssued:
@@ -177,19 +177,19 @@ def issue_credential(
     return service.issue_credential(deployment_id, body or IssueCredential.model_validate({}))
 
 
-@router.get("/v1/deployments/{deployment_id}/users", tags=["users"])
+@router.get(contract.USERS_PATH, tags=["users"])
 def list_credentials(deployment_id: str, service: ServiceDep, _: AdminDep) -> list[CredentialInfo]:
     return service.credentials(deployment_id)
 
 
-@router.delete("/v1/deployments/{deployment_id}/users/{user_id}", tags=["users"])
+@router.delete(contract.USER_PATH, tags=["users"])
 def revoke_credential(deployment_id: str, user_id: str, service: ServiceDep, _: AdminDep) -> CredentialInfo:
     """P1 stops handing this user the key. P2 checks credentials offline, up to their expiry."""
     return service.revoke_credential(deployment_id, user_id)
 
 
 @router.get(
-    "/v1/deployments/{deployment_id}/user-key",
+    contract.USER_KEY_PATH,
     tags=["users"],
     response_class=StreamingResponse,
     responses={200: {"content": {MEDIA_TYPE: {}}, "description": "the user bundle (tar)"}},
@@ -211,12 +211,12 @@ def user_key(deployment_id: str, service: ServiceDep, claims: UserDep) -> Stream
 # --- health and metrics ------------------------------------------------------------------------
 
 
-@router.get("/health/live", tags=["health"])
+@router.get(contract.HEALTH_LIVE_PATH, tags=["health"])
 def live() -> Health:
     return Health(status="ok")
 
 
-@router.get("/health/ready", tags=["health"], responses={503: {"model": Health}})
+@router.get(contract.HEALTH_READY_PATH, tags=["health"], responses={503: {"model": Health}})
 def ready(request: Request) -> Response:
     service: DeveloperService | None = getattr(request.app.state, "service", None)
     if service is None or not service.ready:
@@ -225,7 +225,7 @@ def ready(request: Request) -> Response:
 
 
 @router.get(
-    "/metrics",
+    contract.METRICS_PATH,
     tags=["health"],
     response_class=Response,
     responses={200: {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}},

@@ -30,6 +30,7 @@ from developer_service.schemas import (
     ModelInfo,
     RegisterModel,
 )
+from shared import api
 
 T = TypeVar("T")
 
@@ -101,51 +102,61 @@ class DeveloperAdminClient:
 
     def register(self, path: str | Path, *, name: str | None = None) -> ModelInfo:
         body = RegisterModel(path=str(path), name=name)
-        result: ModelInfo = self._call("POST", "/v1/models", ModelInfo, body)
+        result: ModelInfo = self._call("POST", api.MODELS_PATH, ModelInfo, body)
         return result
 
     def models(self) -> list[ModelInfo]:
-        result: list[ModelInfo] = self._call("GET", "/v1/models", list[ModelInfo])
+        result: list[ModelInfo] = self._call("GET", api.MODELS_PATH, list[ModelInfo])
         return result
 
     def deploy(self, model_id: str, *, cloud_url: str, mode: Literal["embeds", "token"] = "embeds") -> DeploymentStatus:
         body = CreateDeployment(model_id=model_id, cloud_url=cloud_url, mode=mode)
-        result: DeploymentStatus = self._call("POST", "/v1/deployments", DeploymentStatus, body)
+        result: DeploymentStatus = self._call("POST", api.DEPLOYMENTS_PATH, DeploymentStatus, body)
         return result
 
     def deployment(self, deployment_id: str) -> DeploymentStatus:
-        result: DeploymentStatus = self._call("GET", f"/v1/deployments/{deployment_id}", DeploymentStatus)
+        result: DeploymentStatus = self._call(
+            "GET", api.path(api.DEPLOYMENT_PATH, deployment_id=deployment_id), DeploymentStatus
+        )
         return result
 
     def deployments(self) -> list[DeploymentStatus]:
-        result: list[DeploymentStatus] = self._call("GET", "/v1/deployments", list[DeploymentStatus])
+        result: list[DeploymentStatus] = self._call("GET", api.DEPLOYMENTS_PATH, list[DeploymentStatus])
         return result
 
     def rotate(self, deployment_id: str) -> DeploymentStatus:
-        result: DeploymentStatus = self._call("POST", f"/v1/deployments/{deployment_id}/rotate", DeploymentStatus)
+        result: DeploymentStatus = self._call(
+            "POST", api.path(api.ROTATE_PATH, deployment_id=deployment_id), DeploymentStatus
+        )
         return result
 
     def issue_credential(self, deployment_id: str, *, name: str = "user", ttl_s: int | None = None) -> CredentialIssued:
         body = IssueCredential(name=name, ttl_s=ttl_s)
-        result: CredentialIssued = self._call("POST", f"/v1/deployments/{deployment_id}/users", CredentialIssued, body)
+        result: CredentialIssued = self._call(
+            "POST", api.path(api.USERS_PATH, deployment_id=deployment_id), CredentialIssued, body
+        )
         return result
 
     def credentials(self, deployment_id: str) -> list[CredentialInfo]:
-        result: list[CredentialInfo] = self._call("GET", f"/v1/deployments/{deployment_id}/users", list[CredentialInfo])
+        result: list[CredentialInfo] = self._call(
+            "GET", api.path(api.USERS_PATH, deployment_id=deployment_id), list[CredentialInfo]
+        )
         return result
 
     def revoke_credential(self, deployment_id: str, user_id: str) -> CredentialInfo:
         result: CredentialInfo = self._call(
-            "DELETE", f"/v1/deployments/{deployment_id}/users/{user_id}", CredentialInfo
+            "DELETE", api.path(api.USER_PATH, deployment_id=deployment_id, user_id=user_id), CredentialInfo
         )
         return result
 
     def delete_deployment(self, deployment_id: str) -> DeletedDeployment:
-        result: DeletedDeployment = self._call("DELETE", f"/v1/deployments/{deployment_id}", DeletedDeployment)
+        result: DeletedDeployment = self._call(
+            "DELETE", api.path(api.DEPLOYMENT_PATH, deployment_id=deployment_id), DeletedDeployment
+        )
         return result
 
     def delete_model(self, model_id: str) -> DeletedModel:
-        result: DeletedModel = self._call("DELETE", f"/v1/models/{model_id}", DeletedModel)
+        result: DeletedModel = self._call("DELETE", api.path(api.MODEL_PATH, model_id=model_id), DeletedModel)
         return result
 
     def wait(

@@ -6,8 +6,38 @@ JSON with the models below. Every error is `{"error": {"code", "message"}}`.
 """
 
 from typing import Literal
+from urllib.parse import quote
 
 from pydantic import BaseModel, Field
+
+# --- paths (PROTOCOL.md section 4): templates for the routes, `path(...)` for the clients ------
+HEALTH_LIVE_PATH = "/health/live"  # both services, open
+HEALTH_READY_PATH = "/health/ready"
+METRICS_PATH = "/metrics"
+# P1, developer service
+MODELS_PATH = "/v1/models"
+MODEL_PATH = MODELS_PATH + "/{model_id}"
+DEPLOYMENTS_PATH = "/v1/deployments"
+DEPLOYMENT_PATH = DEPLOYMENTS_PATH + "/{deployment_id}"  # P1's deployment status; P2's public facts
+ROTATE_PATH = DEPLOYMENT_PATH + "/rotate"
+USERS_PATH = DEPLOYMENT_PATH + "/users"
+USER_PATH = USERS_PATH + "/{user_id}"
+USER_KEY_PATH = DEPLOYMENT_PATH + "/user-key"
+# P2, cloud service
+PUSH_PATH = DEPLOYMENT_PATH + "/weights"
+REVOCATIONS_PATH = DEPLOYMENT_PATH + "/revocations"
+SESSIONS_PATH = DEPLOYMENT_PATH + "/sessions"
+SESSION_PATH = "/v1/sessions/{session_id}"
+FORWARD_PATH = DEPLOYMENT_PATH + "/forward"
+GENERATE_PATH = DEPLOYMENT_PATH + "/generate"  # token mode (PROTOCOL.md section 7)
+
+
+def path(template: str, **ids: str) -> str:
+    """A concrete path: each `{name}` of `template` filled with its id, URL-quoted.
+
+    `path(FORWARD_PATH, deployment_id="d-1")` is "/v1/deployments/d-1/forward"."""
+    return template.format(**{name: quote(value, safe="") for name, value in ids.items()})
+
 
 # --- headers -----------------------------------------------------------------------------
 KEY_VERSION_HEADER = "X-Stip-Key-Version"  # the key version a client's tensors are permuted with

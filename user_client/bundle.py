@@ -30,7 +30,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import torch
 from pydantic import ValidationError
@@ -418,7 +417,7 @@ class BundleCache:
         archive = Path(tmp_name)
         staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=self.dir))
         try:
-            path = f"/v1/deployments/{quote(self.deployment_id, safe='')}/user-key"
+            path = api.path(api.USER_KEY_PATH, deployment_id=self.deployment_id)
             headers = http.download(
                 path, lambda: archive.open("wb"), max_bytes=max_bytes, headers={"Accept": "application/x-tar"}
             )

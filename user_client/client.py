@@ -36,7 +36,6 @@ from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, NamedTuple, TypeVar
-from urllib.parse import quote
 
 import httpx
 import torch
@@ -372,7 +371,7 @@ class StipClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _create_session(self, bundle: Bundle) -> Session:
-        path = f"/v1/deployments/{quote(self.deployment_id, safe='')}/sessions"
+        path = api.path(api.SESSIONS_PATH, deployment_id=self.deployment_id)
         resp = self._cloud_http().request(
             "POST",
             path,
@@ -400,7 +399,7 @@ class StipClient:
             return
         session.closed = True
         self._sessions.discard(session)
-        path = f"/v1/sessions/{quote(session.session_id, safe='')}"
+        path = api.path(api.SESSION_PATH, session_id=session.session_id)
         with suppress(NotFound, SessionExpired):  # already gone counts as closed
             self._cloud_http().request("DELETE", path, idempotent=True, retries=retries)
 
@@ -469,7 +468,7 @@ class StipClient:
             params["k"] = k
         if session is not None:
             params["session_id"] = session.session_id
-        path = f"/v1/deployments/{quote(self.deployment_id, safe='')}/forward"
+        path = api.path(api.FORWARD_PATH, deployment_id=self.deployment_id)
         try:
             resp = self._cloud_http().request(
                 "POST",

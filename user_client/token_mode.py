@@ -20,7 +20,6 @@ import json
 import secrets
 from collections.abc import Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import torch
 
@@ -79,7 +78,7 @@ def _generate(
         stop_ids=sorted(int(relabel[t]) for t in eos_ids if 0 <= t < vocab),
         stream=True,
     )
-    path = f"/v1/deployments/{quote(client.deployment_id, safe='')}/generate"
+    path = api.path(api.GENERATE_PATH, deployment_id=client.deployment_id)
     resp = client._cloud_http().stream(
         "POST",
         path,
