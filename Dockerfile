@@ -10,6 +10,7 @@ RUN pip install torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY stip_http ./stip_http
+COPY stip_demo ./stip_demo
 COPY developer_service ./developer_service
 COPY cloud_service ./cloud_service
 COPY user_client ./user_client

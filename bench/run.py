@@ -4,7 +4,7 @@
     python -m bench.run                # the random Llama of GPT-2-small size (issue 14)
 
 It builds a random Llama (MiniLM's tokenizer, GQA), starts P2 and P1 as separate processes on
-loopback (`user_client.demo.local_services`, as `benchmarks.load` does), deploys it, and measures:
+loopback (`stip_demo.demo.local_services`, as `benchmarks.load` does), deploys it, and measures:
 
 - plaintext greedy decode (stock `generate()`, KV cache), one stream and batch 8;
 - the same decode through the SDK and P2 (its session's KV cache), one stream and 8 concurrent
@@ -94,7 +94,7 @@ def make_model(path: Path, size: ModelSize, positions: int) -> Path:
     """A random Llama with the demo's tokenizer (GQA, tied head), saved as a local HF directory."""
     import transformers
 
-    from user_client.demo import copy_tokenizer, randomize_parameters
+    from stip_demo.demo import copy_tokenizer, randomize_parameters
 
     if (path / "config.json").exists():
         return path
@@ -327,8 +327,8 @@ def run(plan: Plan, work: Path, log: Callable[[str], None]) -> Results:
 
     from benchmarks.load import deploy_model
     from developer_service.client import DeveloperAdminClient
+    from stip_demo.demo import local_services
     from user_client import StipClient
-    from user_client.demo import local_services
 
     transformers.utils.logging.set_verbosity_error()
     positions = max(1024, plan.prefill_tokens + plan.new_tokens + 16)

@@ -42,8 +42,8 @@ import httpx
 import torch
 
 from shared.api import METRICS_PATH, SESSION_PATH, SESSIONS_PATH
+from stip_demo.demo import SENTENCES
 from user_client import RateLimited, StipClient, StipError
-from user_client.demo import SENTENCES
 
 MIB = 1 << 20
 Kind = Literal["generate", "embed"]
@@ -475,7 +475,7 @@ def cluster(
 ) -> Iterator[Cluster]:
     """Deploy the two models on running services, or on P2 and P1 started here on loopback."""
     from developer_service.client import DeveloperAdminClient
-    from user_client.demo import local_services, make_random_llama, minilm_path
+    from stip_demo.demo import local_services, make_random_llama, minilm_path
 
     with ExitStack() as stack:
         if developer_url and cloud_url:

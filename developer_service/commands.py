@@ -115,7 +115,7 @@ def cmd_example_model(args: argparse.Namespace) -> int:
     """Write the demo's small decoder with RANDOM parameters; print its directory on stdout."""
     import transformers
 
-    from user_client.demo import EXAMPLE_MODELS
+    from stip_demo.demo import EXAMPLE_MODELS
 
     transformers.utils.logging.disable_progress_bar()
 

@@ -3,7 +3,7 @@
     stip generate "Once upon a time" --max-new-tokens 32 [--stream] [--temperature 0.8 --seed 1]
     stip embed "a sentence" "another"          # one JSON array per line
     stip classify cat.jpg dog.png --top-k 3     # ViT: one JSON object per image
-    stip demo ...                               # the three-party demo (user_client.demo)
+    stip demo ...                               # the three-party demo (stip_demo.demo)
     stip gateway --deployment llama=dep-...     # an OpenAI-compatible server (user_client.gateway)
     stip audit [--quick]                        # the attack lab: a curious P2, measured (attack_lab)
 
@@ -33,7 +33,7 @@ COMMANDS: dict[str, str] = {
 }
 # subcommands that parse their own arguments: "module:function(argv: list[str]) -> int"
 PASSTHROUGH: dict[str, str] = {
-    "demo": "user_client.demo_cli:main",
+    "demo": "stip_demo.cli:main",
     "gateway": "user_client.gateway.cli:main",
     "audit": "attack_lab.cli:main",
 }

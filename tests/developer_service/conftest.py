@@ -19,8 +19,8 @@ from developer_service.app import create_app
 from developer_service.settings import DeveloperSettings
 from shared import api
 from shared.wire import decode
+from stip_demo.demo import copy_tokenizer
 from tests.support import TINY_LLAMA, random_causal_lm
-from user_client.demo import copy_tokenizer
 
 ADMIN = "admin-token-for-tests-0123456789"
 PUSH = "push-token-for-tests-0123456789"

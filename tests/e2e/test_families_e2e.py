@@ -18,11 +18,11 @@ import transformers
 from PIL import Image
 
 from developer_service.client import DeveloperAdminClient
+from stip_demo.demo import copy_tokenizer
 from tests.e2e.processes import CLOUD, DEVELOPER, free_port, start, stop, wait_ready
 from tests.e2e.proxy import RecordingProxy
 from tests.support import assert_close, randomize_parameters
 from user_client import StipClient
-from user_client.demo import copy_tokenizer
 
 NEW_TOKENS = 24
 PROMPT_IDS = [101, 2023, 2003, 1037, 3231, 1997, 2797, 28937, 1012]

@@ -20,11 +20,11 @@ import torch
 import transformers
 
 from developer_service.client import DeveloperAdminClient
+from stip_demo.demo import copy_tokenizer
 from tests.e2e.processes import BIN, CLOUD, DEVELOPER, free_port, start, stop, wait_ready
 from tests.e2e.proxy import RecordingProxy
 from tests.support import randomize_parameters
 from user_client import StipClient
-from user_client.demo import copy_tokenizer
 
 NEW_TOKENS = 16
 PROMPT = "the quick brown fox jumps over the lazy dog"

@@ -19,9 +19,9 @@ from shared.api import INPUTS_EMBEDS, LOGITS
 from shared.checkpoint import transform_model_dir
 from shared.credentials import Signer
 from shared.permutation import permute, unpermute
+from stip_demo.demo import copy_tokenizer
 from tests.cloud_service.helpers import CONFIG, DEPLOYMENT, Deployed
 from tests.support import random_causal_lm
-from user_client.demo import copy_tokenizer
 
 OTHER_DEPLOYMENT = "dep-other"  # a second deployment of the same P1, signed by the same key
 FOREIGN_DEPLOYMENT = "dep-foreign"  # a deployment another P1 (another model owner) pushed to P2

@@ -30,8 +30,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from developer_service.client import DeveloperAdminClient
+from stip_demo.demo import make_random_llama
 from tests.e2e.processes import CLOUD, DEVELOPER, free_port, start, stop, wait_ready
-from user_client.demo import make_random_llama
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -32,13 +32,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from developer_service.client import DeveloperAdminClient
 from shared.api import DeploymentStatus
+from stip_demo.demo import copy_tokenizer
 from tests.developer_service.conftest import LLAMA
 from tests.e2e.processes import CLOUD, DEVELOPER, free_port, start, stop, wait_for, wait_ready
 from tests.e2e.proxy import LoopbackProxy
 from tests.support import max_abs_diff, random_causal_lm
 from user_client import StipClient
 from user_client._http import Http
-from user_client.demo import copy_tokenizer
 from user_client.errors import ServerError, TransportError
 
 PROMPT = [5, 17, 33, 2, 41, 8]

@@ -16,8 +16,8 @@ from attack_lab import cipher, corpus, embedding, linking, scenario, weights
 from attack_lab.cli import build_parser
 from shared.families import get_family
 from shared.permutation import permute
+from stip_demo.demo import minilm_path
 from tests.support import TINY_LLAMA, random_causal_lm, randomize_parameters
-from user_client.demo import minilm_path
 
 LLAMA = get_family("llama")
 TIED = dict(TINY_LLAMA, vocab_size=500, tie_word_embeddings=True, max_position_embeddings=256)

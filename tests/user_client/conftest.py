@@ -16,6 +16,7 @@ import transformers
 
 from shared.checkpoint import TransformResult, transform_model_dir
 from shared.runtime import CloudModel, load_cloud_model
+from stip_demo.demo import copy_tokenizer
 from tests.support import randomize_parameters
 from tests.user_client.fakes import (
     CloudState,
@@ -25,7 +26,6 @@ from tests.user_client.fakes import (
     developer_app,
 )
 from user_client import StipClient
-from user_client.demo import copy_tokenizer
 
 CREDENTIAL = "user-credential-for-tests"
 DEVELOPER_URL = "http://developer.test"

@@ -76,13 +76,13 @@ def test_errors(run: Callable[..., tuple[int, str, str]], monkeypatch: pytest.Mo
 
 def test_demo_is_loaded_lazily(run: Callable[..., tuple[int, str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[argparse.Namespace] = []
-    demo = types.ModuleType("user_client.demo")
+    demo = types.ModuleType("stip_demo.demo")
 
     def run_demo(args: argparse.Namespace) -> int:
         seen.append(args)
         return 0
 
     demo.run_demo = run_demo  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "user_client.demo", demo)
+    monkeypatch.setitem(sys.modules, "stip_demo.demo", demo)
     code, _, _ = run("demo", "--developer-url", "http://x", "--models-dir", "/m")
     assert code == 0 and [(a.developer_url, a.models_dir) for a in seen] == [("http://x", "/m")]

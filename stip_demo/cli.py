@@ -1,5 +1,5 @@
 """`stip demo`'s arguments, parsed before the demo itself (torch, transformers, the services) loads,
-so that `stip demo --help` and its usage errors answer at once. The demo is user_client.demo."""
+so that `stip demo --help` and its usage errors answer at once. The demo is stip_demo.demo."""
 
 from __future__ import annotations
 
@@ -21,6 +21,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from user_client.demo import run_demo  # torch, transformers, the SDK
+    from stip_demo.demo import run_demo  # torch, transformers, the SDK
 
     return run_demo(args)

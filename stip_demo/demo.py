@@ -476,8 +476,8 @@ def _token_from_env() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`stip demo` (and `python -m user_client.demo`): arguments parsed by user_client.demo_cli."""
-    from user_client.demo_cli import main as cli_main
+    """`stip demo` (and `python -m stip_demo.demo`): arguments parsed by stip_demo.cli."""
+    from stip_demo.cli import main as cli_main
 
     return cli_main(argv)
 
