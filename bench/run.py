@@ -94,7 +94,7 @@ def make_model(path: Path, size: ModelSize, positions: int) -> Path:
     """A random Llama with the demo's tokenizer (GQA, tied head), saved as a local HF directory."""
     import transformers
 
-    from stip_demo.demo import copy_tokenizer, randomize_parameters
+    from stip_demo.models import copy_tokenizer, randomize_parameters
 
     if (path / "config.json").exists():
         return path
@@ -327,7 +327,7 @@ def run(plan: Plan, work: Path, log: Callable[[str], None]) -> Results:
 
     from benchmarks.load import deploy_model
     from developer_service.client import DeveloperAdminClient
-    from stip_demo.demo import local_services
+    from stip_demo.services import local_services
     from user_client import StipClient
 
     transformers.utils.logging.set_verbosity_error()

@@ -475,7 +475,8 @@ def cluster(
 ) -> Iterator[Cluster]:
     """Deploy the two models on running services, or on P2 and P1 started here on loopback."""
     from developer_service.client import DeveloperAdminClient
-    from stip_demo.demo import local_services, make_random_llama, minilm_path
+    from stip_demo.models import make_random_llama, minilm_path
+    from stip_demo.services import local_services
 
     with ExitStack() as stack:
         if developer_url and cloud_url:

@@ -115,7 +115,7 @@ def cmd_example_model(args: argparse.Namespace) -> int:
     """Write the demo's small decoder with RANDOM parameters; print its directory on stdout."""
     import transformers
 
-    from stip_demo.demo import EXAMPLE_MODELS
+    from stip_demo.models import EXAMPLE_MODELS
 
     transformers.utils.logging.disable_progress_bar()
 
@@ -123,7 +123,10 @@ def cmd_example_model(args: argparse.Namespace) -> int:
     if out.exists():
         raise CliError(f"{out} already exists: name a new directory (example-model writes a fresh one)", EXIT_USAGE)
     out.parent.mkdir(parents=True, exist_ok=True)
-    EXAMPLE_MODELS[args.family](out, seed=args.seed)
+    try:
+        EXAMPLE_MODELS[args.family](out, seed=args.seed)
+    except ModuleNotFoundError as e:  # MiniLM's tokenizer: the demo extra
+        raise CliError(str(e), EXIT_USAGE) from None
     sys.stderr.write(
         f"WARNING: {out} holds a {args.family} model with RANDOM weights, for trying STIP out: it generates "
         "gibberish by design (its tokenizer is MiniLM's WordPiece). Register it with "

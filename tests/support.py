@@ -11,7 +11,7 @@ from shared.families import Family
 from shared.keys import DeveloperKey, LayerKey, ModelDims, draw_key
 from shared.permutation import permute, random_permutation, unpermute
 from shared.transform import transform_state_dict
-from stip_demo.demo import randomize_parameters as randomize_parameters  # the demo's models use it too
+from stip_demo.models import randomize_parameters as randomize_parameters  # the demo's models use it too
 
 # The tests' small random Llama (GQA 4:2, untied); suites override a field or two.
 TINY_LLAMA: dict[str, Any] = dict(

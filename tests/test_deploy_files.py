@@ -79,8 +79,10 @@ def test_gpu_reservation_cpu_fallback_health_and_secrets(compose: dict) -> None:
 
 def test_dockerfile_pins_torch_and_installs_the_package() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    assert "torch==2.13.0" in text and "pip install ." in text
-    for package in ("shared", "stip_http", "developer_service", "cloud_service", "user_client"):
+    assert (
+        "torch==2.13.0" in text and "pip install '.[demo]'" in text
+    )  # the compose file runs `stip demo` in this image
+    for package in ("shared", "stip_http", "stip_demo", "developer_service", "cloud_service", "user_client"):
         assert f"COPY {package} ./{package}" in text
 
 

@@ -19,7 +19,7 @@ from developer_service.app import create_app
 from developer_service.settings import DeveloperSettings
 from shared import api
 from shared.wire import decode
-from stip_demo.demo import copy_tokenizer
+from stip_demo.models import copy_tokenizer
 from tests.support import TINY_LLAMA, random_causal_lm
 
 ADMIN = "admin-token-for-tests-0123456789"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from stip_demo.demo import free_port, wait_ready  # noqa: F401  (re-exported for the tests)
+from stip_demo.services import free_port, wait_ready  # noqa: F401  (re-exported for the tests)
 
 BIN = Path(sys.executable).parent
 

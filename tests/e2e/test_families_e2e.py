@@ -18,7 +18,7 @@ import transformers
 from PIL import Image
 
 from developer_service.client import DeveloperAdminClient
-from stip_demo.demo import copy_tokenizer
+from stip_demo.models import copy_tokenizer
 from tests.e2e.processes import CLOUD, DEVELOPER, free_port, start, stop, wait_ready
 from tests.e2e.proxy import RecordingProxy
 from tests.support import assert_close, randomize_parameters

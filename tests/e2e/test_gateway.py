@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from developer_service.client import DeveloperAdminClient
 from shared.keys import DeveloperKey
 from shared.permutation import permute
-from stip_demo.demo import make_random_llama, minilm_path
+from stip_demo.models import make_random_llama, minilm_path
 from tests.e2e.processes import CLOUD, DEVELOPER, GATEWAY, free_port, start, stop, wait_ready
 from tests.e2e.proxy import RecordingProxy, int_patterns
 from user_client.gateway.app import create_app

@@ -25,7 +25,7 @@ from developer_service.client import DeveloperAdminClient
 from shared.api import CredentialIssued
 from shared.keys import DeveloperKey
 from shared.permutation import permute
-from stip_demo.demo import make_random_gpt2, make_random_llama, minilm_path
+from stip_demo.models import make_random_gpt2, make_random_llama, minilm_path
 from tests.e2e.processes import CLOUD, DEVELOPER, USER, fill, free_port, start, stop, wait_for, wait_ready
 from tests.e2e.proxy import RecordingProxy, int_patterns
 from user_client import AuthError, StipClient

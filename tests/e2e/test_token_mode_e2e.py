@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from developer_service.client import DeveloperAdminClient
-from stip_demo.demo import copy_tokenizer
+from stip_demo.models import copy_tokenizer
 from tests.e2e.processes import BIN, CLOUD, DEVELOPER, free_port, start, stop, wait_ready
 from tests.e2e.proxy import RecordingProxy
 from tests.support import randomize_parameters

@@ -19,7 +19,7 @@ from shared.api import INPUTS_EMBEDS, LOGITS
 from shared.checkpoint import transform_model_dir
 from shared.credentials import Signer
 from shared.permutation import permute, unpermute
-from stip_demo.demo import copy_tokenizer
+from stip_demo.models import copy_tokenizer
 from tests.cloud_service.helpers import CONFIG, DEPLOYMENT, Deployed
 from tests.support import random_causal_lm
 

@@ -30,7 +30,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from developer_service.client import DeveloperAdminClient
-from stip_demo.demo import make_random_llama
+from stip_demo.models import make_random_llama
 from tests.e2e.processes import CLOUD, DEVELOPER, free_port, start, stop, wait_ready
 
 pytestmark = pytest.mark.timeout(300)

