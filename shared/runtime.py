@@ -81,8 +81,9 @@ def load_cloud_model(
         )
     model.load_state_dict(state, strict=False, assign=True)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if any(not _is_placeholder(n) for n in missing):
-        raise CheckpointError(f"cloud checkpoint lacks {[n for n in missing if not _is_placeholder(n)]}")
+    lacking = [n for n in missing if not fam.is_embedding_parameter(n, config)]
+    if lacking:
+        raise CheckpointError(f"cloud checkpoint lacks {lacking}")
     for name in missing:
         _set_param(model, name, nn.Parameter(torch.empty(0, device=dev, dtype=torch_dtype), requires_grad=False))
     model.to(dev).eval()
@@ -110,24 +111,6 @@ def _parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
-def _is_placeholder(name: str) -> bool:
-    return any(
-        k in name
-        for k in (
-            "embed_tokens",
-            "wte",
-            "word_embeddings",
-            "position_embeddings",
-            "token_type_embeddings",
-            "embeddings.LayerNorm",
-            "tok_emb",
-            "pos_emb",
-            "embeddings.cls_token",
-            "patch_embeddings",
-        )
-    )
 
 
 def _set_param(model: nn.Module, name: str, value: nn.Parameter) -> None:

@@ -79,6 +79,8 @@ def parse_header(
     if len(head) < 8:
         raise BadTensor("body is not safetensors: shorter than its 8-byte header length")
     (n,) = struct.unpack("<Q", head[:8])
+    if body_size is not None and n > body_size - 8:  # a cut-off body, not a large header: 400, never 413
+        raise BadTensor("safetensors header length exceeds the body: truncated, or not safetensors")
     if n > max_header:
         raise PayloadTooLarge(f"safetensors header of {n} bytes exceeds the limit of {max_header}")
     if len(head) < 8 + n:

@@ -39,6 +39,7 @@ from shared import api
 from shared.errors import KeyFormatError
 from shared.families import Family, get_family
 from shared.keys import UserKey
+from shared.pooling import POOLING_MODES
 from user_client._http import Http
 from user_client.errors import BundleError
 
@@ -175,7 +176,7 @@ class Bundle:
                     mode = chosen[0]
                 elif any(k.startswith("pooling_mode") for k in cfg):
                     raise BundleError("the bundle's pooling config selects no supported mode")
-        if mode not in ("mean", "cls", "max", "mean_sqrt_len"):
+        if mode not in POOLING_MODES:
             raise BundleError(f"pooling mode {mode!r} is not supported")
         st = _read_json(self.path / "sentence_bert_config.json")
         max_len = st.get("max_seq_length") if isinstance(st, dict) else None

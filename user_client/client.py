@@ -44,8 +44,8 @@ from pydantic import SecretStr, ValidationError
 from shared import api, wire
 from shared.errors import BadTensor
 from shared.permutation import permute, unpermute
-from shared.pooling import mean_pool
 from shared.pooling import normalize as l2_normalize
+from shared.pooling import pool
 from stip_http.tls import tls_verify
 from user_client import images as images_
 from user_client import token_mode
@@ -903,7 +903,7 @@ class StipClient:
             ids, mask = enc["input_ids"], enc["attention_mask"]
             types = enc.get("token_type_ids")
             hidden = self._stateless(partial(self._forward_once, ids=ids, mask=mask, token_type_ids=types))
-            chunks.append(_pool(hidden, mask, pooling.mode))
+            chunks.append(pool(hidden, mask, pooling.mode))
         out = torch.cat(chunks)
         return l2_normalize(out) if normalize else out
 
@@ -979,19 +979,6 @@ class StipClient:
             torch.cat([p.hidden_states for p in parts]),
             None if any(p is None for p in pooled) else torch.cat(pooled),  # type: ignore[arg-type]
         )
-
-
-def _pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """(B, S, d), mask (B, S) -> (B, d), as sentence-transformers' Pooling does."""
-    if mode == "mean":
-        return mean_pool(hidden, mask)
-    if mode == "cls":
-        return hidden[:, 0]
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    if mode == "max":
-        return hidden.masked_fill(m == 0, -1e9).max(dim=1).values
-    # mean_sqrt_len
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9).sqrt()
 
 
 def _as_batch(value: Any, name: str) -> torch.Tensor:

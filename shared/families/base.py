@@ -99,6 +99,11 @@ class Family(ABC):
     def embedding_names(self, config: Config) -> tuple[str, ...]:
         """Canonical names of the embedding module's tensors, as stored in the user bundle."""
 
+    def is_embedding_parameter(self, name: str, config: Config) -> bool:
+        """Whether `name`, a parameter of the model `build_cloud_model` builds, is the embedding
+        module's (P2 keeps it an unloaded placeholder): one of `embedding_names`, under any prefix."""
+        return any(name == e or name.endswith("." + e) for e in self.embedding_names(config))
+
     @abstractmethod
     def embed(
         self,

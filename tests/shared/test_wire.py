@@ -42,6 +42,15 @@ def test_size_and_header_limits() -> None:
         decode(body, max_header=8)
 
 
+def test_a_header_length_past_the_body_is_a_truncated_body_not_a_large_header() -> None:
+    body = encode({"x": torch.zeros(1000)})
+    cut = struct.pack("<Q", 1 << 40) + body[8:100]  # a length no header limit allows, and no body holds
+    with pytest.raises(BadTensor, match="exceeds the body: truncated"):
+        decode(cut, max_header=1 << 20)
+    with pytest.raises(PayloadTooLarge):  # a header that fits the body but not the limit is still 413
+        decode(body, max_header=8)
+
+
 def _with_header(header: dict, data: bytes) -> bytes:
     raw = json.dumps(header).encode()
     return struct.pack("<Q", len(raw)) + raw + data
