@@ -35,7 +35,7 @@ from contextlib import contextmanager, suppress
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar, Unpack
 
 import httpx
 import torch
@@ -47,12 +47,13 @@ from shared.permutation import permute, unpermute
 from shared.pooling import normalize as l2_normalize
 from shared.pooling import pool
 from stip_http.tls import tls_verify
+from user_client import generation
 from user_client import images as images_
-from user_client import token_mode
 from user_client._http import Http
 from user_client.bundle import Bundle, BundleCache
 from user_client.errors import KeyOutdated, NotFound, SessionExpired, StipError, TransportError
-from user_client.sampling import Sampler, SamplingParams, TextAssembler
+from user_client.generation import SamplingKwargs, Step, sampling_params
+from user_client.sampling import SamplingParams
 from user_client.settings import ClientSettings
 
 WIRE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # P2 dtypes sent as they are
@@ -62,7 +63,6 @@ log = logging.getLogger("stip.client")
 T = TypeVar("T")
 TokenIds = Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 USER_AGENT = "stip-client/0.1"
-MAX_RESTARTS = 3  # re-prefills of one generation after key rotations or expired sessions
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
 
@@ -71,19 +71,6 @@ class TopK(NamedTuple):
 
     values: torch.Tensor  # (B, S', k) float
     token_ids: torch.Tensor  # (B, S', k) int64
-
-
-class Step(NamedTuple):
-    """One generated token with the plaintext scores it was drawn from (user side only).
-
-    `scores` (V,) are the un-permuted logits of the position that chose the token, before any
-    sampling processor. Unless the generation asked for `full_scores`, a greedy or top-k draw
-    fetches only P2's top-k, and every other entry is -inf. In token mode P2 samples and no
-    logits reach the user: `scores` is None (`full_scores=True` generates in embeds mode).
-    """
-
-    token_id: int
-    scores: torch.Tensor | None  # (V,) float
 
 
 class Session:
@@ -634,102 +621,6 @@ class StipClient:
 
     # --- generation ---------------------------------------------------------------------------
 
-    def _next_scores(self, session: Session, new_ids: list[int], k: int | None) -> torch.Tensor:
-        """Send new tokens into the session; return plaintext scores (V,) of the last position.
-
-        With `k`, only P2's top-k come back; the rest of the vocabulary scores -inf, which is
-        exactly what the top-k filter (or the arg-max) would leave of the full logits.
-        """
-        ids = torch.tensor([new_ids], dtype=torch.long)
-        if k is None:
-            return self.forward(ids, session=session, output="last")[0, -1]
-        top = self.forward_topk(ids, k=k, session=session)
-        scores = torch.full((self.bundle.vocab_size,), float("-inf"))
-        scores[top.token_ids[0, -1]] = top.values[0, -1]
-        return scores
-
-    def _token_stream(
-        self, prompt_ids: list[int], params: SamplingParams, eos_ids: frozenset[int], *, full_scores: bool = False
-    ) -> Generator[Step, None, None]:
-        """Generated tokens, one `Step` per step, including a final EOS token if one is drawn.
-
-        `full_scores` fetches the whole vocabulary's logits at every step (for log-probabilities)
-        instead of P2's top-k where those alone decide the draw.
-        """
-        bundle = self.bundle
-        if bundle.is_encoder:
-            raise ValueError(f"generation needs a decoder; {bundle.family.name} is an encoder")
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        self._check_ids(bundle, torch.tensor(prompt_ids))
-        limit = bundle.max_positions
-        if limit is not None and len(prompt_ids) >= limit:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
-        if params.max_new_tokens == 0:
-            return
-        if self.mode == "token" and not full_scores:  # P2 samples: no logits reach the user
-            for token in token_mode.token_stream(self, prompt_ids, params, eos_ids):
-                yield Step(token, None)
-            return
-        sampler = Sampler(params)
-        k = None if full_scores else params.topk_shortcut()
-        if k is not None:
-            k = min(k, bundle.vocab_size)
-        generated: list[int] = []
-        restarts = 0
-        while True:
-            stale = self.bundle
-            try:
-                with self.session() as session:
-                    # prefill: the prompt, plus what was generated before a restart
-                    scores = self._next_scores(session, prompt_ids + generated, k)
-                    while True:
-                        token = sampler.choose(prompt_ids + generated, scores)
-                        generated.append(token)
-                        yield Step(token, scores)
-                        if len(generated) >= params.max_new_tokens or token in eos_ids:
-                            return
-                        if limit is not None and len(prompt_ids) + len(generated) >= limit:
-                            log.info("generation stopped: the context of %d positions is full", limit)
-                            return
-                        scores = self._next_scores(session, [token], k)
-            except (KeyOutdated, SessionExpired) as e:
-                restarts += 1
-                if restarts > MAX_RESTARTS:
-                    raise
-                if isinstance(e, KeyOutdated):
-                    self._refresh_after_outdated(stale, e)
-                log.info(
-                    "re-sending %d tokens in a new session after %s",
-                    len(prompt_ids) + len(generated),
-                    type(e).__name__,
-                )
-
-    def _text_stream(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        eos_ids: frozenset[int],
-        stop: Sequence[str],
-        ids_out: list[int] | None = None,
-    ) -> Iterator[str]:
-        assembler = TextAssembler(self.bundle.tokenizer, stop)
-        tokens = self._token_stream(prompt_ids, params, eos_ids)
-        try:
-            for token, _ in tokens:
-                if ids_out is not None:
-                    ids_out.append(token)
-                piece = assembler.push(token)
-                if piece:
-                    yield piece
-                if assembler.stopped:
-                    return
-            rest = assembler.finish()
-            if rest:
-                yield rest
-        finally:
-            tokens.close()  # deletes the P2 session if we stop early
-
     def _eos_ids(self, eos: bool | int | Sequence[int]) -> frozenset[int]:
         if eos is True:
             return self.bundle.eos_token_ids()
@@ -747,15 +638,11 @@ class StipClient:
     def generate_ids(
         self,
         input_ids: Sequence[int] | torch.Tensor,
+        params: SamplingParams | None = None,
         *,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
         stop: Sequence[str] | None = None,
         eos: bool | int | Sequence[int] = True,
+        **sampling: Unpack[SamplingKwargs],
     ) -> list[int]:
         """Generate from token ids; return the NEW token ids (an EOS that ended it included).
 
@@ -763,34 +650,22 @@ class StipClient:
         `transformers`' `generate` token for token.
         """
         prompt = _as_prompt(input_ids)
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-        )
-        eos_ids = self._eos_ids(eos)
+        params, eos_ids = sampling_params(params, sampling), self._eos_ids(eos)
         if stop:
             ids: list[int] = []
-            for _ in self._text_stream(prompt, params, eos_ids, stop, ids):
+            for _ in generation.text_stream(self, prompt, params, eos_ids, stop, ids):
                 pass
             return ids
-        return [step.token_id for step in self._token_stream(prompt, params, eos_ids)]
+        return [step.token_id for step in generation.token_stream(self, prompt, params, eos_ids)]
 
     def generate_steps(
         self,
         input_ids: Sequence[int] | torch.Tensor,
+        params: SamplingParams | None = None,
         *,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
         eos: bool | int | Sequence[int] = True,
         full_scores: bool = False,
+        **sampling: Unpack[SamplingKwargs],
     ) -> Generator[Step, None, None]:
         """Generate from token ids, yielding each new token with its plaintext logits (`Step`).
 
@@ -798,79 +673,50 @@ class StipClient:
         `sampling.TextAssembler`). `full_scores=True` makes every step's `scores` the whole
         vocabulary's logits, e.g. for log-probabilities; closing the iterator deletes the P2 session.
         """
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
+        return generation.token_stream(
+            self, _as_prompt(input_ids), sampling_params(params, sampling), self._eos_ids(eos), full_scores=full_scores
         )
-        return self._token_stream(_as_prompt(input_ids), params, self._eos_ids(eos), full_scores=full_scores)
 
     def stream(
         self,
         prompt: str,
+        params: SamplingParams | None = None,
         *,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
         stop: Sequence[str] | None = None,
         eos: bool | int | Sequence[int] = True,
         add_special_tokens: bool = True,
+        **sampling: Unpack[SamplingKwargs],
     ) -> Iterator[str]:
         """Generate text, yielding pieces as they become final (see `generate`).
 
         Breaking out of the loop (or closing the iterator) deletes the P2 session.
         """
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-        )
         prompt_ids = self._prompt_ids(prompt, add_special_tokens)
-        return self._text_stream(prompt_ids, params, self._eos_ids(eos), stop or ())
+        return generation.text_stream(
+            self, prompt_ids, sampling_params(params, sampling), self._eos_ids(eos), stop or ()
+        )
 
     def generate(
         self,
         prompt: str,
+        params: SamplingParams | None = None,
         *,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
         stop: Sequence[str] | None = None,
         eos: bool | int | Sequence[int] = True,
         add_special_tokens: bool = True,
+        **sampling: Unpack[SamplingKwargs],
     ) -> str:
         """Generate a continuation of `prompt` and return it (without the prompt).
 
-        temperature 0 is greedy; otherwise the HF processors repetition penalty, temperature,
-        top-k, top-p apply, in that order, and a `seed` makes the draw reproducible. Stops after
-        `max_new_tokens`, on an EOS token (`eos=True`: the bundle's; False: never; or ids), at
-        the first of the `stop` strings (excluded from the text), or when the context is full.
+        `params` (a `SamplingParams`), or its fields as keywords (`max_new_tokens=16,
+        temperature=0.7`; keywords override the fields of `params`). temperature 0 is greedy;
+        otherwise the HF processors repetition penalty, temperature, top-k, top-p apply, in that
+        order, and a `seed` makes the draw reproducible. Stops after `max_new_tokens`, on an EOS
+        token (`eos=True`: the bundle's; False: never; or ids), at the first of the `stop`
+        strings (excluded from the text), or when the context is full.
         """
         return "".join(
-            self.stream(
-                prompt,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                repetition_penalty=repetition_penalty,
-                seed=seed,
-                stop=stop,
-                eos=eos,
-                add_special_tokens=add_special_tokens,
-            )
+            self.stream(prompt, params, stop=stop, eos=eos, add_special_tokens=add_special_tokens, **sampling)
         )
 
     # --- sentence embeddings ------------------------------------------------------------------

@@ -3,6 +3,7 @@ streaming, stop conditions, sessions, and recovery from a key rotation mid-gener
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from shared import api
 from tests.support import max_abs_diff
 from tests.user_client.conftest import SEP, World, reference_model
 from user_client import SessionExpired, StipClient
+from user_client.sampling import SamplingParams
 
 PROMPT = [101, 2023, 2003, 1037, 3231, 1997, 1996, 10938, 2015]  # "[CLS] this is a test of the ..."
 TOL = 1e-4
@@ -111,6 +113,24 @@ def test_seeded_sampling_matches_hf_and_repeats(
     torch.manual_seed(1234)
     expected = hf_generate(llama_dir, PROMPT, max_new_tokens=16, do_sample=True, eos_token_id=None, **hf_options)
     assert a == expected
+
+
+def test_one_sampling_params_for_every_call_matches_hf(llama_dir: Path, make_client: Callable[..., StipClient]) -> None:
+    """`SamplingParams` in place of the keywords: the same seeded draw as transformers; a keyword
+    given beside it overrides that one field."""
+    client = make_client()
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=20, seed=7)
+    ids = client.generate_ids(PROMPT, params, eos=False)
+    torch.manual_seed(7)
+    expected = hf_generate(
+        llama_dir, PROMPT, max_new_tokens=12, do_sample=True, temperature=0.8, top_k=20, eos_token_id=None
+    )
+    assert ids == expected
+    assert [s.token_id for s in client.generate_steps(PROMPT, params, eos=False)] == ids
+    assert client.generate_ids(PROMPT, params, eos=False, max_new_tokens=5) == ids[:5]
+    text = client.generate("this is a test", params, eos=False)
+    assert "".join(client.stream("this is a test", params, eos=False)) == text
+    assert text == client.generate("this is a test", eos=False, **dataclasses.asdict(params))
 
 
 def test_stream_joins_to_generate(make_client: Callable[..., StipClient]) -> None:
