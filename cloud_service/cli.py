@@ -36,14 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> CloudSettings:
     from cloud_service.settings import load_settings
 
-    return load_settings(
-        host=args.host,
-        port=args.port,
-        data_dir=args.data_dir,
-        device=args.device,
-        dtype=args.dtype,
-        log_level=args.log_level,
-    )
+    flags = ("host", "port", "data_dir", "device", "dtype", "log_level")
+    return load_settings(**{name: getattr(args, name) for name in flags})
 
 
 def _describe(e: ValidationError) -> str:

@@ -8,29 +8,26 @@ flags given to `stip-cloud serve` win over the environment.
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from stip_http.settings import resolve_secret
+from stip_http.settings import ServiceSettings, resolve_secret
 
 ENV_PREFIX = "STIP_CLOUD_"
 DEFAULT_PORT = 8002
 MIB = 1 << 20
 GIB = 1 << 30
 
-LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
-class CloudSettings(BaseSettings):
+class CloudSettings(ServiceSettings):
     """`stip-cloud serve`: P2, the cloud service."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    host: str = "127.0.0.1"
     port: int = Field(DEFAULT_PORT, ge=1, le=65535)
     data_dir: Path = Field(Path("data/cloud"), description="pushed weights and their active.json")
-    log_level: LogLevel = "INFO"
 
     push_token: SecretStr | None = Field(None, description="P1's push token; pushes are refused without one")
     push_token_file: Path | None = None
@@ -72,23 +69,10 @@ class CloudSettings(BaseSettings):
     max_forwards_per_user: int = Field(8, ge=1, description="forward requests of one user in flight; 429 past it")
 
     max_connections: int = Field(512, ge=1, description="open connections and requests (uvicorn limit_concurrency)")
-    keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
-    header_timeout_s: float = Field(10.0, gt=0, description="a request line and headers must arrive within this")
-    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line and headers")
-
-    tls_certfile: Path | None = None
-    tls_keyfile: Path | None = None
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper(cls, v: Any) -> Any:
-        return v.upper() if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _secrets_and_tls(self) -> "CloudSettings":
+    def _secrets(self) -> "CloudSettings":
         self.push_token = resolve_secret(ENV_PREFIX + "PUSH_TOKEN", self.push_token, self.push_token_file)
-        if (self.tls_certfile is None) != (self.tls_keyfile is None):
-            raise ValueError(f"set both {ENV_PREFIX}TLS_CERTFILE and {ENV_PREFIX}TLS_KEYFILE, or neither")
         return self
 
 

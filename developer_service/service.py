@@ -53,15 +53,10 @@ from developer_service.schemas import (
 from developer_service.settings import DeveloperSettings
 from developer_service.store import CredentialRecord, DeploymentRecord, ModelRecord, Store
 from shared.api import (
-    PUSH_CONFIG,
-    PUSH_DEPLOYMENT,
-    PUSH_FAMILY,
-    PUSH_KEY_VERSION,
-    PUSH_MODE,
-    PUSH_VERIFY_KEY,
     BundleManifest,
     Revocations,
     Revoked,
+    push_metadata,
 )
 from shared.checkpoint import bundle_side_files, checkpoint_files, count_tensors, read_config, transform_model_dir
 from shared.credentials import Claims, Signer, verify
@@ -562,15 +557,14 @@ class DeveloperService:
             self._progress[deployment_id] = Progress(stage="pushing", done=done, total=total)
 
         self._set_stage(deployment_id, "pushing")
-        metadata = {
-            PUSH_DEPLOYMENT: deployment_id,
-            PUSH_FAMILY: result.family,
-            PUSH_CONFIG: (vdir / "cloud" / "config.json").read_text(),
-            PUSH_KEY_VERSION: str(version),
-            PUSH_VERIFY_KEY: self.signer.public_key,
-        }
-        if dep.mode == "token":
-            metadata[PUSH_MODE] = "token"  # P2 accepts the embedding tables of this push only then
+        metadata = push_metadata(
+            deployment_id=deployment_id,
+            family=result.family,
+            config_json=(vdir / "cloud" / "config.json").read_text(),
+            key_version=version,
+            verify_key=self.signer.public_key,
+            mode=dep.mode,
+        )
         request = PushRequest(dep.cloud_url, deployment_id, version, list(result.cloud_files), metadata)
         pushed = self._pusher().push(request, on_bytes)
         self.metrics.pushed_bytes.inc(self._progress[deployment_id].total)

@@ -5,30 +5,26 @@ built by the factories at the bottom, never at import time.
 """
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from stip_http.settings import resolve_secret
+from stip_http.settings import ServiceSettings, resolve_secret
 
 ENV_PREFIX = "STIP_DEVELOPER_"
 DEFAULT_PORT = 8001
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 DAY_S = 86_400
 
-LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
-
-class DeveloperSettings(BaseSettings):
+class DeveloperSettings(ServiceSettings):
     """`stip-developer serve`: P1, the developer service."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    host: str = "127.0.0.1"
     port: int = Field(DEFAULT_PORT, ge=1, le=65535)
     data_dir: Path = Field(Path("data/developer"), description="registry, deployments, keys")
-    log_level: LogLevel = "INFO"
 
     admin_token: SecretStr | None = Field(None, description="required for every /v1 admin route")
     admin_token_file: Path | None = None
@@ -40,8 +36,6 @@ class DeveloperSettings(BaseSettings):
         None, description="the P2 URL written into user bundles, when it differs from the push URL"
     )
 
-    tls_certfile: Path | None = None
-    tls_keyfile: Path | None = None
     ca_bundle: Path | None = Field(None, description="CA file to verify P2's TLS certificate")
 
     push_timeout_s: float = Field(900.0, gt=0, description="read/write timeout of a weight push")
@@ -57,14 +51,6 @@ class DeveloperSettings(BaseSettings):
 
     max_body_bytes: int = Field(1 << 20, gt=0, description="every request body (JSON); 413 past it")
     max_connections: int = Field(256, ge=1, description="open connections and requests (uvicorn limit_concurrency)")
-    keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
-    header_timeout_s: float = Field(10.0, gt=0, description="a request line and headers must arrive within this")
-    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line and headers")
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper(cls, v: Any) -> Any:
-        return v.upper() if isinstance(v, str) else v
 
     @field_validator("public_cloud_url")
     @classmethod
@@ -72,11 +58,9 @@ class DeveloperSettings(BaseSettings):
         return v.rstrip("/") if v else None
 
     @model_validator(mode="after")
-    def _secrets_and_tls(self) -> "DeveloperSettings":
+    def _secrets(self) -> "DeveloperSettings":
         self.admin_token = resolve_secret(ENV_PREFIX + "ADMIN_TOKEN", self.admin_token, self.admin_token_file)
         self.push_token = resolve_secret(ENV_PREFIX + "PUSH_TOKEN", self.push_token, self.push_token_file)
-        if (self.tls_certfile is None) != (self.tls_keyfile is None):
-            raise ValueError(f"set both {ENV_PREFIX}TLS_CERTFILE and {ENV_PREFIX}TLS_KEYFILE, or neither")
         return self
 
 

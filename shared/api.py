@@ -52,6 +52,23 @@ PUSH_KEY_VERSION = "stip.key_version"
 PUSH_VERIFY_KEY = "stip.verify_key"  # P1's Ed25519 public key, base64url: verifies user credentials
 PUSH_MODE = "stip.mode"  # "token": θ′ carries the permuted token table E′ (PROTOCOL.md section 7); absent: embeds
 
+
+def push_metadata(
+    *, deployment_id: str, family: str, config_json: str, key_version: int, verify_key: str, mode: "Mode"
+) -> dict[str, str]:
+    """The safetensors __metadata__ of a weight push (P1 -> P2), which P2 checks key by key."""
+    metadata = {
+        PUSH_DEPLOYMENT: deployment_id,
+        PUSH_FAMILY: family,
+        PUSH_CONFIG: config_json,
+        PUSH_KEY_VERSION: str(key_version),
+        PUSH_VERIFY_KEY: verify_key,
+    }
+    if mode == "token":
+        metadata[PUSH_MODE] = "token"  # P2 accepts the embedding tables of this push only then
+    return metadata
+
+
 # Deployment modes (PROTOCOL.md section 7): every deployment serves embeds mode; a token-mode one
 # also serves POST /v1/deployments/{id}/generate on ids relabelled by π_c.
 Mode = Literal["embeds", "token"]

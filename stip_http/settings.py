@@ -1,8 +1,37 @@
-"""Helpers the services' settings share (pure: no HTTP)."""
+"""What the services' settings share: the server fields both have, and secrets read from files."""
 
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class ServiceSettings(BaseSettings):
+    """The fields of a service's HTTP server that P1 and P2 share (each subclass sets its env prefix,
+    its port, data directory and connection bound)."""
+
+    host: str = "127.0.0.1"
+    log_level: LogLevel = "INFO"
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request line and headers must arrive within this")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line and headers")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServiceSettings":
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            prefix = self.model_config.get("env_prefix", "")
+            raise ValueError(f"set both {prefix}TLS_CERTFILE and {prefix}TLS_KEYFILE, or neither")
+        return self
 
 
 def resolve_secret(env_name: str, value: SecretStr | None, file: Path | None) -> SecretStr | None:
