@@ -8,10 +8,10 @@ flags given to `stip-cloud serve` win over the environment.
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from stip_http.settings import ServiceSettings, resolve_secret
+from stip_http.settings import ServiceSettings
 
 ENV_PREFIX = "STIP_CLOUD_"
 DEFAULT_PORT = 8002
@@ -28,9 +28,6 @@ class CloudSettings(ServiceSettings):
 
     port: int = Field(DEFAULT_PORT, ge=1, le=65535)
     data_dir: Path = Field(Path("data/cloud"), description="pushed weights and their active.json")
-
-    push_token: SecretStr | None = Field(None, description="P1's push token; pushes are refused without one")
-    push_token_file: Path | None = None
 
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto: cuda when available")
     dtype: DType = "float32"
@@ -69,11 +66,6 @@ class CloudSettings(ServiceSettings):
     max_forwards_per_user: int = Field(8, ge=1, description="forward requests of one user in flight; 429 past it")
 
     max_connections: int = Field(512, ge=1, description="open connections and requests (uvicorn limit_concurrency)")
-
-    @model_validator(mode="after")
-    def _secrets(self) -> "CloudSettings":
-        self.push_token = resolve_secret(ENV_PREFIX + "PUSH_TOKEN", self.push_token, self.push_token_file)
-        return self
 
 
 def load_settings(**overrides: Any) -> CloudSettings:

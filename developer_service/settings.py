@@ -28,8 +28,6 @@ class DeveloperSettings(ServiceSettings):
 
     admin_token: SecretStr | None = Field(None, description="required for every /v1 admin route")
     admin_token_file: Path | None = None
-    push_token: SecretStr | None = Field(None, description="the token P2 expects on weight pushes")
-    push_token_file: Path | None = None
 
     credential_ttl_s: int = Field(30 * DAY_S, gt=0, description="default user credential lifetime")
     public_cloud_url: str | None = Field(
@@ -60,7 +58,6 @@ class DeveloperSettings(ServiceSettings):
     @model_validator(mode="after")
     def _secrets(self) -> "DeveloperSettings":
         self.admin_token = resolve_secret(ENV_PREFIX + "ADMIN_TOKEN", self.admin_token, self.admin_token_file)
-        self.push_token = resolve_secret(ENV_PREFIX + "PUSH_TOKEN", self.push_token, self.push_token_file)
         return self
 
 

@@ -15,6 +15,9 @@ class ServiceSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     log_level: LogLevel = "INFO"
+    # P1 sends it with every weight push; P2 refuses pushes without one
+    push_token: SecretStr | None = Field(None, description="the token of weight pushes (P1 -> P2)")
+    push_token_file: Path | None = None
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
     keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
@@ -27,9 +30,10 @@ class ServiceSettings(BaseSettings):
         return v.upper() if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> "ServiceSettings":
+    def _push_token_and_tls(self) -> "ServiceSettings":
+        prefix = self.model_config.get("env_prefix", "")
+        self.push_token = resolve_secret(prefix + "PUSH_TOKEN", self.push_token, self.push_token_file)
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
-            prefix = self.model_config.get("env_prefix", "")
             raise ValueError(f"set both {prefix}TLS_CERTFILE and {prefix}TLS_KEYFILE, or neither")
         return self
 
