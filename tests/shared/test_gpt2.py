@@ -24,10 +24,15 @@ from shared.families import get_family
 from shared.families.gpt2 import HEAD, WPE, WTE
 from shared.keys import DeveloperKey, draw_key
 from shared.transform import transform_state_dict
+from tests.shared.decoder_checks import (
+    assert_greedy_matches_generate,
+    assert_kv_cache_matches_full_forward,
+    assert_matches_stock,
+    padded_logits,
+)
 from tests.support import (
     TOL,
     assert_close,
-    decoder_greedy,
     decoder_logits,
     deploy_decoder,
     generate_positions,
@@ -69,7 +74,6 @@ def deploy(
 
 
 cloud_logits = partial(decoder_logits, FAMILY)
-cloud_greedy = partial(decoder_greedy, FAMILY)
 
 
 # --- equivalence with the stock class ----------------------------------------------------
@@ -85,13 +89,7 @@ VARIANTS: dict[str, dict[str, object]] = {
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_matches_stock_class(variant: str) -> None:
-    model = original_model(make_config(**VARIANTS[variant]))
-    config, key, cloud_model, user = deploy(model)
-    ids = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits
-    got, _ = cloud_logits(config, key, cloud_model, user, ids, None)
-    assert_close(ref, got)
+    assert_matches_stock(FAMILY, original_model(make_config(**VARIANTS[variant])), WTE, VOCAB)
 
 
 def test_generate_positions_mirror_transformers() -> None:
@@ -107,34 +105,12 @@ def test_generate_positions_mirror_transformers() -> None:
 
 @pytest.mark.parametrize("variant", ["default", "untied"])
 def test_left_padding(variant: str) -> None:
-    model = original_model(make_config(**VARIANTS[variant]))
-    config, key, cloud_model, user = deploy(model)
-    ids, mask = left_padded(3, 8, vocab=VOCAB)
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=generate_positions(mask)).logits
-    got, _ = cloud_logits(config, key, cloud_model, user, ids, mask)
-    real = mask.bool()  # padded positions carry no meaning
-    assert_close(ref[real], got[real])
+    assert_close(*padded_logits(FAMILY, original_model(make_config(**VARIANTS[variant])), WTE, VOCAB))
 
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_kv_cache_matches_full_forward(padded: bool) -> None:
-    model = original_model(make_config(n_inner=40))
-    config, key, cloud_model, user = deploy(model)
-    ids, mask = left_padded(3, 10, vocab=VOCAB)
-    if not padded:
-        mask = torch.ones_like(mask)
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=generate_positions(mask)).logits
-    prefill = 5
-    logits, cache = cloud_logits(config, key, cloud_model, user, ids[:, :prefill], mask[:, :prefill])
-    steps = [logits]
-    for t in range(prefill, ids.shape[1]):  # one new row per step; P2 keeps the cache
-        logits, cache = cloud_logits(config, key, cloud_model, user, ids[:, t : t + 1], mask[:, : t + 1], cache)
-        steps.append(logits)
-    got = torch.cat(steps, dim=1)
-    real = mask.bool()
-    assert_close(ref[real], got[real])
+    assert_kv_cache_matches_full_forward(FAMILY, original_model(make_config(n_inner=40)), WTE, VOCAB, padded=padded)
 
 
 def test_kv_cache_without_mask() -> None:
@@ -154,14 +130,7 @@ def test_kv_cache_without_mask() -> None:
 
 @pytest.mark.parametrize("variant", ["default", "untied"])
 def test_greedy_generation_matches_generate(variant: str) -> None:
-    model = original_model(make_config(**VARIANTS[variant]))
-    config, key, cloud_model, user = deploy(model)
-    ids, mask = left_padded(2, 6, vocab=VOCAB)
-    with torch.no_grad():
-        ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8, pad_token_id=0)
-    got = cloud_greedy(config, key, cloud_model, user, ids, mask, 8)
-    assert got.shape == (2, 14)
-    assert torch.equal(ref, got)
+    assert_greedy_matches_generate(FAMILY, original_model(make_config(**VARIANTS[variant])), WTE, VOCAB)
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -183,15 +152,8 @@ def test_property_any_dims(
         n_inner=n_inner,
         tie_word_embeddings=tied,
     )
-    model = original_model(config, seed=seed)
-    cfg, key, cloud_model, user = deploy(model)
-    ids, mask = left_padded(2, 5, seed=seed, vocab=VOCAB)
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=generate_positions(mask)).logits
-    got, _ = cloud_logits(cfg, key, cloud_model, user, ids, mask)
-    real = mask.bool()
-    delta = max_abs_diff(ref[real], got[real])
-    assert delta <= TOL
+    ref, got = padded_logits(FAMILY, original_model(config, seed=seed), WTE, VOCAB, batch=2, seq=5, seed=seed)
+    assert max_abs_diff(ref, got) <= TOL
 
 
 # --- the transform really hides things ---------------------------------------------------

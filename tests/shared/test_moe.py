@@ -25,15 +25,17 @@ from shared.keys import DeveloperKey, draw_key
 from shared.permutation import permute
 from shared.runtime import load_cloud_model
 from shared.transform import transform_state_dict
+from tests.shared.decoder_checks import (
+    assert_greedy_matches_generate,
+    assert_kv_cache_matches_full_forward,
+    assert_matches_stock,
+    padded_logits,
+)
 from tests.support import (
     TOL,
     assert_close,
     checkpoint_state,
-    decoder_greedy,
-    decoder_logits,
     deploy_decoder,
-    generate_positions,
-    left_padded,
     max_abs_diff,
     nonidentity_key,
     randomize_parameters,
@@ -96,64 +98,30 @@ def deploy(model: torch.nn.Module, key: DeveloperKey | None = None) -> tuple:
     return deploy_decoder(get_family(model.config.model_type), model, EMBED, key)
 
 
-def logits(model: torch.nn.Module, *args: object, **kw: object) -> tuple[torch.Tensor, object]:
-    return decoder_logits(get_family(model.config.model_type), *args, **kw)  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_matches_stock_class(variant: str) -> None:
     kind, kw = VARIANTS[variant]
     model = original_model(make_config(kind, **kw))
     assert detect_family(model.config.to_dict()).name == kind
-    config, key, cloud_model, user = deploy(model)
-    ids = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits
-    got, _ = logits(model, config, key, cloud_model, user, ids, None)
-    assert_close(ref, got)
+    assert_matches_stock(get_family(kind), model, EMBED, VOCAB)
 
 
 @pytest.mark.parametrize("variant", ["mixtral-top2", "qwen2_moe-normtopk-dense"])
 def test_left_padding(variant: str) -> None:
     kind, kw = VARIANTS[variant]
-    model = original_model(make_config(kind, **kw))
-    config, key, cloud_model, user = deploy(model)
-    ids, mask = left_padded(3, 8, vocab=VOCAB)
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=generate_positions(mask)).logits
-    got, _ = logits(model, config, key, cloud_model, user, ids, mask)
-    real = mask.bool()
-    assert_close(ref[real], got[real])
+    assert_close(*padded_logits(get_family(kind), original_model(make_config(kind, **kw)), EMBED, VOCAB))
 
 
 @pytest.mark.parametrize("variant", ["mixtral-top2", "qwen2_moe"])
 def test_kv_cache_matches_full_forward(variant: str) -> None:
     kind, kw = VARIANTS[variant]
-    model = original_model(make_config(kind, **kw))
-    config, key, cloud_model, user = deploy(model)
-    ids, mask = left_padded(3, 10, vocab=VOCAB)
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=generate_positions(mask)).logits
-    prefill = 5
-    out, cache = logits(model, config, key, cloud_model, user, ids[:, :prefill], mask[:, :prefill])
-    steps = [out]
-    for t in range(prefill, ids.shape[1]):  # one new row per step; P2 keeps the cache
-        out, cache = logits(model, config, key, cloud_model, user, ids[:, t : t + 1], mask[:, : t + 1], cache)
-        steps.append(out)
-    real = mask.bool()
-    assert_close(ref[real], torch.cat(steps, dim=1)[real])
+    assert_kv_cache_matches_full_forward(get_family(kind), original_model(make_config(kind, **kw)), EMBED, VOCAB)
 
 
 @pytest.mark.parametrize("variant", ["mixtral-top2", "qwen2_moe-normtopk-dense"])
 def test_greedy_generation_matches_generate(variant: str) -> None:
     kind, kw = VARIANTS[variant]
-    model = original_model(make_config(kind, **kw))
-    config, key, cloud_model, user = deploy(model)
-    ids, mask = left_padded(2, 6, vocab=VOCAB)
-    with torch.no_grad():
-        ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8, pad_token_id=0)
-    got = decoder_greedy(get_family(kind), config, key, cloud_model, user, ids, mask, 8)
-    assert torch.equal(ref, got)
+    assert_greedy_matches_generate(get_family(kind), original_model(make_config(kind, **kw)), EMBED, VOCAB)
 
 
 # --- the routing ----------------------------------------------------------------------------
@@ -364,11 +332,5 @@ def test_property_any_dims(
         kind, num_experts_per_tok=min(top_k, n_experts), num_hidden_layers=n_layers, tie_word_embeddings=tied,
         **experts, **sizes,
     )  # fmt: skip
-    model = original_model(config, seed=seed)
-    cfg, key, cloud_model, user = deploy(model)
-    ids, mask = left_padded(2, 5, seed=seed, vocab=VOCAB)
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=generate_positions(mask)).logits
-    got, _ = logits(model, cfg, key, cloud_model, user, ids, mask)
-    real = mask.bool()
-    assert max_abs_diff(ref[real], got[real]) <= TOL
+    ref, got = padded_logits(get_family(kind), original_model(config, seed=seed), EMBED, VOCAB, 2, 5, seed=seed)
+    assert max_abs_diff(ref, got) <= TOL
