@@ -6,8 +6,6 @@ token; a random ViT classifier's class scores on random images equal the stock m
 image processor's own pixels, and P2 received neither the pixels nor the patch embedding.
 """
 
-import secrets
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,12 +15,10 @@ import torch
 import transformers
 from PIL import Image
 
-from developer_service.client import DeveloperAdminClient
 from stip_demo.models import copy_tokenizer
-from tests.e2e.processes import CLOUD, DEVELOPER, free_port, start, stop, wait_ready
-from tests.e2e.proxy import RecordingProxy
+from tests.e2e.stack import ProxiedStack as Stack
+from tests.e2e.stack import proxied_stack
 from tests.support import assert_close, randomize_parameters
-from user_client import StipClient
 
 NEW_TOKENS = 24
 PROMPT_IDS = [101, 2023, 2003, 1037, 3231, 1997, 2797, 28937, 1012]
@@ -78,53 +74,14 @@ def _models(root: Path) -> dict[str, Path]:
     return paths
 
 
-class Stack:
-    def __init__(self, work: Path, proxy: RecordingProxy, dev_url: str, admin: DeveloperAdminClient) -> None:
-        self.work, self.proxy, self.dev_url, self.admin = work, proxy, dev_url, admin
-        self.deployments: dict[str, str] = {}
-        self.model_dirs: dict[str, Path] = {}
-
-    def client(self, name: str) -> StipClient:
-        credential = self.admin.issue_credential(self.deployments[name], name=f"e2e-{name}").credential
-        return StipClient(
-            self.dev_url, deployment_id=self.deployments[name], credential=credential, cache_dir=self.work / "cache"
-        )
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("e2e-families")
-    admin_token, push_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
-    cloud_port, dev_port = free_port(), free_port()
-    dev_url = f"http://127.0.0.1:{dev_port}"
-    procs: list[subprocess.Popen] = []
-    with RecordingProxy(cloud_port) as proxy:
-        admin = DeveloperAdminClient(dev_url, admin_token=admin_token)
-        try:
-            cloud = start(
-                CLOUD, {"STIP_CLOUD_PUSH_TOKEN": push_token}, work / "cloud.log",
-                host="127.0.0.1", port=cloud_port, data_dir=work / "cloud",
-            )  # fmt: skip
-            procs.append(cloud)
-            wait_ready(f"http://127.0.0.1:{cloud_port}", cloud)
-            env = {"STIP_DEVELOPER_ADMIN_TOKEN": admin_token, "STIP_DEVELOPER_PUSH_TOKEN": push_token}
-            developer = start(DEVELOPER, env, work / "dev.log", host="127.0.0.1", port=dev_port, data_dir=work / "dev")
-            procs.append(developer)
-            wait_ready(dev_url, developer)
-            s = Stack(work, proxy, dev_url, admin)
-            s.model_dirs = _models(work / "models")
-            for name, path in s.model_dirs.items():
-                model = admin.register(path, name=name)
-                assert model.family == name
-                dep = admin.deploy(model.model_id, cloud_url=f"http://127.0.0.1:{proxy.port}")
-                status = admin.wait(dep.deployment_id, timeout_s=300)
-                assert status.status == "active", status.error
-                s.deployments[name] = dep.deployment_id
-            yield s
-        finally:
-            for proc in reversed(procs):
-                stop(proc)
-            admin.close()
+    with proxied_stack(work) as s:
+        for name, path in _models(work / "models").items():
+            model, _ = s.deploy(name, path)
+            assert model.family == name
+        yield s
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])

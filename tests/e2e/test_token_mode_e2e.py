@@ -10,21 +10,18 @@ real ids, and no text.
 import json
 import os
 import re
-import secrets
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-from developer_service.client import DeveloperAdminClient
 from stip_demo.models import copy_tokenizer
-from tests.e2e.processes import BIN, CLOUD, DEVELOPER, free_port, start, stop, wait_ready
-from tests.e2e.proxy import RecordingProxy
+from tests.e2e.processes import BIN
+from tests.e2e.stack import ProxiedStack as Stack
+from tests.e2e.stack import proxied_stack
 from tests.support import randomize_parameters
-from user_client import StipClient
 
 NEW_TOKENS = 16
 PROMPT = "the quick brown fox jumps over the lazy dog"
@@ -54,67 +51,20 @@ MODELS = {  # name: (config class, model class, config, seed)
 }
 
 
-class Stack:
-    def __init__(self, work: Path, proxy: RecordingProxy, dev_url: str, admin: DeveloperAdminClient) -> None:
-        self.work, self.proxy, self.dev_url, self.admin = work, proxy, dev_url, admin
-        self.deployments: dict[str, str] = {}
-        self.model_dirs: dict[str, Path] = {}
-
-    def credential(self, name: str) -> str:
-        return self.admin.issue_credential(self.deployments[name], name=f"e2e-{name}").credential
-
-    def client(self, name: str) -> StipClient:
-        return StipClient(
-            self.dev_url,
-            deployment_id=self.deployments[name],
-            credential=self.credential(name),
-            cache_dir=self.work / "cache",
-        )
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("e2e-token-mode")
-    admin_token, push_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
-    cloud_port, dev_port = free_port(), free_port()
-    dev_url = f"http://127.0.0.1:{dev_port}"
-    procs: list[subprocess.Popen] = []
-    with RecordingProxy(cloud_port) as proxy:
-        admin = DeveloperAdminClient(dev_url, admin_token=admin_token)
-        try:
-            cloud = start(
-                CLOUD, {"STIP_CLOUD_PUSH_TOKEN": push_token}, work / "cloud.log",
-                host="127.0.0.1", port=cloud_port, data_dir=work / "cloud",
-            )  # fmt: skip
-            procs.append(cloud)
-            wait_ready(f"http://127.0.0.1:{cloud_port}", cloud)
-            env = {
-                "STIP_DEVELOPER_ADMIN_TOKEN": admin_token,
-                "STIP_DEVELOPER_PUSH_TOKEN": push_token,
-                "STIP_DEVELOPER_ALLOW_TOKEN_MODE": "true",
-            }
-            developer = start(DEVELOPER, env, work / "dev.log", host="127.0.0.1", port=dev_port, data_dir=work / "dev")
-            procs.append(developer)
-            wait_ready(dev_url, developer)
-            s = Stack(work, proxy, dev_url, admin)
-            for name, (config_cls, model_cls, config, seed) in MODELS.items():
-                model = model_cls(config_cls(**config))
-                randomize_parameters(model, seed=seed)
-                model.config.architectures = [model_cls.__name__]
-                path = work / "models" / name
-                model.save_pretrained(path)
-                copy_tokenizer(path)
-                s.model_dirs[name] = path
-                registered = admin.register(path, name=name)
-                dep = admin.deploy(registered.model_id, cloud_url=f"http://127.0.0.1:{proxy.port}", mode="token")
-                status = admin.wait(dep.deployment_id, timeout_s=300)
-                assert status.status == "active" and status.mode == "token", status.error
-                s.deployments[name] = dep.deployment_id
-            yield s
-        finally:
-            for proc in reversed(procs):
-                stop(proc)
-            admin.close()
+    with proxied_stack(work, {"STIP_DEVELOPER_ALLOW_TOKEN_MODE": "true"}) as s:
+        for name, (config_cls, model_cls, config, seed) in MODELS.items():
+            model = model_cls(config_cls(**config))
+            randomize_parameters(model, seed=seed)
+            model.config.architectures = [model_cls.__name__]
+            path = work / "models" / name
+            model.save_pretrained(path)
+            copy_tokenizer(path)
+            _, status = s.deploy(name, path, mode="token")
+            assert status.mode == "token"
+        yield s
 
 
 def _stock(stack: Stack, name: str, prompt: list[int], n: int) -> list[int]:
