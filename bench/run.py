@@ -4,7 +4,7 @@
     python -m bench.run                # the random Llama of GPT-2-small size (issue 14)
 
 It builds a random Llama (MiniLM's tokenizer, GQA), starts P2 and P1 as separate processes on
-loopback (`stip_demo.demo.local_services`, as `benchmarks.load` does), deploys it, and measures:
+loopback (`stip_demo.services.local_services`, as `benchmarks.load` does), deploys it, and measures:
 
 - plaintext greedy decode (stock `generate()`, KV cache), one stream and batch 8;
 - the same decode through the SDK and P2 (its session's KV cache), one stream and 8 concurrent
