@@ -33,6 +33,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -509,14 +510,27 @@ def cluster(
 
 
 def abandon_sessions(c: Cluster, n: int, prompt_ids: Sequence[int]) -> None:
-    """Open n sessions with a prefill each from clients that then vanish without deleting them."""
+    """Open n sessions with a prefill each from clients that then vanish without deleting them.
+
+    Every session must still be live when the last one is open (the saturation check needs all
+    the slots taken), so the slow part, a credential from P1 and a bundle loaded per client, is
+    done first, and only the opening and the prefill, all clients at once, run against the idle TTL.
+    """
+    clients: list[tuple[StipClient, httpx.HTTPTransport]] = []
     for i in range(n):
         transport = httpx.HTTPTransport()
         client = c.client("generate", c.credential("generate", f"load-crashed-{i}"), transport=transport)
+        client.bundle  # noqa: B018  (from the cache, before the sessions open)
+        clients.append((client, transport))
+
+    def abandon(pair: tuple[StipClient, httpx.HTTPTransport]) -> None:
+        client, transport = pair
         session = client.open_session()
         client.forward(torch.tensor([list(prompt_ids)]), session=session, output="last")
         transport.close()  # the process died: its connections drop, its sessions stay on P2
-        del client, session
+
+    with ThreadPoolExecutor(max_workers=n or 1) as pool:
+        list(pool.map(abandon, clients))
 
 
 def run_benchmark(options: Options, c: Cluster, *, log: Callable[[str], None] = lambda _: None) -> Report:
@@ -593,26 +607,27 @@ def run_benchmark(options: Options, c: Cluster, *, log: Callable[[str], None] = 
     log(f"expiry: {options.abandon} sessions left open by vanished clients ...")
     saturation: str | None = None
     recovered: bool | None = None
-    with Sampler(c.cloud_pid, c.cloud_url) as after:
+    late_credential = c.credential("generate", "load-late")
+    with Sampler(c.cloud_pid, c.cloud_url) as after, c.client("generate", late_credential) as late:
+        late.bundle  # noqa: B018  (ready before the abandoned sessions start to age)
         abandon_sessions(c, options.abandon, prompt)
         abandoned_at = time.monotonic()
         memory.sessions_abandoned = gauge(c.cloud_url)
-        with c.client("generate", c.credential("generate", "load-late")) as late:
-            if memory.sessions_abandoned >= options.max_sessions:
-                try:
-                    late.generate_ids(prompt, max_new_tokens=2, temperature=0.0, eos=False)
-                    saturation = "accepted"
-                except StipError as e:
-                    saturation = error_name(e)
-            # the sweeper runs every max(1, min(30, ttl/4)) s: allow the TTL, two sweeps and slack
-            limit = abandoned_at + options.session_ttl_s + 2 * max(1.0, min(30.0, options.session_ttl_s / 4)) + 10
-            while (live := gauge(c.cloud_url)) > 0 and time.monotonic() < limit:
-                time.sleep(0.1)
-            memory.expiry_s = time.monotonic() - abandoned_at
-            memory.sessions_after_expiry = live
-            if options.abandon:  # the slots are free again: a generation goes through, still exact
-                again = late.generate_ids(prompt, max_new_tokens=options.max_new_tokens, temperature=0.0, eos=False)
-                recovered = again == plain.generate(prompt)
+        if memory.sessions_abandoned >= options.max_sessions:
+            try:
+                late.generate_ids(prompt, max_new_tokens=2, temperature=0.0, eos=False)
+                saturation = "accepted"
+            except StipError as e:
+                saturation = error_name(e)
+        # the sweeper runs every max(1, min(30, ttl/4)) s: allow the TTL, two sweeps and slack
+        limit = abandoned_at + options.session_ttl_s + 2 * max(1.0, min(30.0, options.session_ttl_s / 4)) + 10
+        while (live := gauge(c.cloud_url)) > 0 and time.monotonic() < limit:
+            time.sleep(0.1)
+        memory.expiry_s = time.monotonic() - abandoned_at
+        memory.sessions_after_expiry = live
+        if options.abandon:  # the slots are free again: a generation goes through, still exact
+            again = late.generate_ids(prompt, max_new_tokens=options.max_new_tokens, temperature=0.0, eos=False)
+            recovered = again == plain.generate(prompt)
     time.sleep(0.5)
     memory.after_expiry = rss_mib(c.cloud_pid)
     peaks = [v for v in (memory.peak_load, after.rss_peak, memory.after_expiry) if v is not None]
