@@ -131,6 +131,7 @@ class CloudFigures:
     sessions_opened: float | None = None  # by the load (P2's POST .../sessions answered 201)
     sessions_deleted: float | None = None  # by the load's clients (DELETE /v1/sessions/... answered 204)
     sessions_abandoned: float | None = None
+    abandon_s: float | None = None  # opening the abandoned sessions took this long (they age meanwhile)
     sessions_after_expiry: float | None = None
     expiry_s: float | None = None  # from the last abandoned session's use to the gauge reading 0
     threads_before: int | None = None  # P2's OS threads
@@ -509,12 +510,13 @@ def cluster(
 # --- the benchmark ------------------------------------------------------------------------
 
 
-def abandon_sessions(c: Cluster, n: int, prompt_ids: Sequence[int]) -> None:
+def abandon_sessions(c: Cluster, n: int, prompt_ids: Sequence[int]) -> float:
     """Open n sessions with a prefill each from clients that then vanish without deleting them.
 
     Every session must still be live when the last one is open (the saturation check needs all
     the slots taken), so the slow part, a credential from P1 and a bundle loaded per client, is
     done first, and only the opening and the prefill, all clients at once, run against the idle TTL.
+    Returns the seconds those took (the oldest session's idle time when the last is open).
     """
     clients: list[tuple[StipClient, httpx.HTTPTransport]] = []
     for i in range(n):
@@ -529,8 +531,10 @@ def abandon_sessions(c: Cluster, n: int, prompt_ids: Sequence[int]) -> None:
         client.forward(torch.tensor([list(prompt_ids)]), session=session, output="last")
         transport.close()  # the process died: its connections drop, its sessions stay on P2
 
+    start = time.monotonic()
     with ThreadPoolExecutor(max_workers=n or 1) as pool:
         list(pool.map(abandon, clients))
+    return time.monotonic() - start
 
 
 def run_benchmark(options: Options, c: Cluster, *, log: Callable[[str], None] = lambda _: None) -> Report:
@@ -610,7 +614,7 @@ def run_benchmark(options: Options, c: Cluster, *, log: Callable[[str], None] = 
     late_credential = c.credential("generate", "load-late")
     with Sampler(c.cloud_pid, c.cloud_url) as after, c.client("generate", late_credential) as late:
         late.bundle  # noqa: B018  (ready before the abandoned sessions start to age)
-        abandon_sessions(c, options.abandon, prompt)
+        memory.abandon_s = abandon_sessions(c, options.abandon, prompt)
         abandoned_at = time.monotonic()
         memory.sessions_abandoned = gauge(c.cloud_url)
         if memory.sessions_abandoned >= options.max_sessions:
@@ -690,7 +694,7 @@ def format_report(report: Report) -> str:
         f"errors under load: {errors} (unexpected: {unexpected}); results different from plaintext: {p.mismatches}",
         f"P2 sessions: {_n(m.sessions_opened)} opened and {_n(m.sessions_deleted)} deleted by the load's clients, "
         f"peak {_n(m.sessions_peak)} live, {_n(m.sessions_after_load)} live after the load; "
-        f"{_n(m.sessions_abandoned)} abandoned, "
+        f"{_n(m.sessions_abandoned)} abandoned (opened in {_ms(m.abandon_s)} s), "
         f"{_n(m.sessions_after_expiry)} live {_ms(m.expiry_s)} s later (idle TTL {o.session_ttl_s} s)",
     ]
     if report.saturation is not None:

@@ -86,7 +86,9 @@ def test_the_sdk_deletes_every_session_it_opens(report: Report) -> None:
 
 def test_full_slots_refuse_with_rate_limited_then_expire_and_recover(report: Report) -> None:
     m = report.memory
-    assert m.sessions_abandoned == OPTIONS.max_sessions
+    # all slots taken at once: the sessions open together after the slow setup (credentials, bundles),
+    # so the oldest is far younger than the idle TTL when the last one is open
+    assert m.sessions_abandoned == OPTIONS.max_sessions, f"opened in {m.abandon_s} s, TTL {OPTIONS.session_ttl_s} s"
     assert report.saturation == "RateLimited 429"
     assert m.sessions_after_expiry == 0
     # the idle TTL, plus at most two sweeps of the expiry task (every max(1, ttl/4) s), plus slack
