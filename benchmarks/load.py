@@ -130,6 +130,8 @@ class CloudFigures:
     sessions_after_load: float | None = None
     sessions_opened: float | None = None  # by the load (P2's POST .../sessions answered 201)
     sessions_deleted: float | None = None  # by the load's clients (DELETE /v1/sessions/... answered 204)
+    # deletes P2 answered 410: the session had idled past the TTL first (a step's wait under load)
+    sessions_expired_first: float | None = None
     sessions_abandoned: float | None = None
     abandon_s: float | None = None  # opening the abandoned sessions took this long (they age meanwhile)
     sessions_after_expiry: float | None = None
@@ -276,6 +278,7 @@ def requests_counted(cloud_url: str, endpoint: str, method: str, status: int) ->
 
 SESSIONS_ROUTE = ("/v1/deployments/{deployment_id}/sessions", "POST", 201)
 SESSION_DELETE_ROUTE = ("/v1/sessions/{session_id}", "DELETE", 204)
+SESSION_GONE_ROUTE = ("/v1/sessions/{session_id}", "DELETE", 410)  # a delete of a session P2 had expired
 
 
 class Sampler:
@@ -593,6 +596,7 @@ def run_benchmark(options: Options, c: Cluster, *, log: Callable[[str], None] = 
 
     opened = requests_counted(c.cloud_url, *SESSIONS_ROUTE)
     deleted = requests_counted(c.cloud_url, *SESSION_DELETE_ROUTE)
+    gone = requests_counted(c.cloud_url, *SESSION_GONE_ROUTE)
     sampler = Sampler(c.cloud_pid, c.cloud_url)
     try:
         with sampler:
@@ -607,6 +611,7 @@ def run_benchmark(options: Options, c: Cluster, *, log: Callable[[str], None] = 
     memory.sessions_after_load = gauge(c.cloud_url)
     memory.sessions_opened = requests_counted(c.cloud_url, *SESSIONS_ROUTE) - opened
     memory.sessions_deleted = requests_counted(c.cloud_url, *SESSION_DELETE_ROUTE) - deleted
+    memory.sessions_expired_first = requests_counted(c.cloud_url, *SESSION_GONE_ROUTE) - gone
 
     log(f"expiry: {options.abandon} sessions left open by vanished clients ...")
     saturation: str | None = None
@@ -692,7 +697,8 @@ def format_report(report: Report) -> str:
     lines += [
         "",
         f"errors under load: {errors} (unexpected: {unexpected}); results different from plaintext: {p.mismatches}",
-        f"P2 sessions: {_n(m.sessions_opened)} opened and {_n(m.sessions_deleted)} deleted by the load's clients, "
+        f"P2 sessions: {_n(m.sessions_opened)} opened and {_n(m.sessions_deleted)} deleted by the load's clients "
+        f"(and {_n(m.sessions_expired_first)} deleted after they had expired), "
         f"peak {_n(m.sessions_peak)} live, {_n(m.sessions_after_load)} live after the load; "
         f"{_n(m.sessions_abandoned)} abandoned (opened in {_ms(m.abandon_s)} s), "
         f"{_n(m.sessions_after_expiry)} live {_ms(m.expiry_s)} s later (idle TTL {o.session_ttl_s} s)",

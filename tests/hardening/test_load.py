@@ -79,7 +79,10 @@ def test_every_result_equals_plaintext(report: Report) -> None:
 def test_the_sdk_deletes_every_session_it_opens(report: Report) -> None:
     m = report.memory
     assert m.sessions_opened is not None and m.sessions_opened >= report.protocol.kinds["generate"].ok
-    assert m.sessions_deleted == m.sessions_opened
+    # every session gets its DELETE: answered 204, or 410 when it had idled past the 3 s TTL first
+    # (a generation step waiting that long on the loaded machine; the SDK then re-prefilled it)
+    assert m.sessions_expired_first is not None
+    assert m.sessions_deleted + m.sessions_expired_first == m.sessions_opened, format_report(report)
     assert m.sessions_after_load == 0
     assert m.sessions_peak is not None and m.sessions_peak <= OPTIONS.max_sessions
 
