@@ -33,6 +33,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,7 +131,10 @@ class CloudFigures:
     sessions_after_load: float | None = None
     sessions_opened: float | None = None  # by the load (P2's POST .../sessions answered 201)
     sessions_deleted: float | None = None  # by the load's clients (DELETE /v1/sessions/... answered 204)
+    # deletes P2 answered 410: the session had idled past the TTL first (a step's wait under load)
+    sessions_expired_first: float | None = None
     sessions_abandoned: float | None = None
+    abandon_s: float | None = None  # opening the abandoned sessions took this long (they age meanwhile)
     sessions_after_expiry: float | None = None
     expiry_s: float | None = None  # from the last abandoned session's use to the gauge reading 0
     threads_before: int | None = None  # P2's OS threads
@@ -275,6 +279,7 @@ def requests_counted(cloud_url: str, endpoint: str, method: str, status: int) ->
 
 SESSIONS_ROUTE = (SESSIONS_PATH, "POST", 201)
 SESSION_DELETE_ROUTE = (SESSION_PATH, "DELETE", 204)
+SESSION_GONE_ROUTE = (SESSION_PATH, "DELETE", 410)  # a delete of a session P2 had expired
 
 
 class Sampler:
@@ -510,15 +515,31 @@ def cluster(
 # --- the benchmark ------------------------------------------------------------------------
 
 
-def abandon_sessions(c: Cluster, n: int, prompt_ids: Sequence[int]) -> None:
-    """Open n sessions with a prefill each from clients that then vanish without deleting them."""
+def abandon_sessions(c: Cluster, n: int, prompt_ids: Sequence[int]) -> float:
+    """Open n sessions with a prefill each from clients that then vanish without deleting them.
+
+    Every session must still be live when the last one is open (the saturation check needs all
+    the slots taken), so the slow part, a credential from P1 and a bundle loaded per client, is
+    done first, and only the opening and the prefill, all clients at once, run against the idle TTL.
+    Returns the seconds those took (the oldest session's idle time when the last is open).
+    """
+    clients: list[tuple[StipClient, httpx.HTTPTransport]] = []
     for i in range(n):
         transport = httpx.HTTPTransport()
         client = c.client("generate", c.credential("generate", f"load-crashed-{i}"), transport=transport)
+        client.bundle  # noqa: B018  (from the cache, before the sessions open)
+        clients.append((client, transport))
+
+    def abandon(pair: tuple[StipClient, httpx.HTTPTransport]) -> None:
+        client, transport = pair
         session = client.open_session()
         client.forward(torch.tensor([list(prompt_ids)]), session=session, output="last")
         transport.close()  # the process died: its connections drop, its sessions stay on P2
-        del client, session
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=n or 1) as pool:
+        list(pool.map(abandon, clients))
+    return time.monotonic() - start
 
 
 def run_benchmark(options: Options, c: Cluster, *, log: Callable[[str], None] = lambda _: None) -> Report:
@@ -577,6 +598,7 @@ def run_benchmark(options: Options, c: Cluster, *, log: Callable[[str], None] = 
 
     opened = requests_counted(c.cloud_url, *SESSIONS_ROUTE)
     deleted = requests_counted(c.cloud_url, *SESSION_DELETE_ROUTE)
+    gone = requests_counted(c.cloud_url, *SESSION_GONE_ROUTE)
     sampler = Sampler(c.cloud_pid, c.cloud_url)
     try:
         with sampler:
@@ -591,30 +613,32 @@ def run_benchmark(options: Options, c: Cluster, *, log: Callable[[str], None] = 
     memory.sessions_after_load = gauge(c.cloud_url)
     memory.sessions_opened = requests_counted(c.cloud_url, *SESSIONS_ROUTE) - opened
     memory.sessions_deleted = requests_counted(c.cloud_url, *SESSION_DELETE_ROUTE) - deleted
+    memory.sessions_expired_first = requests_counted(c.cloud_url, *SESSION_GONE_ROUTE) - gone
 
     log(f"expiry: {options.abandon} sessions left open by vanished clients ...")
     saturation: str | None = None
     recovered: bool | None = None
-    with Sampler(c.cloud_pid, c.cloud_url) as after:
-        abandon_sessions(c, options.abandon, prompt)
+    late_credential = c.credential("generate", "load-late")
+    with Sampler(c.cloud_pid, c.cloud_url) as after, c.client("generate", late_credential) as late:
+        late.bundle  # noqa: B018  (ready before the abandoned sessions start to age)
+        memory.abandon_s = abandon_sessions(c, options.abandon, prompt)
         abandoned_at = time.monotonic()
         memory.sessions_abandoned = gauge(c.cloud_url)
-        with c.client("generate", c.credential("generate", "load-late")) as late:
-            if memory.sessions_abandoned >= options.max_sessions:
-                try:
-                    late.generate_ids(prompt, max_new_tokens=2, temperature=0.0, eos=False)
-                    saturation = "accepted"
-                except StipError as e:
-                    saturation = error_name(e)
-            # the sweeper runs every max(1, min(30, ttl/4)) s: allow the TTL, two sweeps and slack
-            limit = abandoned_at + options.session_ttl_s + 2 * max(1.0, min(30.0, options.session_ttl_s / 4)) + 10
-            while (live := gauge(c.cloud_url)) > 0 and time.monotonic() < limit:
-                time.sleep(0.1)
-            memory.expiry_s = time.monotonic() - abandoned_at
-            memory.sessions_after_expiry = live
-            if options.abandon:  # the slots are free again: a generation goes through, still exact
-                again = late.generate_ids(prompt, max_new_tokens=options.max_new_tokens, temperature=0.0, eos=False)
-                recovered = again == plain.generate(prompt)
+        if memory.sessions_abandoned >= options.max_sessions:
+            try:
+                late.generate_ids(prompt, max_new_tokens=2, temperature=0.0, eos=False)
+                saturation = "accepted"
+            except StipError as e:
+                saturation = error_name(e)
+        # the sweeper runs every max(1, min(30, ttl/4)) s: allow the TTL, two sweeps and slack
+        limit = abandoned_at + options.session_ttl_s + 2 * max(1.0, min(30.0, options.session_ttl_s / 4)) + 10
+        while (live := gauge(c.cloud_url)) > 0 and time.monotonic() < limit:
+            time.sleep(0.1)
+        memory.expiry_s = time.monotonic() - abandoned_at
+        memory.sessions_after_expiry = live
+        if options.abandon:  # the slots are free again: a generation goes through, still exact
+            again = late.generate_ids(prompt, max_new_tokens=options.max_new_tokens, temperature=0.0, eos=False)
+            recovered = again == plain.generate(prompt)
     time.sleep(0.5)
     memory.after_expiry = rss_mib(c.cloud_pid)
     peaks = [v for v in (memory.peak_load, after.rss_peak, memory.after_expiry) if v is not None]
@@ -675,9 +699,10 @@ def format_report(report: Report) -> str:
     lines += [
         "",
         f"errors under load: {errors} (unexpected: {unexpected}); results different from plaintext: {p.mismatches}",
-        f"P2 sessions: {_n(m.sessions_opened)} opened and {_n(m.sessions_deleted)} deleted by the load's clients, "
+        f"P2 sessions: {_n(m.sessions_opened)} opened and {_n(m.sessions_deleted)} deleted by the load's clients "
+        f"(and {_n(m.sessions_expired_first)} deleted after they had expired), "
         f"peak {_n(m.sessions_peak)} live, {_n(m.sessions_after_load)} live after the load; "
-        f"{_n(m.sessions_abandoned)} abandoned, "
+        f"{_n(m.sessions_abandoned)} abandoned (opened in {_ms(m.abandon_s)} s), "
         f"{_n(m.sessions_after_expiry)} live {_ms(m.expiry_s)} s later (idle TTL {o.session_ttl_s} s)",
     ]
     if report.saturation is not None:

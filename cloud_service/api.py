@@ -23,7 +23,7 @@ from cloud_service.errors import (
     CloudError,
     NotReady,
 )
-from cloud_service.schemas import DeploymentInfo, ForwardOptions, Health, PushResult, SessionCreated
+from cloud_service.schemas import DeploymentInfo, ForwardOptions, Health, LoadProgress, PushResult, SessionCreated
 from cloud_service.service import CloudService, Deployment
 from cloud_service.settings import CloudSettings
 from shared.api import (
@@ -240,6 +240,12 @@ async def push_weights(
         key_version=key_version,
         sender_gone=request.is_disconnected,
     )
+
+
+@v1.get(PUSH_PATH, response_model=LoadProgress, tags=["P1 -> P2"], dependencies=[Depends(push_authorized)])
+async def push_progress(deployment_id: str, service: ServiceDep) -> LoadProgress:
+    """Where the push P2 is installing stands, after its last byte (404 when none is)."""
+    return service.push_progress(deployment_id)
 
 
 @push_json.put(

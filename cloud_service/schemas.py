@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from shared.api import DeploymentInfo, ErrorResponse, Mode, OutputMode, PushResult, SessionCreated
+from shared.api import DeploymentInfo, ErrorResponse, LoadProgress, Mode, OutputMode, PushResult, SessionCreated
 
 
 class ActiveRecord(BaseModel):
@@ -64,6 +64,7 @@ __all__ = [
     "ForwardOptions",
     "ForwardResult",
     "Health",
+    "LoadProgress",
     "PushManifest",
     "PushResult",
     "SessionCreated",

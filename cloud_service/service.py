@@ -43,6 +43,7 @@ from cloud_service.errors import (
     Forbidden,
     Internal,
     KeyOutdated,
+    NotFound,
     PushesDisabled,
     SenderGone,
     SessionExpired,
@@ -77,6 +78,7 @@ from shared.api import (
     TOPK_VALUES,
     DeploymentDeleted,
     DeploymentInfo,
+    LoadProgress,
     Mode,
     PushResult,
     Revocations,
@@ -227,6 +229,7 @@ class CloudService:
         self._revoked: dict[str, dict[str, int]] = {}  # deployment -> {jti: expires_at}, from P1
         self._revocations_lock = threading.Lock()
         self._push_locks: dict[str, anyio.Lock] = {}
+        self._installing: dict[str, LoadProgress] = {}  # pushes past their last byte, for P1 to poll
         self._batchers_lock = threading.Lock()
         # credentials whose signature verified, so a generation's steps skip the Ed25519 check
         self._verified: _Verified = _Verified(VERIFIED_CREDENTIALS)
@@ -409,6 +412,7 @@ class CloudService:
             manifest = await anyio.to_thread.run_sync(inspect_push, temp, deployment_id)
             if key_version is not None and key_version != manifest.key_version:
                 raise BadInput(f"header key version {key_version} differs from the body's {manifest.key_version}")
+            self._report(manifest, "verifying")
             async with self._push_locks.setdefault(deployment_id, anyio.Lock()):
                 result = await self._install(temp, manifest, actual, size, sender_gone)
         except BaseException:
@@ -416,7 +420,26 @@ class CloudService:
             raise
         finally:
             temp.unlink(missing_ok=True)  # gone already when it became the version file
+            self._installing.pop(deployment_id, None)
         return result
+
+    def push_progress(self, deployment_id: str) -> LoadProgress:
+        """Where the push of `deployment_id` that P2 is installing stands (P1 polls it)."""
+        progress = self._installing.get(deployment_id)
+        if progress is None:
+            raise NotFound(f"P2 is installing no push of {deployment_id!r} now")
+        return progress
+
+    def _report(self, manifest: PushManifest, stage: str, done: int = 0, total: int = 0) -> None:
+        self._installing[manifest.deployment_id] = LoadProgress.model_validate(
+            {
+                "deployment_id": manifest.deployment_id,
+                "key_version": manifest.key_version,
+                "stage": stage,
+                "done": done,
+                "total": total,
+            }
+        )
 
     async def _install(
         self,
@@ -440,6 +463,8 @@ class CloudService:
         await _check_sender(sender_gone, key_version)
         dep = await anyio.to_thread.run_sync(self._load, temp, manifest, sha256)
         await _check_sender(sender_gone, key_version)  # the last moment before the switch
+        loaded = self._installing[deployment_id].total
+        self._report(manifest, "activating", loaded, loaded)
         record = await anyio.to_thread.run_sync(
             lambda: self.storage.activate(temp, deployment_id=deployment_id, key_version=key_version, sha256=sha256)
         )
@@ -486,8 +511,15 @@ class CloudService:
         """Build the stock class on θ′ and run one test forward (blocking)."""
         try:
             model = load_cloud_model(
-                manifest.config, [path], family=manifest.family, device=self.device, dtype=self.settings.dtype
+                manifest.config,
+                [path],
+                family=manifest.family,
+                device=self.device,
+                dtype=self.settings.dtype,
+                on_progress=partial(self._report, manifest, "loading"),
             )
+            loaded = self._installing[manifest.deployment_id].total
+            self._report(manifest, "testing", loaded, loaded)
             x = torch.zeros(1, 1, model.dims.d_model)
             probe = model.forward(x, torch.ones(1, 1, dtype=torch.long), None)
             if manifest.mode == "token":

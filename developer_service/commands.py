@@ -161,14 +161,17 @@ def _client(args: argparse.Namespace) -> DeveloperAdminClient:
 
 
 class _ProgressView:
-    """One tqdm bar per stage of a deployment job (tensors transformed, bytes pushed), fed by polling.
+    """One tqdm bar per stage of a deployment job (tensors transformed, bytes pushed, tensor bytes
+    P2 has loaded), fed by polling.
 
     A bar starts at the count already done when it is first seen (so its rate is real), and a
     stage the job has moved past is shown complete before its bar closes: polling may miss the
-    last update of a stage, never its end.
+    last update of a stage, never its end. A P2 that reports no load progress leaves the loading
+    bar with the elapsed time only.
     """
 
-    UNITS = {"transforming": ("tensor", False), "pushing": ("B", True)}
+    UNITS = {"transforming": ("tensor", False), "pushing": ("B", True), "loading": ("B", True)}
+    LABELS = {"loading": "loading on P2"}  # P2 builds the model on θ′ and runs its test forward
 
     def __init__(self) -> None:
         self.stage: str | None = None
@@ -184,7 +187,7 @@ class _ProgressView:
                 self.bar = tqdm(
                     total=p.total or None,
                     initial=p.done,
-                    desc=p.stage,
+                    desc=self.LABELS.get(p.stage, p.stage),
                     unit=unit,
                     unit_scale=scale,
                     unit_divisor=1024 if scale else 1000,

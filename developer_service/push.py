@@ -17,7 +17,7 @@ import httpx
 from pydantic import ValidationError
 
 from developer_service.errors import JobCancelled, PushFailed
-from shared.api import DIGEST_HEADER, KEY_VERSION_HEADER, DeploymentInfo, PushResult, Revocations
+from shared.api import DIGEST_HEADER, KEY_VERSION_HEADER, DeploymentInfo, LoadProgress, PushResult, Revocations
 from shared.wire import CONTENT_TYPE, concat_files
 from stip_http.tls import certificate_refused
 
@@ -25,6 +25,8 @@ log = logging.getLogger("stip.developer.push")
 
 ByteProgress = Callable[[int, int], None]
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
+LOAD_POLL_S = 0.25  # how often P1 asks P2 how far the load of a pushed θ′ is
+LOAD_POLL_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,20 @@ class Pusher:
         self.attempts, self.backoff_s = attempts, backoff_s
         self.cancelled = cancelled or threading.Event()
 
-    def push(self, request: PushRequest, on_progress: ByteProgress | None = None) -> PushResult:
+    def push(
+        self,
+        request: PushRequest,
+        on_progress: ByteProgress | None = None,
+        on_loading: ByteProgress | None = None,
+    ) -> PushResult:
+        """Push θ′; `on_progress(done, total)` counts the bytes sent, then, once the last byte is
+        out and until P2 answers, `on_loading(done, total)` the tensor bytes P2 reports loaded
+        ((0, 0) first, and nothing more from a P2 that does not report them)."""
         total, digest = body_digest(request.files, request.metadata, self.cancelled)
         error = PushFailed("no push attempted")
         for attempt in range(1, self.attempts + 1):
             try:
-                response = self._put(request, total, digest, on_progress)
+                response = self._put(request, total, digest, on_progress, on_loading)
             except httpx.TransportError as e:
                 if certificate_refused(e):  # permanent: retrying cannot help
                     raise PushFailed(
@@ -121,8 +131,17 @@ class Pusher:
                     raise JobCancelled("P1 is shutting down")
         raise error
 
-    def _put(self, request: PushRequest, total: int, digest: str, on_progress: ByteProgress | None) -> httpx.Response:
+    def _put(
+        self,
+        request: PushRequest,
+        total: int,
+        digest: str,
+        on_progress: ByteProgress | None,
+        on_loading: ByteProgress | None,
+    ) -> httpx.Response:
         _, chunks = concat_files(request.files, request.metadata)
+        answered = threading.Event()
+        follower: list[threading.Thread] = []
 
         def body() -> Iterator[bytes]:
             done = 0
@@ -135,6 +154,16 @@ class Pusher:
                 yield chunk
                 if on_progress:
                     on_progress(done, total)
+            if on_loading:  # the last byte is out: P2 verifies, loads and tests θ′ before it answers
+                on_loading(0, 0)
+                thread = threading.Thread(
+                    target=self._follow_load,
+                    args=(request, on_loading, answered),
+                    name=f"stip-load-{request.deployment_id}",
+                    daemon=True,
+                )
+                follower.append(thread)
+                thread.start()
 
         headers = {
             "Authorization": f"Bearer {self._token}",
@@ -143,7 +172,24 @@ class Pusher:
             "Content-Type": CONTENT_TYPE,
             "Content-Length": str(total),  # a sized body, not chunked: P2 can refuse it up front
         }
-        return self._client.put(request.url, content=body(), headers=headers)
+        try:
+            return self._client.put(request.url, content=body(), headers=headers)
+        finally:
+            answered.set()
+            for thread in follower:
+                thread.join()  # no report of this load arrives after the push has returned
+
+    def _follow_load(self, request: PushRequest, on_loading: ByteProgress, answered: threading.Event) -> None:
+        """Poll P2's `GET .../weights` until the push is answered; report the load of this version."""
+        headers = {"Authorization": f"Bearer {self._token}"}
+        while not answered.wait(LOAD_POLL_S):
+            try:
+                response = self._client.get(request.url, headers=headers, timeout=LOAD_POLL_TIMEOUT_S)
+                progress = LoadProgress.model_validate_json(response.content) if response.status_code == 200 else None
+            except (httpx.HTTPError, ValidationError):
+                continue  # a poll that failed says nothing about the push; the PUT's answer decides
+            if progress is not None and progress.key_version == request.key_version and not answered.is_set():
+                on_loading(progress.done, progress.total)
 
     @staticmethod
     def _result(request: PushRequest, response: httpx.Response, digest: str) -> PushResult:

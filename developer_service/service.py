@@ -63,6 +63,7 @@ from shared.credentials import Claims, Signer, verify
 from shared.errors import CredentialError, StipCoreError
 from shared.families import detect_family
 from shared.transform import check_mode
+from shared.wire import tensor_bytes
 from stip_http.tls import tls_verify
 
 log = logging.getLogger("stip.developer")
@@ -553,8 +554,16 @@ class DeveloperService:
         )
         log.info("deployment %s: key version %d transformed into %s", deployment_id, version, vdir)
 
+        sent = [0]  # the body's size in bytes
+
         def on_bytes(done: int, total: int) -> None:
+            sent[0] = total
             self._progress[deployment_id] = Progress(stage="pushing", done=done, total=total)
+
+        loaded_total = tensor_bytes(result.cloud_files)  # what P2 loads; its own report counts the same
+
+        def on_loading(done: int, total: int) -> None:  # P2 builds the model on θ′ and tests it
+            self._progress[deployment_id] = Progress(stage="loading", done=done, total=total or loaded_total)
 
         self._set_stage(deployment_id, "pushing")
         metadata = push_metadata(
@@ -566,20 +575,20 @@ class DeveloperService:
             mode=dep.mode,
         )
         request = PushRequest(dep.cloud_url, deployment_id, version, list(result.cloud_files), metadata)
-        pushed = self._pusher().push(request, on_bytes)
-        self.metrics.pushed_bytes.inc(self._progress[deployment_id].total)
+        pushed = self._pusher().push(request, on_bytes, on_loading)
+        self.metrics.pushed_bytes.inc(sent[0])
         log.info("deployment %s: P2 activated key version %d (sha256 %s)", deployment_id, version, pushed.sha256)
-        self._commit(deployment_id, version)
+        self._commit(deployment_id, version, pushed_bytes=sent[0])
         if not self._send_revocations(deployment_id):  # a P2 that lost its list gets it back
             self._start_revocation_sync(deployment_id)
 
-    def _commit(self, deployment_id: str, version: int) -> None:
+    def _commit(self, deployment_id: str, version: int, *, pushed_bytes: int = 0) -> None:
         """P2 serves `version`: hand it to users and delete every older version's material."""
         fingerprint = self._manifest_fingerprint(self._version_dir(deployment_id, version))
         with self._lock:
             live = self._progress.get(deployment_id)
-            total = live.total if live and live.stage == "pushing" else 0
-            progress = Progress(stage="done", done=total, total=total)
+            total = pushed_bytes or (live.total if live and live.stage == "pushing" else 0)
+            progress = Progress(stage="done", done=total, total=total)  # in bytes pushed
             self.store.update_deployment(
                 deployment_id,
                 status="active",

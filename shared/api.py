@@ -140,6 +140,21 @@ class PushResult(BaseModel):
     sha256: str
 
 
+class LoadProgress(BaseModel):
+    """P2's `GET /v1/deployments/{id}/weights` (P1's push token): the push P2 is installing.
+
+    After the last byte of a push P2 verifies the body (`verifying`), builds the stock class on
+    θ′ (`loading`: bytes of tensors read of all of them), runs its test forward (`testing`) and
+    switches to the new version (`activating`); then the push answers and this reads 404 again.
+    """
+
+    deployment_id: str
+    key_version: int
+    stage: Literal["verifying", "loading", "testing", "activating"]
+    done: int = 0  # bytes of θ′'s tensors loaded
+    total: int = 0  # bytes of all of θ′'s tensors (0 until the body is verified)
+
+
 MAX_REVOCATIONS = 100_000  # entries in one revocation list (about 5 MB of JSON)
 
 
@@ -238,7 +253,8 @@ class CreateDeployment(BaseModel):
 
 
 class Progress(BaseModel):
-    stage: Literal["queued", "transforming", "pushing", "done", "failed"]
+    # loading: P2 builds the model on θ′ and runs its test forward (done/total: tensor bytes, as P2 reports)
+    stage: Literal["queued", "transforming", "pushing", "loading", "done", "failed"]
     done: int = 0
     total: int = 0
 

@@ -5,7 +5,7 @@ they would use for `input_ids`; those stay unmaterialised placeholders (empty te
 the forward on `inputs_embeds` never touches.
 """
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from torch import nn
 
 from shared.errors import CheckpointError
 from shared.families import CloudOutput, Config, Family, get_family
+from shared.wire import read_header
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,11 +52,14 @@ def load_cloud_model(
     family: str | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> CloudModel:
     """Build the stock class for `config` and assign θ′ from safetensors `files`.
 
     Fails loudly, naming tensors, on missing or unexpected keys and shape mismatches; the
     only parameters allowed to stay unloaded are the embedding placeholders.
+    `on_progress(done, total)`: bytes of tensors read (as stored in `files`) of all of them,
+    from (0, total) to (total, total).
     """
     from shared.families import detect_family
 
@@ -67,10 +71,19 @@ def load_cloud_model(
     with _parameters_on_meta():
         model = fam.build_cloud_model(config)
     state: dict[str, torch.Tensor] = {}
-    for path in files:
+    paths = [Path(path) for path in files]
+    headers = [read_header(path)[0] for path in paths]
+    total = sum(info.end - info.start for header in headers for info in header.values())
+    done = 0
+    if on_progress is not None:
+        on_progress(0, total)
+    for path, header in zip(paths, headers, strict=True):
         with safe_open(str(path), "pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118
                 state[name] = f.get_tensor(name).to(dev, torch_dtype)
+                done += header[name].end - header[name].start
+                if on_progress is not None:
+                    on_progress(done, total)
     state = fam.module_state(state, config)
     expected = dict(model.state_dict(keep_vars=True))
     unexpected = sorted(set(state) - set(expected))

@@ -11,7 +11,7 @@ import json
 import math
 import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +167,11 @@ def read_header(path: Path, max_header: int = 100 << 20) -> tuple[dict[str, Tens
             raise BadTensor(f"{path.name}: header of {n} bytes is too large")
         head = prefix + f.read(n)
     return parse_header(head, body_size=size, max_header=max_header)
+
+
+def tensor_bytes(files: Iterable[Path]) -> int:
+    """Bytes of tensor data in safetensors files on disk, from their headers (no tensor is read)."""
+    return sum(info.end - info.start for path in files for info in read_header(path)[0].values())
 
 
 def concat_files(files: Sequence[Path], metadata: dict[str, str], chunk: int = 1 << 22) -> tuple[int, Iterator[bytes]]:

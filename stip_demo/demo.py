@@ -105,7 +105,7 @@ def _deploy(admin: Any, path: Path, cloud_url: str, name: str) -> str:
 
     def show(status: Any) -> None:
         progress = status.progress
-        unit = " bytes" if progress.stage in ("pushing", "done") else " tensors"
+        unit = " bytes" if progress.stage in ("pushing", "loading", "done") else " tensors"
         counts = f" {progress.done:,}/{progress.total:,}{unit}" if progress.total else ""
         line = f"    {name}: {progress.stage}{counts}"
         if line != last[0]:

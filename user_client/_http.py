@@ -43,6 +43,17 @@ MAX_BACKOFF_S = 8.0
 MAX_RETRY_AFTER_S = 30.0
 
 
+ByteProgress = Callable[[int, int | None], None]  # (bytes done, total bytes or None when unknown)
+
+
+def _content_length(resp: httpx.Response) -> int | None:
+    try:
+        value = int(resp.headers.get("Content-Length", ""))
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
 def _retry_after(resp: httpx.Response) -> float | None:
     value = resp.headers.get("Retry-After")
     if value is None:
@@ -191,8 +202,22 @@ class Http:
 
         return self._attempts(method, path, False, send)
 
-    def download(self, path: str, sink: Callable[[], IO[bytes]], *, max_bytes: int, **kwargs: Any) -> httpx.Headers:
-        """Stream a GET body into a fresh file from `sink()` (retried as a whole); return headers."""
+    def download(
+        self,
+        path: str,
+        sink: Callable[[], IO[bytes]],
+        *,
+        max_bytes: int,
+        accept: Callable[[httpx.Headers], bool] | None = None,
+        on_progress: ByteProgress | None = None,
+        **kwargs: Any,
+    ) -> httpx.Headers:
+        """Stream a GET body into a fresh file from `sink()` (retried as a whole); return headers.
+
+        `accept(headers)` False: the body is not read (the caller sees why in the headers).
+        `on_progress(done, total)`: bytes written so far and the Content-Length (None when the
+        server sends none), from (0, total) at the start of each attempt to (total, total).
+        """
 
         def send() -> httpx.Response:
             req = self.client.build_request("GET", path, **kwargs)
@@ -201,13 +226,20 @@ class Http:
                 resp.read()
                 return resp
             try:
+                if accept is not None and not accept(resp.headers):
+                    return resp
+                expected = _content_length(resp)
                 with sink() as f:
                     total = 0
+                    if on_progress is not None:
+                        on_progress(0, expected)
                     for chunk in resp.iter_bytes():
                         total += len(chunk)
                         if total > max_bytes:
                             raise StipError(f"{self.party} GET {path}: body exceeds {max_bytes} bytes")
                         f.write(chunk)
+                        if on_progress is not None:
+                            on_progress(total, expected)
             finally:
                 resp.close()
             return resp

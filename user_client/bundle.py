@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
@@ -40,7 +41,7 @@ from shared.errors import KeyFormatError
 from shared.families import Family, get_family
 from shared.keys import UserKey
 from shared.pooling import POOLING_MODES
-from user_client._http import Http
+from user_client._http import ByteProgress, Http
 from user_client.errors import BundleError
 
 log = logging.getLogger("stip.client")
@@ -410,18 +411,49 @@ class BundleCache:
             return bundle
         return None
 
-    def fetch(self, http: Http, *, max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:
-        """Download the bundle from P1, verify it, install it as v<version>; prune older ones."""
+    def fetch(
+        self, http: Http, *, max_bytes: int = MAX_BUNDLE_BYTES, on_progress: ByteProgress | None = None
+    ) -> Bundle:
+        """Download the bundle from P1, verify it, install it as v<version>; prune older ones.
+
+        `on_progress(done, total)` follows the download in bytes (`Http.download`).
+        """
+        bundle = self._fetch(http, max_bytes=max_bytes, on_progress=on_progress, unless_version=None)
+        if bundle is None:  # pragma: no cover (only unless_version skips the body)
+            raise BundleError("P1 sent no bundle")
+        return bundle
+
+    def fetch_if_changed(
+        self, http: Http, stale_version: int, *, on_progress: ByteProgress | None = None
+    ) -> Bundle | None:
+        """Like `fetch`, unless P1 still hands out `stale_version`: then None, without reading
+        the body (its headers name the version), so polling P1 during a rotation costs little."""
+        return self._fetch(http, max_bytes=MAX_BUNDLE_BYTES, on_progress=on_progress, unless_version=stale_version)
+
+    def _fetch(
+        self, http: Http, *, max_bytes: int, on_progress: ByteProgress | None, unless_version: int | None
+    ) -> Bundle | None:
         self._ensure_dir()
         fd, tmp_name = tempfile.mkstemp(prefix=".download-", suffix=".tar", dir=self.dir)
         os.close(fd)
         archive = Path(tmp_name)
         staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=self.dir))
+
+        def changed(headers: httpx.Headers) -> bool:
+            return unless_version is None or _int_header(headers.get(api.KEY_VERSION_HEADER)) != unless_version
+
         try:
             path = api.path(api.USER_KEY_PATH, deployment_id=self.deployment_id)
             headers = http.download(
-                path, lambda: archive.open("wb"), max_bytes=max_bytes, headers={"Accept": "application/x-tar"}
+                path,
+                lambda: archive.open("wb"),
+                max_bytes=max_bytes,
+                accept=changed,
+                on_progress=on_progress,
+                headers={"Accept": "application/x-tar"},
             )
+            if not changed(headers):
+                return None
             expect_version = _int_header(headers.get(api.KEY_VERSION_HEADER))
             expect_fingerprint = headers.get(api.FINGERPRINT_HEADER)
             extracted = staging / "bundle"

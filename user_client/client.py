@@ -30,6 +30,7 @@ import logging
 import os
 import ssl
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from functools import partial
@@ -49,7 +50,7 @@ from shared.pooling import pool
 from stip_http.tls import tls_verify
 from user_client import generation
 from user_client import images as images_
-from user_client._http import Http
+from user_client._http import ByteProgress, Http
 from user_client.bundle import Bundle, BundleCache
 from user_client.errors import KeyOutdated, NotFound, SessionExpired, StipError, TransportError
 from user_client.generation import SamplingKwargs, Step, sampling_params
@@ -63,6 +64,8 @@ log = logging.getLogger("stip.client")
 T = TypeVar("T")
 TokenIds = Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 USER_AGENT = "stip-client/0.1"
+ROTATION_WAIT_S = 30.0  # default wait for P1 to hand out the key P2 switched to
+ROTATION_POLL_S, MAX_ROTATION_POLL_S = 0.05, 1.0  # P1 polled from every 50 ms, backing off to 1 s
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
 
@@ -121,7 +124,10 @@ class StipClient:
     `developer_transport` / `cloud_transport` override it per party. `verify` is a bool, an
     `ssl.SSLContext` or the path of a CA bundle (file or directory). `retries` applies to
     idempotent calls (bundle download, deletes and stateless forward passes), with exponential
-    backoff starting at `backoff` seconds.
+    backoff starting at `backoff` seconds. `on_download(done, total)` follows each bundle
+    download in bytes (total: its Content-Length, or None); the `stip` CLI draws its bar with it.
+    `rotation_wait_s`: how long a client whose key P2 no longer accepts waits for P1 to hand out
+    the new one (during a rotation P2 switches first, P1 a moment later), polling P1's headers.
     """
 
     def __init__(
@@ -140,6 +146,8 @@ class StipClient:
         retries: int | None = None,
         backoff: float = 0.5,
         settings: ClientSettings | None = None,
+        on_download: ByteProgress | None = None,
+        rotation_wait_s: float = ROTATION_WAIT_S,
     ):
         env = settings or ClientSettings()
         self.developer_url = developer_url or env.developer_url
@@ -176,6 +184,8 @@ class StipClient:
         self._verify = tls_verify(verify)
         self._retries = env.retries if retries is None else retries
         self._backoff = backoff
+        self._on_download = on_download
+        self._rotation_wait_s = rotation_wait_s
         self._cloud_transport = cloud_transport or transport
         self._developer = self._http("P1", self.developer_url, developer_transport or transport)
         self._cloud: Http | None = None
@@ -242,12 +252,13 @@ class StipClient:
         with self._lock:
             if self._bundle is not None:
                 return self._bundle
-            return self._use(self.cache.load_latest() or self.cache.fetch(self._developer))
+            cached = self.cache.load_latest()
+            return self._use(cached or self.cache.fetch(self._developer, on_progress=self._on_download))
 
     def refresh_bundle(self) -> Bundle:
         """Fetch the bundle from P1 again (e.g. after a key rotation) and use it."""
         with self._lock:
-            return self._use(self.cache.fetch(self._developer))
+            return self._use(self.cache.fetch(self._developer, on_progress=self._on_download))
 
     def _use(self, bundle: Bundle) -> Bundle:
         if self._cloud is None:
@@ -298,20 +309,34 @@ class StipClient:
         return self._cloud
 
     def _refresh_after_outdated(self, stale: Bundle, cause: StipError | None = None) -> Bundle:
-        """P2 rejected `stale`'s key: refetch, unless another thread already did."""
-        with self._lock:
-            current = self._bundle
-            if current is not None and current.key_version != stale.key_version:
-                return current
-            fresh = self.refresh_bundle()
-        if fresh.key_version == stale.key_version:
-            reason = f"{cause.message}; " if cause is not None else ""
-            raise KeyOutdated(
-                f"{reason}P2 no longer accepts key version {stale.key_version} and P1 still hands "
-                "it out: the deployment is probably being rotated, retry shortly",
-                code=api.E_KEY_OUTDATED,
-                status=409,
-            ) from cause
+        """P2 rejected `stale`'s key: refetch, unless another thread already did.
+
+        A rotation activates the new key on P2 before P1 hands it out (P1 commits once P2 has
+        answered the push), so P1 may still serve `stale` for a moment: poll P1 (headers only)
+        with backoff for up to `rotation_wait_s` before giving up.
+        """
+        deadline = time.monotonic() + self._rotation_wait_s
+        delay = ROTATION_POLL_S
+        while True:
+            with self._lock:
+                current = self._bundle
+                if current is not None and current.key_version != stale.key_version:
+                    return current
+                fresh = self.cache.fetch_if_changed(self._developer, stale.key_version, on_progress=self._on_download)
+                if fresh is not None:
+                    self._use(fresh)
+                    break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                reason = f"{cause.message}; " if cause is not None else ""
+                raise KeyOutdated(
+                    f"{reason}P2 no longer accepts key version {stale.key_version} and P1 still hands it "
+                    f"out after {self._rotation_wait_s:g} s: the deployment is probably being rotated, retry shortly",
+                    code=api.E_KEY_OUTDATED,
+                    status=409,
+                ) from cause
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, MAX_ROTATION_POLL_S)
         log.info(
             "deployment %s rotated its key: version %d -> %d",
             self.deployment_id,

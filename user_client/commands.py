@@ -9,8 +9,43 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
+
+from tqdm import tqdm
 
 from user_client.client import StipClient
+
+
+class DownloadBar:
+    """The user bundle's download as a tqdm bar on stderr, in bytes (binary prefixes): the CLI's
+    `on_download` for StipClient. A download that starts again (a retry) gets a new bar; a bar
+    closes once its Content-Length has arrived, at 100%."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self.bar is None or done < self.bar.n:
+            self.close()
+            self.bar = tqdm(
+                total=total,
+                desc="user bundle",
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                smoothing=0,  # the rate is bytes over the time since the first byte
+                file=sys.stderr,
+            )
+        if total is not None and done > total:  # a server that sent too small a Content-Length
+            self.bar.total = done
+        self.bar.update(done - self.bar.n)
+        if total is not None and done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _client(args: argparse.Namespace) -> StipClient:
@@ -22,6 +57,7 @@ def _client(args: argparse.Namespace) -> StipClient:
         cache_dir=args.cache_dir,
         timeout=args.timeout,
         verify=args.ca_bundle,
+        on_download=DownloadBar(),
     )
 
 

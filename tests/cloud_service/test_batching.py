@@ -197,7 +197,8 @@ def test_scheduler_waits_only_for_as_many_as_last_time() -> None:
     batcher = Batcher(execute, max_rows=8, max_tokens=100, max_wait_s=10.0, idle_s=0.5)
     start = time.monotonic()
     batcher.submit(Job(rows=1, seq=1, session_id=None, payload=None)).result(5)
-    assert time.monotonic() - start < 1.0  # a lone request never waits for company
+    # a lone request never waits for company: far sooner than max_wait_s, however loaded the machine
+    assert time.monotonic() - start < batcher.max_wait_s / 2
     assert sizes == [1]
 
 

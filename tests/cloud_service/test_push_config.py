@@ -106,7 +106,7 @@ def test_config_keys_that_choose_code_never_reach_transformers(
 ) -> None:
     config = json.loads((v1.result.out_dir / "cloud" / "config.json").read_text()) | CODE_KEYS
     body, digest = _body(v1.result.cloud_files, config, signer, "llama")
-    token, _ = signer.issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=60)
+    token, _ = signer.issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=3600)  # outlives a slow push
     with serve(tmp_path / "data") as client:
         reply = push(client, body, digest)
         assert reply.status_code == 200, reply.text

@@ -63,6 +63,8 @@ class FakeCloud:
     reported: dict[str, int] = field(default_factory=dict)  # what GET /v1/deployments/{id} says
     revocations: dict[str, list[dict[str, object]]] = field(default_factory=dict)  # the lists P1 sent
     refuse_revocations: int | None = None  # answer revocation lists with this status
+    load_report: tuple[int, int] | None = None  # (done, total) GET .../weights reports while a push is held
+    installing: dict[str, int] = field(default_factory=dict)  # deployment -> key version of the held push
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         parts = request.url.path.strip("/").split("/")
@@ -92,12 +94,24 @@ class FakeCloud:
                 dtype="float32",
             )
             return httpx.Response(200, json=info.model_dump())
+        if request.method == "GET" and len(parts) == 4 and parts[3] == "weights":
+            if request.headers.get("authorization") != f"Bearer {PUSH}":
+                return _error(401, api.E_UNAUTHORIZED, "bad push token")
+            if parts[2] not in self.installing or self.load_report is None:
+                return _error(404, api.E_NOT_FOUND, "no push is being installed")
+            done, total = self.load_report
+            progress = api.LoadProgress(
+                deployment_id=parts[2], key_version=self.installing[parts[2]], stage="loading", done=done, total=total
+            )
+            return httpx.Response(200, json=progress.model_dump())
         if request.method != "PUT" or len(parts) != 4 or parts[3] != "weights":
             return _error(404, api.E_NOT_FOUND, "no such route")
         body = request.read()
+        self.installing[parts[2]] = int(request.headers[api.KEY_VERSION_HEADER])
         self.pushing.set()
         if self.gate is not None:
             self.gate.wait(30)
+        self.installing.pop(parts[2], None)
         if request.headers.get("authorization") != f"Bearer {PUSH}":
             return _error(401, api.E_UNAUTHORIZED, "bad push token")
         if self.fail_with is not None:

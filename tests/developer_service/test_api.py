@@ -236,6 +236,47 @@ def test_create_deployment_checks_its_input(p1, model_dir: Path) -> None:
         _error(post({"model_id": model_id, "cloud_url": CLOUD_URL}), 503, api.E_NOT_READY, "push token")
 
 
+# --- progress ------------------------------------------------------------------------------------
+
+STAGES = ["queued", "transforming", "pushing", "loading", "done"]
+
+
+def test_the_job_reports_p2_loading_theta_prime_in_tensor_bytes_then_done(p1, model_dir: Path, cloud) -> None:
+    """After the last byte P1 reports `loading` until P2 answers: the tensor bytes P2 says it has
+    loaded, of all of θ′'s (P1's own count until P2 reports); the job then ends `done`."""
+    cloud.gate = threading.Event()
+    with p1() as client:
+        model = register(client, model_dir)
+        r = client.post(
+            "/v1/deployments", json={"model_id": model["model_id"], "cloud_url": CLOUD_URL}, headers=admin()
+        )
+        dep_id = r.json()["deployment_id"]
+        seen: list[str] = []
+
+        def progress_becomes(check) -> dict:
+            deadline = time.monotonic() + 60
+            while True:
+                progress = client.get(f"/v1/deployments/{dep_id}", headers=admin()).json()["progress"]
+                if not seen or seen[-1] != progress["stage"]:
+                    seen.append(progress["stage"])
+                if check(progress):
+                    return progress
+                assert time.monotonic() < deadline, progress
+                time.sleep(0.02)
+
+        before_p2_reports = progress_becomes(lambda p: p["stage"] == "loading")
+        cloud.load_report = (300, 1000)
+        assert progress_becomes(lambda p: (p["done"], p["total"]) == (300, 1000))["stage"] == "loading"
+        cloud.gate.set()
+        final = progress_becomes(lambda p: p["stage"] != "loading")
+    pushed = cloud.pushes[-1]
+    assert before_p2_reports["done"] == 0
+    assert before_p2_reports["total"] == sum(t.numel() * t.element_size() for t in pushed.tensors.values())
+    assert final == {"stage": "done", "done": int(pushed.headers["content-length"]), "total": final["total"]}
+    assert final["total"] == final["done"]  # the bytes pushed
+    assert seen == [s for s in STAGES if s in seen] and seen[-2:] == ["loading", "done"]  # in order
+
+
 # --- rotation ------------------------------------------------------------------------------------
 
 
@@ -252,7 +293,8 @@ def test_rotate_serves_the_old_version_until_p2_activates_the_new(p1, model_dir:
         assert cloud.pushing.wait(30)
         during = client.get(f"/v1/deployments/{dep_id}", headers=admin()).json()
         assert during["status"] == "rotating" and during["key_version"] == 1 and during["pending_key_version"] == 2
-        assert during["progress"]["stage"] == "pushing" and during["progress"]["total"] > 0
+        # the whole body is out, P2 holds the answer: P1 reports P2 loading θ′ (in tensor bytes)
+        assert during["progress"]["stage"] == "loading" and during["progress"]["total"] > 0
         held = client.get(f"/v1/deployments/{dep_id}/user-key", headers=bearer(token))
         assert held.headers[api.KEY_VERSION_HEADER] == "1" and held.headers[api.FINGERPRINT_HEADER] == fp1
         _error(client.post(f"/v1/deployments/{dep_id}/rotate", headers=admin()), 409, api.E_CONFLICT, "running")

@@ -1,6 +1,7 @@
 """The deploy/rotate progress bars of `stip-developer ... --wait`, fed the statuses P1 reports."""
 
 import pytest
+import tqdm.std
 
 from developer_service.commands import _ProgressView
 from shared.api import DeploymentStatus, Progress
@@ -41,3 +42,26 @@ def test_a_failed_job_leaves_its_bar_where_it_stopped(capsys: pytest.CaptureFixt
     view.close()
     err = capsys.readouterr().err
     assert "4/10" in err and "10/10" not in err
+
+
+def test_the_loading_bar_counts_the_tensor_bytes_p2_loaded_and_completes(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: now[0])  # the bars' clock, moved by the polls below
+    view = _ProgressView()
+    view(status("pushing", 3 << 20, 3 << 20))
+    now[0] += 0.5
+    view(status("loading", 0, 4 << 20))  # the last byte is out; P1's count of θ′'s tensor bytes
+    assert view.bar.format_dict["unit"] == "B" and view.bar.total == 4 << 20
+    now[0] += 0.5
+    view(status("loading", 1 << 20, 4 << 20))  # what P2 reports
+    assert view.bar.n == 1 << 20
+    now[0] += 1.5
+    view(status("done", 3 << 20, 3 << 20, state="active"))  # P2 answered: loaded and tested
+    assert view.bar is None
+    err = capsys.readouterr().err
+    assert "pushing: 100%" in err and "| 3.00M/3.00M [" in err
+    # 4 MiB in the 2 s this bar lived: 2,097,152 B/s (tqdm writes rates in decimal prefixes), the
+    # real average, not the jump between two polls over an instant
+    assert "loading on P2: 100%" in err and "| 4.00M/4.00M [00:02<00:00, 2.10MB/s]" in err

@@ -28,7 +28,7 @@ stip-developer rotate $DEPLOYMENT_ID --wait > "$OUT/rotate.json" 2> "$OUT/rotate
 
 export STIP_CLIENT_DEVELOPER_URL=http://127.0.0.1:$P1_PORT STIP_CLIENT_DEPLOYMENT_ID=$DEPLOYMENT_ID
 export STIP_CLIENT_CREDENTIAL=$CREDENTIAL
-stip embed "A man is riding a horse." "A man rides a horse." > "$OUT/embed.jsonl"
+stip embed "A man is riding a horse." "A man rides a horse." > "$OUT/embed.jsonl" 2> "$OUT/embed.err"
 
 python - > "$OUT/embed-sdk.txt" <<'PYTHON'
 from user_client import StipClient

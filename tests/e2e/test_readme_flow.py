@@ -84,12 +84,29 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def last_renderings(stderr: str) -> dict[str, str]:
+    """The last state of each tqdm bar in a command's stderr, by its label (polling may skip a
+    short stage, such as P2 loading a small model: it then has no bar)."""
+    bars: dict[str, str] = {}
+    for part in re.split(r"[\r\n]", stderr):
+        label = part.split(":", 1)[0]
+        if "|" in part and label in ("transforming", "pushing", "loading on P2", "user bundle"):
+            bars[label] = part
+    return bars
+
+
 def test_the_encoder_part(flow: Path) -> None:
     registered = json.loads((flow / "curl-register.json").read_text())
     assert registered["family"] == "bert" and registered["d_model"] == 384
     deploy_err = (flow / "deploy.err").read_text()
     assert "100%" in deploy_err and "tensor" in deploy_err  # the bars complete, in real units
     assert "TB/s" not in deploy_err and "PB/s" not in deploy_err
+    for err in (deploy_err, (flow / "rotate.err").read_text()):
+        bars = last_renderings(err)
+        assert bars and set(bars) <= {"transforming", "pushing", "loading on P2"}, bars
+        assert all(bar.startswith(f"{desc}: 100%") for desc, bar in bars.items()), bars  # every bar completes
+    (download,) = last_renderings((flow / "embed.err").read_text()).values()  # the bundle, fetched once
+    assert re.match(r"user bundle: 100%\|[^|]*\| (\d+\.\d+M)/\1 \[", download), download  # in bytes (MiB)
     assert re.search(r"expires \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", (flow / "issue.err").read_text())
     assert json.loads((flow / "rotate.json").read_text())["key_version"] == 2
 

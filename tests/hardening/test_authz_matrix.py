@@ -199,6 +199,9 @@ CLOUD_ROUTES: dict[tuple[str, str], tuple[str, int, Call]] = {
     **DOCS,
     ("GET", "/v1/deployments/{deployment_id}"): ("open", 200, _get(f"/v1/deployments/{DEPLOYMENT}")),
     ("PUT", "/v1/deployments/{deployment_id}/weights"): ("push", 200, _push),
+    # where the push being installed stands: none is, so P1's push token gets the 404 that says so
+    # (the report itself: tests/cloud_service/test_push_progress.py)
+    ("GET", "/v1/deployments/{deployment_id}/weights"): ("push", 404, _get(f"/v1/deployments/{DEPLOYMENT}/weights")),
     ("PUT", "/v1/deployments/{deployment_id}/revocations"): ("push", 200, _revocations),
     ("POST", "/v1/deployments/{deployment_id}/sessions"): (
         "user",

@@ -4,7 +4,8 @@
 100 requests, against a P2 started with only 12 session slots and a 3 s idle TTL, so some
 generations are refused with 429 on purpose. Asserted: the only errors are those 429s, surfaced
 by the SDK as `RateLimited`; every result that came back equals plaintext inference on the
-original model; every session a client opened was deleted by it; with all slots taken by
+original model; every session a client opened got its DELETE (answered 410 where P2 had expired it
+first: on a loaded machine a step can idle past the TTL, and the SDK re-prefills); with all slots taken by
 vanished clients one more generation gets `RateLimited`, the abandoned sessions expire, the
 live-session gauge returns to 0 and generation works again; P2's resident memory after expiry
 is within RSS_TOLERANCE_MIB of its level before the load.
@@ -79,14 +80,19 @@ def test_every_result_equals_plaintext(report: Report) -> None:
 def test_the_sdk_deletes_every_session_it_opens(report: Report) -> None:
     m = report.memory
     assert m.sessions_opened is not None and m.sessions_opened >= report.protocol.kinds["generate"].ok
-    assert m.sessions_deleted == m.sessions_opened
+    # every session gets its DELETE: answered 204, or 410 when it had idled past the 3 s TTL first
+    # (a generation step waiting that long on the loaded machine; the SDK then re-prefilled it)
+    assert m.sessions_expired_first is not None
+    assert m.sessions_deleted + m.sessions_expired_first == m.sessions_opened, format_report(report)
     assert m.sessions_after_load == 0
     assert m.sessions_peak is not None and m.sessions_peak <= OPTIONS.max_sessions
 
 
 def test_full_slots_refuse_with_rate_limited_then_expire_and_recover(report: Report) -> None:
     m = report.memory
-    assert m.sessions_abandoned == OPTIONS.max_sessions
+    # all slots taken at once: the sessions open together after the slow setup (credentials, bundles),
+    # so the oldest is far younger than the idle TTL when the last one is open
+    assert m.sessions_abandoned == OPTIONS.max_sessions, f"opened in {m.abandon_s} s, TTL {OPTIONS.session_ttl_s} s"
     assert report.saturation == "RateLimited 429"
     assert m.sessions_after_expiry == 0
     # the idle TTL, plus at most two sweeps of the expiry task (every max(1, ttl/4) s), plus slack

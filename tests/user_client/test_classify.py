@@ -17,7 +17,7 @@ from PIL import Image
 
 from shared.checkpoint import transform_model_dir
 from shared.runtime import load_cloud_model
-from tests.support import assert_close, max_abs_diff, randomize_parameters
+from tests.support import TOL, assert_close, max_abs_diff, randomize_parameters
 from tests.user_client.conftest import CLOUD_URL, CREDENTIAL, DEVELOPER_URL
 from tests.user_client.fakes import CloudState, DeveloperState, SyncASGITransport, cloud_app, developer_app
 from user_client import BundleError, StipClient, cli, commands
@@ -106,7 +106,8 @@ def test_classify_equals_the_stock_model_on_the_processors_pixels(world: tuple, 
     for row, p in zip(top, probs, strict=True):
         assert [c.class_id for c in row] == p.argsort(descending=True)[:3].tolist()
         assert [c.label for c in row] == [LABELS[c.class_id] for c in row]
-        assert max(abs(c.score - float(p[c.class_id])) for c in row) <= 1e-5
+        # softmax of logits computed in another order (θ′ on x·π): within the fp32 bound they meet
+        assert max(abs(c.score - float(p[c.class_id])) for c in row) <= TOL
     every = client.classify(imgs[0], top_k=None)
     assert len(every) == 1 and sorted(c.label for c in every[0]) == sorted(LABELS)
 

@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
+import tqdm.std
 
 from tests.user_client.conftest import CREDENTIAL, DEVELOPER_URL, World
 from user_client import StipClient, cli, commands
@@ -86,3 +88,60 @@ def test_demo_is_loaded_lazily(run: Callable[..., tuple[int, str, str]], monkeyp
     monkeypatch.setitem(sys.modules, "stip_demo.demo", demo)
     code, _, _ = run("demo", "--developer-url", "http://x", "--models-dir", "/m")
     assert code == 0 and [(a.developer_url, a.models_dir) for a in seen] == [("http://x", "/m")]
+
+
+class Trickle(httpx.BaseTransport):
+    """The fake P1's answers handed over in 64 KiB chunks, each one moving `clock` on by 0.1 s."""
+
+    CHUNK = 64 << 10
+
+    def __init__(self, inner: httpx.BaseTransport, clock: list[float]):
+        self.inner, self.clock, self.sizes = inner, clock, []  # type: ignore[var-annotated]
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        body = response.read()
+        self.sizes.append(len(body))
+
+        def chunks() -> Iterator[bytes]:
+            for start in range(0, len(body), self.CHUNK):
+                self.clock[0] += 0.1
+                yield body[start : start + self.CHUNK]
+
+        return httpx.Response(response.status_code, headers=response.headers, content=chunks(), request=request)
+
+
+def test_the_bundle_download_is_a_bar_in_bytes_that_completes(
+    run: Callable[..., tuple[int, str, str]], world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [0.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: now[0])  # the bar's clock: moved by the download only
+    trickle = Trickle(world.developer_transport, now)
+
+    def factory(*args: Any, **kw: Any) -> StipClient:
+        kw.update(developer_transport=trickle, cloud_transport=world.cloud_transport)
+        return StipClient(*args, **kw)
+
+    monkeypatch.setattr(commands, "StipClient", factory)
+    code, out, err = run("embed", "first sentence", "--deployment", "minilm", *CONNECT)
+    assert code == 0 and len(out.splitlines()) == 1
+    (size,) = trickle.sizes
+    assert size > 10 * Trickle.CHUNK  # the real MiniLM bundle: many chunks, a bar that moves
+    final = [part for part in err.split("\r") if part.startswith("user bundle")][-1]
+    total = tqdm.std.tqdm.format_sizeof(size, divisor=1024)
+    rate = tqdm.std.tqdm.format_sizeof(size / now[0])  # the bytes over the time they took: no instant's rate
+    assert final.startswith("user bundle: 100%") and f"| {total}/{total} [" in final, final
+    assert final.rstrip().endswith(f", {rate}B/s]"), (final, rate)
+
+    code, _, err = run("embed", "first sentence", "--deployment", "minilm", *CONNECT)
+    assert code == 0 and "user bundle" not in err  # from the cache: nothing to download, no bar
+
+
+def test_the_sdk_draws_no_bar_unless_asked(
+    make_client: Callable[..., StipClient], capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[tuple[int, int | None]] = []
+    make_client("minilm", on_download=lambda done, total: seen.append((done, total))).bundle  # noqa: B018
+    assert "user bundle" not in capsys.readouterr().err
+    assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] and seen[0][1] == seen[-1][1]  # bytes, to the total
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:], strict=False))

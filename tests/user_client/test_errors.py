@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import httpx
@@ -40,15 +41,34 @@ def test_key_outdated_refetches_and_retries(make_client: Callable[..., StipClien
     assert world.developer.fetches == 2
 
 
-def test_key_outdated_when_p1_lags(make_client: Callable[..., StipClient], world: World) -> None:
-    client = make_client()
+def test_key_outdated_when_p1_lags_past_the_wait(make_client: Callable[..., StipClient], world: World) -> None:
+    client = make_client(rotation_wait_s=0.3)
     client.forward(IDS)
-    world.rotate("llama", 2, p1=False)  # P2 switched, P1 still hands out v1
-    with pytest.raises(KeyOutdated) as e:
+    world.rotate("llama", 2, p1=False)  # P2 switched, P1 still hands out v1 (and keeps doing so)
+    with pytest.raises(KeyOutdated, match="still hands it out after 0.3 s") as e:
         client.forward(IDS)
     assert e.value.code == api.E_KEY_OUTDATED
     with pytest.raises(KeyOutdated):
         client.generate_ids(IDS[0], max_new_tokens=3)
+    assert client.key_version == 1
+
+
+def test_key_outdated_waits_for_p1_to_hand_out_the_new_key(
+    make_client: Callable[..., StipClient], world: World
+) -> None:
+    """A rotation switches P2 before P1: the client polls P1 until it hands out the new key."""
+    client = make_client(rotation_wait_s=60)
+    expected = client.generate_ids(IDS[0], max_new_tokens=4, eos=False)
+    world.rotate("llama", 2, p1=False)
+    p1_catches_up = threading.Timer(0.5, lambda: world.rotate("llama", 2))
+    p1_catches_up.start()
+    try:
+        before = world.developer.fetches
+        assert client.generate_ids(IDS[0], max_new_tokens=4, eos=False) == expected  # no KeyOutdated
+    finally:
+        p1_catches_up.join()
+    assert client.key_version == 2
+    assert world.developer.fetches - before >= 2  # asked P1 at least once while it still had v1
 
 
 def test_session_opened_under_old_key(make_client: Callable[..., StipClient], world: World) -> None:
