@@ -56,6 +56,8 @@ from shared.families import CloudOutput, get_family
 from shared.runtime import DTYPES
 
 log = logging.getLogger("stip.cloud.vllm")
+if logging.getLogger("httpx").level == logging.NOTSET:  # not a line per request to the engine at INFO
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 VLLM_FAMILIES = frozenset({"llama"})  # LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 MAKE_TARGET = "make vllm-env"
@@ -114,7 +116,7 @@ def start_vllm_model(settings: CloudSettings, manifest: PushManifest, path: Path
     try:
         validate_checkpoint(path, manifest)
     except CheckpointError as e:
-        raise BadInput(f"the pushed θ′ does not fit its family: {e.message}") from None
+        raise BadInput(f"the pushed θ′ does not fit its family: {e}") from None
     family = get_family(manifest.family)
     work_dir.mkdir(parents=True, exist_ok=False)
     model_dir = work_dir / "model"

@@ -39,18 +39,29 @@ def engine_env(python: Path, data_dir: Path) -> dict[str, str]:
     }
 
 
-def engine_pids(data_dir: Path) -> list[int]:
-    """Processes whose command line names `data_dir` (a P2's engine servers and their watchdogs)."""
-    needle = str(data_dir).encode()
-    pids = []
+def engine_groups(data_dir: Path) -> set[int]:
+    """The process groups of the P2 on `data_dir`'s engines: each vLLM server runs under a watchdog
+    that leads its group, and its command line names an engine directory under `data_dir`."""
+    needle = str(data_dir / "tmp" / "engine-").encode()
+    return {pgrp for pid, pgrp, cmdline in _processes() if needle in cmdline and pid == pgrp}
+
+
+def group_members(groups: set[int]) -> list[int]:
+    """Live processes of those groups (vLLM's workers rename themselves: found by group, not name)."""
+    return [pid for pid, pgrp, _ in _processes() if pgrp in groups]
+
+
+def _processes() -> list[tuple[int, int, bytes]]:
+    """(pid, process group, command line) of every live process but zombies."""
+    found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if needle in cmdline and b"vllm" in cmdline and state != "Z":
-            pids.append(int(entry.name))
-    return pids
+        if fields[0] != "Z":  # state, ppid, pgrp, ...
+            found.append((int(entry.name), int(fields[2]), cmdline))
+    return found

@@ -40,7 +40,7 @@ from tests.cloud_service.helpers import (
 )
 from tests.e2e.processes import CLOUD, free_port, start, stop, wait_for, wait_ready
 from tests.support import assert_close, random_causal_lm
-from tests.vllm.engine import CONFIG, engine_env, engine_pids, vllm_python
+from tests.vllm.engine import CONFIG, engine_env, engine_groups, group_members, vllm_python
 
 PROMPT = [5, 17, 3, 40, 22, 9, 58, 0, 11]
 NEW = 12
@@ -105,8 +105,9 @@ def p2(python: Path, data_dir: Path) -> Iterator[tuple[subprocess.Popen, httpx.C
         with httpx.Client(base_url=url, timeout=START_S) as client:
             yield proc, client
     finally:
+        groups = engine_groups(data_dir)
         stop(proc)
-        wait_for(lambda: not engine_pids(data_dir), 60, "the engine processes to end with P2")
+        wait_for(lambda: not group_members(groups), 60, "the engine processes to end with P2")
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +174,7 @@ def test_a_bad_theta_is_refused_before_the_engine_loads_it(
     files = _with_table(v2, tmp_path / "c")
     body, digest = _body(v2, signer, files, {})
     assert "never accepts the embedding module" in assert_error(push(client, body, digest), 400, E_BAD_INPUT)  # type: ignore[arg-type]
-    assert engine_pids(data_dir) == []  # no engine was ever started for them
+    assert engine_groups(data_dir) == set()  # no engine was ever started for them
     assert client.get(f"/v1/deployments/{DEPLOYMENT}").status_code == 404
 
 
@@ -321,8 +322,8 @@ def test_a_rotated_version_serves_only_once_its_engine_does(
     credential: str,
     data_dir: Path,
 ) -> None:
-    old_engines = engine_pids(data_dir)
-    assert old_engines
+    old_engines = engine_groups(data_dir)
+    assert len(old_engines) == 1
     body, digest = v2.body(signer)
     result: dict[str, httpx.Response] = {}
     pusher = threading.Thread(target=lambda: result.setdefault("push", push(served, body, digest)))  # type: ignore[arg-type]
@@ -335,7 +336,7 @@ def test_a_rotated_version_serves_only_once_its_engine_does(
         if reply.status_code == 200 and pusher.is_alive():
             assert_close(permute(plain, token_v1.pi_c), decoded(reply)[0]["logits"])
             served_v1 += 1
-        time.sleep(0.2)
+        time.sleep(1.0)
     pusher.join()
     assert result["push"].status_code == 200, result["push"].text
     assert served_v1 >= 1
@@ -343,14 +344,16 @@ def test_a_rotated_version_serves_only_once_its_engine_does(
     assert_error(stale, 409, E_KEY_OUTDATED)
     out, _ = decoded(forward(served, credential, embeds(original, torch.tensor([PROMPT]), v2.pi), output="last"))  # type: ignore[arg-type]
     assert_close(permute(plain, v2.pi_c), out["logits"])  # embeds mode on v2 (P2 wrote its zero token table)
-    wait_for(lambda: not set(old_engines) & set(engine_pids(data_dir)), 60, "the old version's engine to end")
+    wait_for(lambda: not group_members(old_engines), 60, "the old version's engine to end")
+    assert len(engine_groups(data_dir)) == 1
     info = served.get(f"/v1/deployments/{DEPLOYMENT}").json()
     assert info["key_version"] == 2 and info["mode"] == "embeds"
 
 
 def test_the_engine_ends_when_p2_is_killed(p2: tuple[subprocess.Popen, httpx.Client], data_dir: Path) -> None:
     proc, _ = p2
-    assert engine_pids(data_dir)  # v2's server runs
+    groups = engine_groups(data_dir)
+    assert len(groups) == 1 and len(group_members(groups)) >= 3  # v2's watchdog, server and engine core
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    wait_for(lambda: not engine_pids(data_dir), 60, "the engine processes to end after P2's SIGKILL")
+    wait_for(lambda: not group_members(groups), 60, "the engine processes to end after P2's SIGKILL")
