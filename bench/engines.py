@@ -182,8 +182,9 @@ def run(work: Path, n: int, repeats: int, log: Callable[[str], None]) -> dict[st
     vllm_python = Path(os.environ.get("STIP_CLOUD_VLLM_PYTHON", ".venv-vllm/bin/python")).resolve()
     if not vllm_python.is_file():
         raise SystemExit(f"the vLLM environment is missing ({vllm_python}): build it with `make vllm-env`")
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**CONFIG))
-    model = randomize_parameters(model, seed=0)
+    model: Any = randomize_parameters(
+        transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**CONFIG)), seed=0
+    )
     model.save_pretrained(work / "model")
     result = transform_model_dir(work / "model", work / "out", key_version=1, progress=False, mode="token")
     key = result.key

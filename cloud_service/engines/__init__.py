@@ -12,6 +12,7 @@ engine runs θ′. Both engines give the service the same small surface, the one
   other family (GPT-2, BERT, the paper's model, ViT, MoE) stays on the transformers engine.
 """
 
+import logging
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from cloud_service.schemas import PushManifest
 from cloud_service.settings import CloudSettings
 from shared.runtime import CloudModel, load_cloud_model
 
+log = logging.getLogger("stip.cloud.engines")
+
 
 def load_model(
     settings: CloudSettings, manifest: PushManifest, path: Path, device: torch.device, *, work_dir: Path
@@ -28,6 +31,13 @@ def load_model(
     """θ′ at `path` on the engine the settings choose for its family (blocking)."""
     if settings.engine == "vllm" and manifest.family in VLLM_FAMILIES:
         return start_vllm_model(settings, manifest, path, work_dir=work_dir)
+    if settings.engine == "vllm":
+        log.info(
+            "deployment %s: the vllm engine serves the %s families only; this %s model runs on the transformers engine",
+            manifest.deployment_id,
+            "/".join(sorted(VLLM_FAMILIES)),
+            manifest.family,
+        )
     return load_cloud_model(manifest.config, [path], family=manifest.family, device=device, dtype=settings.dtype)
 
 
