@@ -641,7 +641,7 @@ class CloudService:
             except BaseException as e:
                 job.future.set_exception(e)
         if isinstance(dep.model, engines.VllmModel):
-            self._run_on_engine(dep, steps)
+            self._run_on_engine(dep, dep.model, steps)
             return
         items = [step.item for _, step in steps]
         if batchable(dep.model, items, dep.max_positions):
@@ -680,13 +680,17 @@ class CloudService:
                 continue
             self._settle(dep, job, step, out)
 
-    def _run_on_engine(self, dep: Deployment, steps: list[tuple[Job, "_Step"]]) -> None:
+    def _run_on_engine(self, dep: Deployment, model: engines.VllmModel, steps: list[tuple[Job, "_Step"]]) -> None:
         """vLLM batches by itself (continuous batching): the gathered requests go to it at once."""
 
         def one(job: Job, step: "_Step") -> None:
+            item, options = step.item, step.request.options
             try:
                 started = time.perf_counter()
-                out = self._run_alone(dep, step)
+                new = item.mask if item.mask is not None else torch.ones(item.rows, item.seq, dtype=torch.long)
+                mask = new if item.held is None else torch.cat([item.held, new], dim=1)  # (B, past + S)
+                top_k = options.k if options.output == "topk" else None  # the engine sends k logits, not V
+                out = model.forward(item.x, mask, item.cache, last_only=True, top_k=top_k)
                 self.metrics.model_seconds.observe(time.perf_counter() - started)
             except BaseException as e:
                 if step.session is not None:

@@ -279,8 +279,13 @@ class VllmModel:
         cache: Any = None,
         *,
         last_only: bool = False,
+        top_k: int | None = None,
     ) -> CloudOutput:
-        """(B, S, d) permuted by π (+ the session's (B, past, d) rows) -> (B, 1, V) logits permuted by π_c."""
+        """(B, S, d) permuted by π (+ the session's (B, past, d) rows) -> (B, 1, V) logits permuted by π_c.
+
+        `top_k`: only the k largest logits are needed (output=topk); the others come back as -inf,
+        so a top-k of the result is the top-k of the full logits, and the engine sends k, not V.
+        """
         if not last_only:
             raise BadInput(OUTPUT_ALL_REFUSED)
         x = inputs_embeds.to(self.device, self.dtype)
@@ -291,17 +296,17 @@ class VllmModel:
             "prompt_embeds": [_encode_embeds(r) for r in rows],
             "max_tokens": 1,
             "temperature": 0.0,
-            "logprobs": self.dims.d_out,
+            "logprobs": top_k or self.dims.d_out,
             "return_tokens_as_token_ids": True,
         }
         reply = self._post("/v1/completions", body)
         vocab = self.dims.d_out
-        logits = torch.full((len(rows), vocab), float("nan"))
+        logits = torch.full((len(rows), vocab), float("-inf") if top_k else float("nan"))
         for choice in reply["choices"]:
             top = choice["logprobs"]["top_logprobs"][0]  # {"token_id:j": raw logit}
             index = torch.tensor([int(k.rpartition(":")[2]) for k in top], dtype=torch.long)
             logits[int(choice["index"])].index_copy_(0, index, torch.tensor(list(top.values()), dtype=torch.float32))
-        if bool(torch.isnan(logits).any()):
+        if bool(torch.isnan(logits).any()) or (top_k and int(torch.isfinite(logits).sum()) < top_k * len(rows)):
             raise Internal(f"the vLLM server for {self.name} returned an incomplete vocabulary")
         return CloudOutput(output=logits[:, None, :].to(self.dtype), cache=full)  # (B, 1, V) permuted by π_c
 
