@@ -179,7 +179,8 @@ def run(work: Path, n: int, repeats: int, log: Callable[[str], None]) -> dict[st
     from shared.credentials import Signer
     from user_client.demo import randomize_parameters
 
-    vllm_python = Path(os.environ.get("STIP_CLOUD_VLLM_PYTHON", ".venv-vllm/bin/python")).absolute()  # never resolve(): a venv's python is a link
+    # absolute(), never resolve(): a venv's python is a link to the base interpreter
+    vllm_python = Path(os.environ.get("STIP_CLOUD_VLLM_PYTHON", ".venv-vllm/bin/python")).absolute()
     if not vllm_python.is_file():
         raise SystemExit(f"the vLLM environment is missing ({vllm_python}): build it with `make vllm-env`")
     model: Any = randomize_parameters(
