@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -122,13 +123,11 @@ def start_vllm_model(settings: CloudSettings, manifest: PushManifest, path: Path
     model_dir = work_dir / "model"
     model_dir.mkdir()
     config = dict(family.cloud_config(manifest.config), tie_word_embeddings=False)
-    config.setdefault("architectures", [config.get("architectures", ["LlamaForCausalLM"])[0]])
+    config.setdefault("architectures", ["LlamaForCausalLM"])
     (model_dir / "config.json").write_text(json.dumps(config))
     try:  # the version file stays where it is; a hard link costs no space
         os.link(path, model_dir / "model.safetensors")
     except OSError:
-        import shutil
-
         shutil.copyfile(path, model_dir / "model.safetensors")
     infos, _, _ = wire.read_header(path)
     dims = family.dims(manifest.config)
@@ -143,7 +142,8 @@ def start_vllm_model(settings: CloudSettings, manifest: PushManifest, path: Path
         model = VllmModel(server, manifest, dtype)
         model.forward(torch.zeros(1, 1, dims.d_model), None, None, last_only=True)  # it serves θ′
     except BaseException:
-        server.stop()
+        server.stop()  # its log's last lines are in the error
+        shutil.rmtree(work_dir, ignore_errors=True)
         raise
     return model
 
@@ -218,7 +218,10 @@ class VllmServer:
                     log.info("vLLM server for %s serves on port %d", self.name, self.port)
                     return
             if time.monotonic() > deadline:
-                raise Internal(f"the vLLM server for {self.name} did not answer /health within {timeout:.0f} s")
+                raise Internal(
+                    f"the vLLM server for {self.name} did not answer /health within {timeout:.0f} s "
+                    f"(STIP_CLOUD_VLLM_START_TIMEOUT_S): {self.log_tail()}"
+                )
             time.sleep(0.5)
 
     def log_tail(self) -> str:
@@ -378,8 +381,6 @@ class VllmModel:
         self._closed.set()
         self._http.close()
         self.server.stop()
-        import shutil
-
         shutil.rmtree(self.server.work_dir, ignore_errors=True)
 
 
