@@ -55,6 +55,7 @@ def create_app(settings: CloudSettings | None = None, *, clock: Clock = time.mon
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await asyncio.to_thread(service.close)  # engine processes (vLLM servers) end with P2
 
     app = FastAPI(
         title="STIP cloud (P2)",

@@ -33,6 +33,7 @@ import anyio.lowlevel
 import torch
 from pydantic import ValidationError
 
+from cloud_service.engines.vllm import VllmModel
 from cloud_service.errors import BadInput, CloudError
 from shared.api import (
     E_BAD_INPUT,
@@ -118,6 +119,8 @@ def run(
     from transformers.generation.streamers import BaseStreamer
 
     stop = cancelled or threading.Event()
+    if isinstance(dep.model, VllmModel):  # the vLLM engine decodes and samples by itself
+        return _result(service, dep, req, dep.model.generate(req, on_token, stop))
 
     class Relay(BaseStreamer):  # type: ignore[misc]
         """generate() hands the prompt first, then each new token (shape (1,))."""
@@ -162,6 +165,10 @@ def run(
             stopping_criteria=StoppingCriteriaList([Cancelled()]),
         )
     new = [int(j) for j in out[0, ids.shape[1] :].tolist()]  # relabelled
+    return _result(service, dep, req, new)
+
+
+def _result(service: "CloudService", dep: "Deployment", req: GenerateRequest, new: list[int]) -> GenerateResult:
     service.metrics.tokens.inc(len(req.input_ids) + len(new))
     finish: FinishReason = "stop" if new and new[-1] in req.stop_ids else "length"
     return GenerateResult(

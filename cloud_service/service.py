@@ -36,10 +36,11 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors import safe_open
 
-from cloud_service import generation
+from cloud_service import engines, generation
 from cloud_service.batching import Batcher, BatchItem, Job, batchable, forward_batch
 from cloud_service.errors import (
     BadInput,
+    CloudError,
     Forbidden,
     Internal,
     KeyOutdated,
@@ -90,7 +91,7 @@ from shared.credentials import Claims
 from shared.errors import CredentialError, PayloadTooLarge, StipCoreError
 from shared.families import CloudOutput, Family, detect_family, get_family
 from shared.families.base import CausalLMFamily
-from shared.runtime import CloudModel, load_cloud_model
+from shared.runtime import CloudModel
 
 log = logging.getLogger("stip.cloud")
 
@@ -110,7 +111,7 @@ class Deployment:
     key_version: int
     sha256: str
     verify_key: str  # P1's Ed25519 public key (base64url): verifies user credentials
-    model: CloudModel
+    model: CloudModel | engines.VllmModel  # the engine running θ′ (cloud_service.engines)
     keeps_cache: bool  # decoder with a KV cache: sessions are possible
     max_positions: int | None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -280,6 +281,12 @@ class CloudService:
         self.ready = True
         log.info("ready: %d deployment(s)", len(self._deployments))
 
+    def close(self) -> None:
+        """Stop what the engines run outside this process (vLLM servers), at shutdown (blocking)."""
+        self.ready = False
+        for dep in list(self._deployments.values()):
+            engines.close_model(dep.model)
+
     # --- deployments and credentials ----------------------------------------------------
 
     def deployment(self, deployment_id: str) -> Deployment:
@@ -363,6 +370,8 @@ class CloudService:
             removed = await anyio.to_thread.run_sync(self.storage.remove_deployment, deployment_id)
         if dep is None and not removed:
             raise UnknownDeployment(f"unknown deployment {deployment_id!r}")
+        if dep is not None:
+            await anyio.to_thread.run_sync(engines.close_model, dep.model)
         if dep is not None and dep.model.device.type == "cuda":
             del dep  # requests still in flight keep their reference until they finish
             torch.cuda.empty_cache()
@@ -462,15 +471,21 @@ class CloudService:
                 return PushResult(deployment_id=deployment_id, key_version=key_version, status="active", sha256=sha256)
         await _check_sender(sender_gone, key_version)
         dep = await anyio.to_thread.run_sync(self._load, temp, manifest, sha256)
-        await _check_sender(sender_gone, key_version)  # the last moment before the switch
-        loaded = self._installing[deployment_id].total
-        self._report(manifest, "activating", loaded, loaded)
-        record = await anyio.to_thread.run_sync(
-            lambda: self.storage.activate(temp, deployment_id=deployment_id, key_version=key_version, sha256=sha256)
-        )
+        try:
+            await _check_sender(sender_gone, key_version)  # the last moment before the switch
+            loaded = self._installing[deployment_id].total
+            self._report(manifest, "activating", loaded, loaded)
+            record = await anyio.to_thread.run_sync(
+                lambda: self.storage.activate(temp, deployment_id=deployment_id, key_version=key_version, sha256=sha256)
+            )
+        except BaseException:
+            await anyio.to_thread.run_sync(engines.close_model, dep.model)  # never activated: no engine left behind
+            raise
         self._deployments[deployment_id] = dep  # the switch: new requests see the new version
         dropped = self.sessions.drop_stale(deployment_id, key_version)
         await anyio.to_thread.run_sync(self.storage.remove_inactive, record)
+        if current is not None:  # the old version's engine (a vLLM server) ends once the new one serves
+            await anyio.to_thread.run_sync(engines.close_model, current.model)
         if current is not None and current.model.device.type == "cuda":
             del current  # requests still in flight keep their reference until they finish
             torch.cuda.empty_cache()
@@ -509,26 +524,31 @@ class CloudService:
 
     def _load(self, path: Path, manifest: PushManifest, sha256: str) -> Deployment:
         """Build the stock class on θ′ and run one test forward (blocking)."""
+        model: CloudModel | engines.VllmModel | None = None
         try:
-            model = load_cloud_model(
-                manifest.config,
-                [path],
-                family=manifest.family,
-                device=self.device,
-                dtype=self.settings.dtype,
+            name = f"engine-{manifest.deployment_id}-v{manifest.key_version}-{secrets.token_hex(4)}"
+            work_dir = self.storage.tmp_dir / name  # a vLLM server's model dir and log (removed with it)
+            model = engines.load_model(
+                self.settings,
+                manifest,
+                path,
+                self.device,
+                work_dir=work_dir,
                 on_progress=partial(self._report, manifest, "loading"),
             )
             loaded = self._installing[manifest.deployment_id].total
             self._report(manifest, "testing", loaded, loaded)
             x = torch.zeros(1, 1, model.dims.d_model)
-            probe = model.forward(x, torch.ones(1, 1, dtype=torch.long), None)
-            if manifest.mode == "token":
+            probe = model.forward(x, torch.ones(1, 1, dtype=torch.long), None, last_only=True)
+            if manifest.mode == "token" and isinstance(model, CloudModel):
                 generation.prepare(model.model)
-        except StipCoreError:
-            raise
-        except torch.OutOfMemoryError:
-            raise Internal(f"out of memory while loading {manifest.deployment_id!r} on {self.device}") from None
-        except Exception as e:  # the stock class refusing the config or the weights
+        except BaseException as e:
+            if model is not None:
+                engines.close_model(model)
+            if isinstance(e, (StipCoreError, CloudError)) or not isinstance(e, Exception):
+                raise
+            if isinstance(e, torch.OutOfMemoryError):
+                raise Internal(f"out of memory while loading {manifest.deployment_id!r} on {self.device}") from None
             raise BadInput(f"the pushed model cannot be loaded: {type(e).__name__}: {_short(e)}") from None
         keeps_cache = not model.family.is_encoder and probe.cache is not None
         max_positions = manifest.config.get("max_position_embeddings") or manifest.config.get("n_positions")
@@ -651,6 +671,9 @@ class CloudService:
                 steps.append((job, self._begin(dep, job.payload)))
             except BaseException as e:
                 job.future.set_exception(e)
+        if isinstance(dep.model, engines.VllmModel):
+            self._run_on_engine(dep, dep.model, steps)
+            return
         items = [step.item for _, step in steps]
         if batchable(dep.model, items, dep.max_positions):
             try:
@@ -687,6 +710,35 @@ class CloudService:
                 job.future.set_exception(e)
                 continue
             self._settle(dep, job, step, out)
+
+    def _run_on_engine(self, dep: Deployment, model: engines.VllmModel, steps: list[tuple[Job, "_Step"]]) -> None:
+        """vLLM batches by itself (continuous batching): the gathered requests go to it at once."""
+
+        def one(job: Job, step: "_Step") -> None:
+            item, options = step.item, step.request.options
+            try:
+                started = time.perf_counter()
+                new = item.mask if item.mask is not None else torch.ones(item.rows, item.seq, dtype=torch.long)
+                mask = new if item.held is None else torch.cat([item.held, new], dim=1)  # (B, past + S)
+                top_k = options.k if options.output == "topk" else None  # the engine sends k logits, not V
+                out = model.forward(item.x, mask, item.cache, last_only=True, top_k=top_k)
+                self.metrics.model_seconds.observe(time.perf_counter() - started)
+            except BaseException as e:
+                if step.session is not None:
+                    self.sessions.release(step.session)
+                job.future.set_exception(e)
+                return
+            self._settle(dep, job, step, out)
+
+        if len(steps) == 1:
+            one(*steps[0])
+            return
+        self.metrics.batch_rows.observe(sum(step.item.rows for _, step in steps))
+        threads = [threading.Thread(target=one, args=pair, name="stip-engine-request") for pair in steps]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
     def _begin(self, dep: Deployment, request: "_Request") -> "_Step":
         """Checks that depend on the session's state, and its cache snapshot (reserved memory)."""
@@ -817,6 +869,8 @@ class CloudService:
                 raise BadInput(f"k must lie in 1..{d_out}, got {options.k}")
         elif options.k is not None:
             raise BadInput("k applies only to output=topk")
+        if options.output == "all" and getattr(dep.model, "last_position_only", False):
+            raise BadInput(engines.vllm.OUTPUT_ALL_REFUSED)
         if options.session_id is not None and not dep.keeps_cache:
             raise BadInput(f"the {dep.family.name} model of {dep.deployment_id!r} keeps no KV cache: no sessions")
 
@@ -994,7 +1048,7 @@ def _rollback(cache: Any, length: int) -> bool:
     `crop(n)` takes the number of tokens to remove, as a negative count, per layer: a layer the
     failed forward had not reached yet keeps its length.
     """
-    if cache is None:
+    if cache is None or isinstance(cache, torch.Tensor):  # a tensor: the vLLM engine's rows, never extended in place
         return True
     try:
         for layer in cache.layers:

@@ -19,6 +19,7 @@ MIB = 1 << 20
 GIB = 1 << 30
 
 DType = Literal["float32", "bfloat16", "float16"]
+Engine = Literal["transformers", "vllm"]
 
 
 class CloudSettings(ServiceSettings):
@@ -66,6 +67,26 @@ class CloudSettings(ServiceSettings):
     max_forwards_per_user: int = Field(8, ge=1, description="forward requests of one user in flight; 429 past it")
 
     max_connections: int = Field(512, ge=1, description="open connections and requests (uvicorn limit_concurrency)")
+
+    # The engine that runs θ′ (cloud_service.engines). vllm: decoders of the Llama family run in a
+    # vLLM OpenAI server of their own, one process per deployment version, launched from the
+    # vLLM environment (`make vllm-env`); other families stay on the in-process transformers engine.
+    engine: Engine = Field("transformers", description="transformers (in process) or vllm (a vLLM server per version)")
+    vllm_python: Path = Field(
+        Path(".venv-vllm/bin/python"), description="the Python of the vLLM environment (`make vllm-env` builds it)"
+    )
+    vllm_tensor_parallel_size: int = Field(1, ge=1, description="vLLM --tensor-parallel-size (GPUs per replica)")
+    vllm_pipeline_parallel_size: int = Field(1, ge=1, description="vLLM --pipeline-parallel-size (stages, nodes)")
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization")
+    vllm_kv_cache_gib: int = Field(1, ge=1, description="CPU builds: VLLM_CPU_KVCACHE_SPACE (GiB of KV cache)")
+    vllm_cpu_threads_bind: str = Field(
+        "auto", description="CPU builds: VLLM_CPU_OMP_THREADS_BIND (auto, nobind or core ids such as 0-15)"
+    )
+    vllm_cpu_reserved: int = Field(0, ge=0, description="CPU builds: VLLM_CPU_NUM_OF_RESERVED_CPU")
+    vllm_extra_args: str = Field(
+        "", description="more vLLM server flags, shell-quoted (e.g. --distributed-executor-backend ray)"
+    )
+    vllm_start_timeout_s: float = Field(600.0, gt=0, description="how long a vLLM server may take to answer /health")
 
 
 def load_settings(**overrides: Any) -> CloudSettings:
