@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-import torch
 
 from cloud_service.errors import ResponseTooLarge, TooManyForwards
 from cloud_service.schemas import ForwardOptions
@@ -127,7 +126,7 @@ def check_response_size(dep: Deployment, body: bytes, options: ForwardOptions, l
     if x is None or len(x.shape) != 3 or x.dtype not in ("F32", "F16", "BF16"):
         return
     batch, seq, width = x.shape
-    itemsize = torch.empty((), dtype=wire.DTYPES[x.dtype]).element_size()
+    itemsize = wire.ITEMSIZES[x.dtype]
     d_out = dep.model.dims.d_out
     rows = seq if options.output == "all" else 1
     if dep.family.is_encoder:

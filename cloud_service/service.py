@@ -539,6 +539,8 @@ class CloudService:
         if claims.sub != found.subject:
             raise Forbidden("the session belongs to another user")
         self.sessions.delete(session_id)
+        if dep.batcher is not None:
+            dep.batcher.forget(session_id)
         if isinstance(found, Tombstone):
             raise SessionExpired("the session had already expired")
 
