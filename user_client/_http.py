@@ -117,8 +117,8 @@ class Http:
         """The absolute URL of `path` with `params` as its query, built once and then reused.
 
         httpx joins a relative path to the base URL and merges `params=` into it on every call;
-        a decode step sends the same URL each time, and building it was a third of the step's
-        client-side time (0.3 of 0.6 ms, measured with httpx's MockTransport).
+        a decode step sends the same URL each time (a request took 0.58 ms that way, 0.26 ms with
+        the URL ready, measured with httpx's MockTransport on a loaded 2-core machine).
         """
         key = (path, tuple(params.items()))
         with self._urls_lock:
