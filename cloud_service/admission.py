@@ -1,22 +1,29 @@
 """What a forward request passes before P2 reads its body, and before the forward runs.
 
 In order, after the credential: the user's quota of forwards in flight (429 past
-STIP_CLOUD_MAX_FORWARDS_PER_USER), then one of the deployment's body slots (a wait, never a
-refusal: STIP_CLOUD_FORWARD_BODIES requests per deployment hold a body in memory at once, so
-memory for bodies is bounded by that times STIP_CLOUD_MAX_BODY_BYTES however many clients
-send), then the body itself, bounded while it streams, and the size of the answer it asks
-for, computed from the safetensors header (422 past STIP_CLOUD_MAX_RESPONSE_BYTES). Only
-then is the body decoded and the forward run (service.forward).
+STIP_CLOUD_MAX_FORWARDS_PER_USER), then the body's share of the deployment's body budget (a
+wait, never a refusal: STIP_CLOUD_FORWARD_BODIES × STIP_CLOUD_MAX_BODY_BYTES bytes per
+deployment, however many clients send), then the body itself, bounded while it streams, and
+the size of the answer it asks for, computed from the safetensors header (422 past
+STIP_CLOUD_MAX_RESPONSE_BYTES). Only then is the body decoded and the forward run
+(service.forward).
+
+A body takes its declared `Content-Length` of the budget (BodyLimit has refused one over
+STIP_CLOUD_MAX_BODY_BYTES), an undeclared (chunked) one a whole STIP_CLOUD_MAX_BODY_BYTES: so
+STIP_CLOUD_FORWARD_BODIES bodies of any size fit at once, as many small ones as their bytes
+allow (the decode steps of every concurrent session, which the scheduler batches), and memory
+for bodies stays within the same bound. Waiters are served in arrival order, so a large body
+is not starved by a stream of small ones.
 
 Everything here runs in the event loop, the only thread that touches these counters.
 """
 
 import math
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-import torch
 
 from cloud_service.errors import ResponseTooLarge, TooManyForwards
 from cloud_service.schemas import ForwardOptions
@@ -27,18 +34,59 @@ from shared.api import INPUTS_EMBEDS
 from shared.errors import StipCoreError
 
 
+class ByteBudget:
+    """Bytes that bodies may hold at once; `take` waits (first come, first served) for its share."""
+
+    def __init__(self, total: int) -> None:
+        self.total = self.free = total
+        self._waiting: deque[tuple[int, anyio.Event]] = deque()
+
+    @asynccontextmanager
+    async def take(self, size: int) -> AsyncIterator[None]:
+        size = max(0, min(size, self.total))
+        if self._waiting or size > self.free:
+            waiter = (size, anyio.Event())
+            self._waiting.append(waiter)
+            try:
+                await waiter[1].wait()
+            except BaseException:  # cancelled: give back what was granted meanwhile, or stop waiting
+                if waiter[1].is_set():
+                    self._give(size)
+                else:
+                    self._waiting.remove(waiter)
+                    self._grant()
+                raise
+        else:
+            self.free -= size
+        try:
+            yield
+        finally:
+            self._give(size)
+
+    def _give(self, size: int) -> None:
+        self.free += size
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting and self._waiting[0][0] <= self.free:
+            size, event = self._waiting.popleft()
+            self.free -= size
+            event.set()
+
+
 class Admission:
     def __init__(self, settings: CloudSettings) -> None:
         self.settings = settings
         self._in_flight: dict[tuple[str, str], int] = {}  # (deployment, user) -> forwards
-        self._bodies: dict[str, anyio.Semaphore] = {}  # deployment -> its body slots
+        self._bodies: dict[str, ByteBudget] = {}  # deployment -> its body budget
 
     def in_flight(self, deployment_id: str, subject: str) -> int:
         return self._in_flight.get((deployment_id, subject), 0)
 
     @asynccontextmanager
-    async def forward(self, deployment_id: str, subject: str) -> AsyncIterator[None]:
-        """Hold one of the user's forward slots, then one of the deployment's body slots."""
+    async def forward(self, deployment_id: str, subject: str, body_bytes: int | None = None) -> AsyncIterator[None]:
+        """Hold one of the user's forward slots, then the body's share of the deployment's budget
+        (`body_bytes`: the declared Content-Length; None: a whole STIP_CLOUD_MAX_BODY_BYTES)."""
         key = (deployment_id, subject)
         held = self._in_flight.get(key, 0)
         limit = self.settings.max_forwards_per_user
@@ -49,10 +97,11 @@ class Admission:
             )
         self._in_flight[key] = held + 1
         try:
-            slots = self._bodies.get(deployment_id)
-            if slots is None:
-                slots = self._bodies[deployment_id] = anyio.Semaphore(self.settings.forward_bodies)
-            async with slots:
+            budget = self._bodies.get(deployment_id)
+            if budget is None:
+                s = self.settings
+                budget = self._bodies[deployment_id] = ByteBudget(s.forward_bodies * s.max_body_bytes)
+            async with budget.take(self.settings.max_body_bytes if body_bytes is None else body_bytes):
                 yield
         finally:
             left = self._in_flight[key] - 1
@@ -77,7 +126,7 @@ def check_response_size(dep: Deployment, body: bytes, options: ForwardOptions, l
     if x is None or len(x.shape) != 3 or x.dtype not in ("F32", "F16", "BF16"):
         return
     batch, seq, width = x.shape
-    itemsize = torch.empty((), dtype=wire.DTYPES[x.dtype]).element_size()
+    itemsize = wire.ITEMSIZES[x.dtype]
     d_out = dep.model.dims.d_out
     rows = seq if options.output == "all" else 1
     if dep.family.is_encoder:
@@ -102,4 +151,4 @@ def check_response_size(dep: Deployment, body: bytes, options: ForwardOptions, l
     )
 
 
-__all__ = ["Admission", "check_response_size"]
+__all__ = ["Admission", "ByteBudget", "check_response_size"]

@@ -310,7 +310,8 @@ async def forward(
     service.check_key_version(dep, key_version)
     options = ForwardOptions(output=output, k=k, session_id=session_id)
     admission: Admission = request.app.state.admission
-    async with admission.forward(dep.deployment_id, claims.sub):  # before the body is read (admission.py)
+    size = content_length(request)  # its share of the body budget (admission.py)
+    async with admission.forward(dep.deployment_id, claims.sub, size):  # before the body is read
         body = await read_body(request, service.settings.max_body_bytes)
         check_response_size(dep, body, options, service.settings.max_response_bytes)
         result = await service.forward_async(dep, body, options, claims, limiter=forward_limiter(request, dep))

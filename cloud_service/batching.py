@@ -223,6 +223,8 @@ class Batcher:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._expect = 1  # requesters seen in the last two batches: worth a short wait for as many
+        self._expected: set[str] = set()  # the sessions among them (less those `forget` was told of)
+        self._stateless = 0  # and the stateless requests of the last batch
         self._last_sessions: set[str] = set()
         self._last_run_s = 0.0  # how long the previous batch took: waits stay well below it
         self.batches = 0  # counters, for tests and metrics
@@ -236,6 +238,14 @@ class Batcher:
                 self._thread.start()
             self._cond.notify()
         return job.future
+
+    def forget(self, session_id: str) -> None:
+        """The session ended: no batch waits for its next step (a new generation's second step
+        would otherwise wait for the one before it, which never comes)."""
+        with self._cond:
+            self._expected.discard(session_id)
+            self._last_sessions.discard(session_id)
+            self._expect = max(1, len(self._expected) + self._stateless)
 
     def _fits(self, batch: list[Job], job: Job) -> bool:
         if job.session_id is not None and any(j.session_id == job.session_id for j in batch):
@@ -282,9 +292,11 @@ class Batcher:
             # Streams whose steps arrive staggered split into groups that alternate; expecting
             # everyone seen in the last two batches lets the groups merge into one batch.
             sessions = {j.session_id for j in batch if j.session_id is not None}
-            stateless = sum(j.session_id is None for j in batch)
-            self._expect = max(1, len(sessions | self._last_sessions) + stateless)
-            self._last_sessions = sessions
+            with self._cond:
+                self._stateless = sum(j.session_id is None for j in batch)
+                self._expected = sessions | self._last_sessions
+                self._expect = max(1, len(self._expected) + self._stateless)
+                self._last_sessions = sessions
             self.batches += 1
             self.jobs += len(batch)
             started = time.monotonic()

@@ -59,7 +59,10 @@ class CloudSettings(ServiceSettings):
         256 * MIB, gt=0, description="outputs of one forward, computed from the request before it runs; 422 past it"
     )
     forward_bodies: int = Field(
-        4, ge=1, description="forward requests per deployment whose body P2 reads and holds at once; more wait"
+        4,
+        ge=1,
+        description="forward bodies of the largest size per deployment held at once: a body budget of this x "
+        "max_body_bytes, each body taking its Content-Length of it (chunked: max_body_bytes); more wait",
     )
 
     max_sessions_per_user: int = Field(16, ge=1, description="live sessions of one credential subject")

@@ -38,6 +38,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ITEMSIZES = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def parse_header(
             isinstance(o, int) and o >= 0 for o in (start, end)
         ):
             raise BadTensor(f"tensor {name!r}: shape and offsets must be non-negative integers")
-        itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        itemsize = ITEMSIZES[dtype]
         if end < start or end - start != math.prod(shape) * itemsize:
             raise BadTensor(f"tensor {name!r}: data offsets do not match its shape and dtype")
         infos[name] = TensorInfo(dtype, shape, start, end)

@@ -202,6 +202,24 @@ def test_scheduler_waits_only_for_as_many_as_last_time() -> None:
     assert sizes == [1]
 
 
+def test_scheduler_stops_expecting_a_session_that_ended() -> None:
+    """A new generation's session follows an ended one: without `forget` its second step would
+    wait (up to half a batch's run time) for the ended session's next step."""
+
+    def execute(jobs: list[Job]) -> None:
+        for j in jobs:
+            j.future.set_result(None)
+
+    batcher = Batcher(execute, max_rows=8, max_tokens=100, max_wait_s=10.0, idle_s=5.0)
+    batcher.submit(Job(rows=1, seq=1, session_id="old", payload=None)).result(5)
+    batcher.submit(Job(rows=1, seq=1, session_id="new", payload=None)).result(5)
+    assert batcher._expect == 2  # both were seen in the last two batches
+    batcher.forget("old")
+    assert batcher._expect == 1
+    batcher.forget("never-seen")  # harmless
+    assert batcher._expect == 1
+
+
 # --- through P2's service: concurrent sessions ----------------------------------------------
 
 

@@ -78,16 +78,17 @@ def test_forward_default_is_all_and_last_is_the_last_position(
     assert max_abs_diff(unpermute(last[LOGITS], v1.pi_c), ref[:, -1:]) <= TOL
 
 
+@pytest.mark.parametrize("k", [5, 1])  # k=1 (greedy decoding) is a max on P2, not a topk
 def test_forward_topk_indices_map_to_the_true_top_tokens(
-    deployed: TestClient, original: transformers.PreTrainedModel, v1: Deployed, credential: str
+    deployed: TestClient, original: transformers.PreTrainedModel, v1: Deployed, credential: str, k: int
 ) -> None:
     ids = torch.randint(0, V, (2, 6))
     ref = reference(original, ids)[:, -1:]  # (B, 1, V)
-    tensors, _ = decoded(forward(deployed, credential, embeds(original, ids, v1.pi), output="topk", k=5))
+    tensors, _ = decoded(forward(deployed, credential, embeds(original, ids, v1.pi), output="topk", k=k))
     assert set(tensors) == {TOPK_VALUES, TOPK_INDICES}
     values, indices = tensors[TOPK_VALUES], tensors[TOPK_INDICES]
-    assert values.shape == indices.shape == (2, 1, 5) and indices.dtype == torch.int64
-    true = torch.topk(ref, 5, dim=-1)
+    assert values.shape == indices.shape == (2, 1, k) and indices.dtype == torch.int64
+    true = torch.topk(ref, k, dim=-1)
     assert torch.equal(v1.pi_c[indices], true.indices)  # the token is pi_c[index]
     assert max_abs_diff(values, true.values) <= TOL
 

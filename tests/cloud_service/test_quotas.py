@@ -133,6 +133,55 @@ def test_a_deployments_body_slots_make_requests_wait_before_their_body_is_read(t
     anyio.run(main)
 
 
+def test_the_body_budget_lets_small_bodies_in_together_and_serves_waiters_in_order(tmp_path: Path) -> None:
+    """A budget of one 1000-byte body: two declared 400-byte bodies are read at once (as the
+    decode steps of concurrent sessions are, to be batched); a chunked body (undeclared: the
+    whole 1000) and a 400-byte one after it wait in arrival order; a cancelled waiter gives
+    nothing away."""
+    admission = Admission(settings_for(tmp_path, forward_bodies=1, max_body_bytes=1000, max_forwards_per_user=8))
+    reading: list[str] = []
+    releases = {name: anyio.Event() for name in ("a", "b", "chunked", "c", "gone")}
+
+    async def request(name: str, size: int | None) -> None:
+        async with admission.forward(DEPLOYMENT, "alice", size):
+            reading.append(name)
+            await releases[name].wait()
+
+    async def settle() -> None:
+        for _ in range(20):
+            await checkpoint()
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request, "a", 400)
+            tg.start_soon(request, "b", 400)
+            await settle()
+            assert reading == ["a", "b"]  # 800 of 1000 bytes: both in at once
+            tg.start_soon(request, "chunked", None)
+            await settle()
+            tg.start_soon(request, "c", 150)  # would fit (200 free), but the chunked body came first
+            async with anyio.create_task_group() as gone:  # waits behind the others, then is cancelled
+                gone.start_soon(request, "gone", 300)
+                await settle()
+                gone.cancel_scope.cancel()
+            await settle()
+            assert reading == ["a", "b"]
+            releases["a"].set()
+            await settle()
+            assert reading == ["a", "b"]  # 600 free: the chunked body needs all 1000
+            releases["b"].set()
+            await settle()
+            assert reading == ["a", "b", "chunked"]
+            releases["chunked"].set()
+            await settle()
+            assert reading == ["a", "b", "chunked", "c"]
+            releases["c"].set()
+        budget = admission._bodies[DEPLOYMENT]
+        assert budget.free == budget.total == 1000
+
+    anyio.run(main)
+
+
 # --- the response bound -------------------------------------------------------------------------
 
 B, S = 2, 5
