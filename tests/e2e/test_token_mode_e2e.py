@@ -122,8 +122,12 @@ def test_p2_received_relabelled_ids_only(stack: Stack) -> None:
     assert bodies[0]["input_ids"] == torch.argsort(pi_c)[torch.tensor(real)].tolist()  # relabelled ...
     assert bodies[0]["input_ids"] != real  # ... not the real ids
     assert json.dumps(real, separators=(",", ":")).encode()[1:-1] not in received
+    # Credentials and ids are random base64url / hex, so a short word (a WordPiece piece such as
+    # "de") could occur in them by chance: they are blanked before the text check.
+    fixed = re.sub(rb"(?im)^authorization: .*$", b"", received)
+    fixed = re.sub(rb"[0-9a-f]{12,}", b"", fixed)
     for word in PROMPT.split() + text.split():
-        assert word.encode() not in received, word  # no text
+        assert word.encode() not in fixed, word  # no text
 
 
 def test_stip_generate_works_unchanged(stack: Stack) -> None:
