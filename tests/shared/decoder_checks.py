@@ -1,6 +1,7 @@
-"""The checks every decoder family runs against its stock class (test_llama, test_gpt2, test_moe).
+"""The checks every decoder family runs against its stock class (test_decoders runs them over
+every variant of decoder_models; test_gpt2, test_llama and test_moe reuse them).
 
-One scaffold: a family's test file builds its random models and calls these. P1 transforms,
+One scaffold: a family's model comes from decoder_models' table, and these check it. P1 transforms,
 P2 runs θ′ in the stock class, P3 embeds, permutes and un-permutes (tests.support.deploy_decoder,
 decoder_logits); the reference is the original model in transformers. Positions of a left-padded
 batch are generate()'s own (tests.support.generate_positions)."""
@@ -8,13 +9,14 @@ batch are generate()'s own (tests.support.generate_positions)."""
 import torch
 from torch import nn
 
-from shared.families import Family
-from tests.support import assert_close, decoder_greedy, decoder_logits, deploy_decoder, generate_positions, left_padded
+from tests.shared.decoder_models import Decoder
+from tests.support import assert_close, decoder_greedy, decoder_logits, generate_positions, left_padded
 
 
-def assert_matches_stock(family: Family, model: nn.Module, embed_name: str, vocab: int) -> None:
+def assert_matches_stock(decoder: Decoder, model: nn.Module) -> None:
     """An unpadded batch (3, 9): every position's logits within the fp32 bound."""
-    config, key, cloud_model, user = deploy_decoder(family, model, embed_name)
+    family, vocab = decoder.family, decoder.vocab
+    config, key, cloud_model, user = decoder.deploy(model)
     ids = torch.randint(0, vocab, (3, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
@@ -23,10 +25,11 @@ def assert_matches_stock(family: Family, model: nn.Module, embed_name: str, voca
 
 
 def padded_logits(
-    family: Family, model: nn.Module, embed_name: str, vocab: int, batch: int = 3, seq: int = 8, seed: int = 1
+    decoder: Decoder, model: nn.Module, batch: int = 3, seq: int = 8, seed: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits of the real (unpadded) positions of a left-padded batch: (reference, through STIP)."""
-    config, key, cloud_model, user = deploy_decoder(family, model, embed_name)
+    family, vocab = decoder.family, decoder.vocab
+    config, key, cloud_model, user = decoder.deploy(model)
     ids, mask = left_padded(batch, seq, vocab=vocab, seed=seed)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=generate_positions(mask)).logits
@@ -35,11 +38,10 @@ def padded_logits(
     return ref[real], got[real]
 
 
-def assert_kv_cache_matches_full_forward(
-    family: Family, model: nn.Module, embed_name: str, vocab: int, *, padded: bool = True
-) -> None:
+def assert_kv_cache_matches_full_forward(decoder: Decoder, model: nn.Module, *, padded: bool = True) -> None:
     """A prefill of 5, then one row per step with P2's cache: the logits of one full forward."""
-    config, key, cloud_model, user = deploy_decoder(family, model, embed_name)
+    family, vocab = decoder.family, decoder.vocab
+    config, key, cloud_model, user = decoder.deploy(model)
     ids, mask = left_padded(3, 10, vocab=vocab)
     if not padded:
         mask = torch.ones_like(mask)
@@ -57,9 +59,10 @@ def assert_kv_cache_matches_full_forward(
     assert_close(ref[real], torch.cat(steps, dim=1)[real])
 
 
-def assert_greedy_matches_generate(family: Family, model: nn.Module, embed_name: str, vocab: int) -> None:
+def assert_greedy_matches_generate(decoder: Decoder, model: nn.Module) -> None:
     """8 greedy tokens for a left-padded batch (2, 6): exactly transformers' generate()."""
-    config, key, cloud_model, user = deploy_decoder(family, model, embed_name)
+    family, vocab = decoder.family, decoder.vocab
+    config, key, cloud_model, user = decoder.deploy(model)
     ids, mask = left_padded(2, 6, vocab=vocab)
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8, pad_token_id=0)

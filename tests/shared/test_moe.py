@@ -19,109 +19,18 @@ from safetensors.torch import load_file, save_file
 
 from shared.checkpoint import transform_model_dir
 from shared.errors import CheckpointError, KeyFormatError
-from shared.families import detect_family, get_family
 from shared.families.llama import EMBED, HEAD
 from shared.keys import DeveloperKey, draw_key
 from shared.permutation import permute
 from shared.runtime import load_cloud_model
 from shared.transform import transform_state_dict
-from tests.shared.decoder_checks import (
-    assert_greedy_matches_generate,
-    assert_kv_cache_matches_full_forward,
-    assert_matches_stock,
-    padded_logits,
-)
-from tests.support import (
-    TOL,
-    assert_close,
-    checkpoint_state,
-    deploy_decoder,
-    max_abs_diff,
-    nonidentity_key,
-    randomize_parameters,
-)
+from tests.shared.decoder_checks import padded_logits
+from tests.shared.decoder_models import DECODERS, decoder_model, variant_model
+from tests.shared.family_checks import assert_each_permutation_moves
+from tests.support import TOL, checkpoint_state, max_abs_diff, nonidentity_key
 
-VOCAB = 97
-CLASSES = {
-    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
-    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
-}
-
-
-def make_config(kind: str, **kw: object) -> transformers.PretrainedConfig:
-    config_cls, _ = CLASSES[kind]
-    args: dict[str, object] = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        num_experts_per_tok=2,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    if kind == "mixtral":
-        args.update(num_local_experts=4)
-    else:
-        args.update(num_experts=4, moe_intermediate_size=12, shared_expert_intermediate_size=20, intermediate_size=40)
-    args.update(kw)
-    return config_cls(**args)
-
-
-def original_model(config: transformers.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
-    _, model_cls = CLASSES[config.model_type]
-    torch.manual_seed(seed)
-    return randomize_parameters(model_cls(config), scale=0.2, seed=seed)
-
-
-VARIANTS = {
-    "mixtral-top2": ("mixtral", {}),
-    "mixtral-top1-mqa-tied": (
-        "mixtral",
-        {"num_experts_per_tok": 1, "num_key_value_heads": 1, "tie_word_embeddings": True},
-    ),
-    "mixtral-top3-of-5": ("mixtral", {"num_local_experts": 5, "num_experts_per_tok": 3, "head_dim": 12}),
-    "qwen2_moe": ("qwen2_moe", {}),
-    "qwen2_moe-normtopk-dense": (
-        "qwen2_moe",
-        {"norm_topk_prob": True, "num_hidden_layers": 3, "mlp_only_layers": [1], "tie_word_embeddings": True},
-    ),
-    "qwen2_moe-sparse-step": ("qwen2_moe", {"num_hidden_layers": 4, "decoder_sparse_step": 2}),
-}
-
-
-def deploy(model: torch.nn.Module, key: DeveloperKey | None = None) -> tuple:
-    return deploy_decoder(get_family(model.config.model_type), model, EMBED, key)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_matches_stock_class(variant: str) -> None:
-    kind, kw = VARIANTS[variant]
-    model = original_model(make_config(kind, **kw))
-    assert detect_family(model.config.to_dict()).name == kind
-    assert_matches_stock(get_family(kind), model, EMBED, VOCAB)
-
-
-@pytest.mark.parametrize("variant", ["mixtral-top2", "qwen2_moe-normtopk-dense"])
-def test_left_padding(variant: str) -> None:
-    kind, kw = VARIANTS[variant]
-    assert_close(*padded_logits(get_family(kind), original_model(make_config(kind, **kw)), EMBED, VOCAB))
-
-
-@pytest.mark.parametrize("variant", ["mixtral-top2", "qwen2_moe"])
-def test_kv_cache_matches_full_forward(variant: str) -> None:
-    kind, kw = VARIANTS[variant]
-    assert_kv_cache_matches_full_forward(get_family(kind), original_model(make_config(kind, **kw)), EMBED, VOCAB)
-
-
-@pytest.mark.parametrize("variant", ["mixtral-top2", "qwen2_moe-normtopk-dense"])
-def test_greedy_generation_matches_generate(variant: str) -> None:
-    kind, kw = VARIANTS[variant]
-    assert_greedy_matches_generate(get_family(kind), original_model(make_config(kind, **kw)), EMBED, VOCAB)
+MIXTRAL, QWEN2_MOE = DECODERS["mixtral"], DECODERS["qwen2_moe"]
+VOCAB = MIXTRAL.vocab
 
 
 # --- the routing ----------------------------------------------------------------------------
@@ -140,10 +49,9 @@ def _record_routing(model: torch.nn.Module) -> tuple[list[tuple[torch.Tensor, ..
 
 @pytest.mark.parametrize("variant", ["mixtral-top3-of-5", "qwen2_moe-normtopk-dense"])
 def test_routing_is_identical_token_by_token(variant: str) -> None:
-    kind, kw = VARIANTS[variant]
-    model = original_model(make_config(kind, **kw))
-    family = get_family(kind)
-    config, key, cloud_model, user = deploy(model, nonidentity_key(family.dims(model.config.to_dict())))
+    decoder, model = variant_model(variant)
+    family = decoder.family
+    config, key, cloud_model, user = decoder.deploy(model, nonidentity_key(family.dims(model.config.to_dict())))
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
     ref, ref_hooks = _record_routing(model)
     got, got_hooks = _record_routing(cloud_model)
@@ -172,19 +80,6 @@ def test_routing_is_identical_token_by_token(variant: str) -> None:
 # --- every permutation changes P2's weights ------------------------------------------------------
 
 
-def _without(key: DeveloperKey, part: str) -> DeveloperKey:
-    """The same key with one of its permutations replaced by the identity."""
-    dims = key.dims
-    if part == "pi":
-        return replace(key, user=replace(key.user, pi=torch.arange(dims.d_model)))
-    ident = {
-        "experts": lambda lk: replace(lk, experts=torch.arange(dims.n_experts)),
-        "expert_ffn": lambda lk: replace(lk, expert_ffn=torch.arange(dims.d_expert).repeat(dims.n_experts, 1)),
-        "shared_ffn": lambda lk: replace(lk, shared_ffn=torch.arange(dims.d_shared)),
-    }[part]
-    return replace(key, layers=tuple(ident(lk) for lk in key.layers))
-
-
 def _affected(part: str, cloud: dict[str, torch.Tensor], key: DeveloperKey) -> set[str]:
     """The cloud tensors a permutation must change (and no others)."""
     inner = ("q_proj.bias", "k_proj.bias", "v_proj.bias")
@@ -210,23 +105,14 @@ def _affected(part: str, cloud: dict[str, torch.Tensor], key: DeveloperKey) -> s
 
 @pytest.mark.parametrize("part", ["pi", "experts", "expert_ffn", "shared_ffn"])
 def test_each_permutation_changes_the_cloud_weights(part: str) -> None:
-    """Would fail if the family skipped a permutation, or applied it where it does not belong."""
-    model = original_model(make_config("qwen2_moe"))
-    config = model.config.to_dict()
-    state = checkpoint_state(model)
-    key = nonidentity_key(get_family("qwen2_moe").dims(config))
-    cloud, _ = transform_state_dict(get_family("qwen2_moe"), state, key, config)
-    other, _ = transform_state_dict(get_family("qwen2_moe"), state, _without(key, part), config)
-    changed = {n for n in cloud if not torch.equal(cloud[n], other[n])}
-    expected = _affected(part, cloud, key)
-    assert expected
-    assert changed == expected
+    model = QWEN2_MOE.model()
+    assert_each_permutation_moves(QWEN2_MOE.family, checkpoint_state(model), model.config.to_dict(), part, _affected)
 
 
 def test_mixtral_experts_move_with_their_router_rows() -> None:
-    model = original_model(make_config("mixtral"))
+    model = MIXTRAL.model()
     config = model.config.to_dict()
-    family = get_family("mixtral")
+    family = MIXTRAL.family
     state = checkpoint_state(model)
     key = nonidentity_key(family.dims(config))
     cloud, user = transform_state_dict(family, state, key, config)
@@ -248,8 +134,7 @@ def test_mixtral_experts_move_with_their_router_rows() -> None:
 
 @pytest.mark.parametrize("variant", ["mixtral-top2", "qwen2_moe-normtopk-dense"])
 def test_cloud_dir_loads_with_from_pretrained_as_on_p2(variant: str, tmp_path: Path) -> None:
-    kind, kw = VARIANTS[variant]
-    model = original_model(make_config(kind, **kw))
+    _, model = variant_model(variant)
     model.save_pretrained(tmp_path / "model")
     result = transform_model_dir(tmp_path / "model", tmp_path / "out", progress=False)
     on_p2 = load_cloud_model(
@@ -268,7 +153,7 @@ def test_cloud_dir_loads_with_from_pretrained_as_on_p2(variant: str, tmp_path: P
 
 
 def test_developer_key_keeps_the_expert_permutations(tmp_path: Path) -> None:
-    key = draw_key(get_family("qwen2_moe").dims(make_config("qwen2_moe").to_dict()))
+    key = draw_key(QWEN2_MOE.family.dims(QWEN2_MOE.config().to_dict()))
     key.save(tmp_path / "key.safetensors")
     back = DeveloperKey.load(tmp_path / "key.safetensors")
     for a, b in zip(key.layers, back.layers, strict=True):
@@ -288,9 +173,9 @@ def test_developer_key_keeps_the_expert_permutations(tmp_path: Path) -> None:
 
 
 def test_bad_checkpoints_are_refused_by_name() -> None:
-    model = original_model(make_config("mixtral"))
+    model = MIXTRAL.model()
     config = model.config.to_dict()
-    family = get_family("mixtral")
+    family = MIXTRAL.family
     key = draw_key(family.dims(config))
     state = checkpoint_state(model)
     w1 = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
@@ -315,7 +200,7 @@ def test_bad_checkpoints_are_refused_by_name() -> None:
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    kind=st.sampled_from(sorted(CLASSES)),
+    kind=st.sampled_from(["mixtral", "qwen2_moe"]),
     n_experts=st.integers(2, 6),
     top_k=st.integers(1, 3),
     d_expert=st.sampled_from([4, 8, 12]),  # the stock grouped GEMM wants 16-byte strides
@@ -328,9 +213,9 @@ def test_property_any_dims(
 ) -> None:
     experts = {"num_local_experts": n_experts} if kind == "mixtral" else {"num_experts": n_experts}
     sizes = {"intermediate_size": d_expert} if kind == "mixtral" else {"moe_intermediate_size": d_expert}
-    config = make_config(
-        kind, num_experts_per_tok=min(top_k, n_experts), num_hidden_layers=n_layers, tie_word_embeddings=tied,
+    decoder, model = decoder_model(
+        kind, seed, num_experts_per_tok=min(top_k, n_experts), num_hidden_layers=n_layers, tie_word_embeddings=tied,
         **experts, **sizes,
     )  # fmt: skip
-    ref, got = padded_logits(get_family(kind), original_model(config, seed=seed), EMBED, VOCAB, 2, 5, seed=seed)
+    ref, got = padded_logits(decoder, model, 2, 5, seed=seed)
     assert max_abs_diff(ref, got) <= TOL
