@@ -1,18 +1,40 @@
 """What every family's test of "each permutation changes P2's weights" shares (test_gpt2,
 test_llama, test_moe, test_vit, test_bert, test_paper): a key with one permutation replaced by
-the identity, and the cloud tensors that the change moves, against the ones it must move."""
+the identity, and the cloud tensors that the change moves, against the ones it must move; and
+the refusal of a checkpoint with an unknown name or without its embedding."""
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import pytest
 import torch
+from hypothesis import strategies as st
 
+from shared.errors import CheckpointError
 from shared.families import Family
 from shared.keys import DeveloperKey, LayerKey
 from shared.transform import transform_state_dict
 from tests.support import nonidentity_key
 
 State = dict[str, torch.Tensor]
+
+
+def layer_sizes(*, n_heads: int = 4, head_dim: int = 8, n_layers: int = 2, d_ff: int = 48) -> dict[str, int]:
+    """A small BERT's or paper Transformer's sizes, by their config names (24 positions)."""
+    return dict(
+        hidden_size=n_heads * head_dim,
+        num_attention_heads=n_heads,
+        num_hidden_layers=n_layers,
+        intermediate_size=d_ff,
+        max_position_embeddings=24,
+    )
+
+
+# hypothesis: any layer_sizes() arguments, and the lengths of a right-padded batch
+ANY_SIZES = st.fixed_dictionaries(
+    dict(n_heads=st.integers(1, 4), head_dim=st.integers(1, 6), n_layers=st.integers(1, 3), d_ff=st.integers(1, 24))
+)
+ANY_LENGTHS = st.lists(st.integers(1, 8), min_size=1, max_size=3)
 
 
 def with_identity(key: DeveloperKey, *parts: str, layer: int | None = None) -> DeveloperKey:
@@ -77,3 +99,44 @@ def assert_each_permutation_moves(
     want = expected(part, cloud, key)
     assert want  # the test checks something
     assert moved(family, state, config, cloud, with_identity(key, part)) == want
+
+
+def assert_refused_by_name(
+    family: Family,
+    state: State,
+    key: DeveloperKey,
+    config: dict,
+    *,
+    unexpected: tuple[str, ...],
+    embedding: str,
+    shape: tuple[int, ...] = (32,),
+) -> None:
+    """A checkpoint with a name the family does not know (each of `unexpected`, as a zero tensor
+    of `shape`), or without its embedding tensor (every name holding `embedding` left out), is
+    refused, naming what is wrong."""
+    for name in unexpected:
+        with pytest.raises(CheckpointError, match="unexpected"):
+            family.transform(name, torch.zeros(shape), key, config)
+    no_embedding = {n: t for n, t in state.items() if embedding not in n}
+    with pytest.raises(CheckpointError, match="embedding"):
+        transform_state_dict(family, no_embedding, key, config)
+
+
+def assert_layer_moves(
+    family: Family,
+    state: State,
+    config: dict,
+    key: DeveloperKey,
+    parts: tuple[str, ...],
+    expected: Callable[[int, str], set[str]],
+) -> tuple[State, State]:
+    """Layer by layer, replacing one inner permutation of `key` by the identity changes exactly
+    the cloud tensors `expected(layer, part)`, and every cloud tensor differs from the original.
+    Returns the transform under `key`: (θ′, the user's embedding module)."""
+    cloud, user = transform_state_dict(family, state, key, config)
+    for i in range(len(key.layers)):
+        for part in parts:
+            assert moved(family, state, config, cloud, with_identity(key, part, layer=i)) == expected(i, part), part
+    for name, t in cloud.items():
+        assert not torch.equal(t, state[name]), name
+    return cloud, user

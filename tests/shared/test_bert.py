@@ -1,37 +1,27 @@
 """The BERT family against the stock `BertModel`, every parameter randomised."""
 
-import dataclasses
-
 import pytest
 import torch
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.errors import CheckpointError, UnsupportedModel
+from shared.errors import UnsupportedModel
 from shared.families import detect_family, get_family
 from shared.families.bert import EMBEDDING_NAMES, BertFamily
 from shared.keys import DeveloperKey, draw_key
 from shared.permutation import permute, unpermute
 from shared.transform import transform_state_dict
+from tests.shared.family_checks import ANY_LENGTHS, ANY_SIZES, assert_layer_moves, layer_sizes, moved, with_identity
 from tests.support import max_abs_diff, randomize_parameters
 
 FAMILY = get_family("bert")
 TOL = 1e-4
 
 
-def tiny_bert(
-    *, n_heads: int = 4, head_dim: int = 8, n_layers: int = 2, d_ff: int = 48, seed: int = 0
-) -> tuple[transformers.BertModel, dict]:
-    cfg = transformers.BertConfig(
-        vocab_size=61,
-        hidden_size=n_heads * head_dim,
-        num_attention_heads=n_heads,
-        num_hidden_layers=n_layers,
-        intermediate_size=d_ff,
-        max_position_embeddings=24,
-        type_vocab_size=2,
-    )
+def tiny_bert(*, seed: int = 0, **sizes: int) -> tuple[transformers.BertModel, dict]:
+    """A BertModel of `family_checks.layer_sizes(**sizes)` (4 heads of 8, 2 layers by default)."""
+    cfg = transformers.BertConfig(vocab_size=61, type_vocab_size=2, **layer_sizes(**sizes))
     model = randomize_parameters(transformers.BertModel(cfg), seed=seed)
     return model, cfg.to_dict()
 
@@ -86,16 +76,9 @@ def test_lossless_without_mask() -> None:
 
 
 @settings(max_examples=10, deadline=None)
-@given(
-    n_heads=st.integers(1, 4),
-    head_dim=st.integers(1, 6),
-    n_layers=st.integers(1, 3),
-    d_ff=st.integers(1, 24),
-    lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3),
-    seed=st.integers(0, 2**16),
-)
-def test_lossless_property(n_heads, head_dim, n_layers, d_ff, lengths, seed) -> None:
-    model, config = tiny_bert(n_heads=n_heads, head_dim=head_dim, n_layers=n_layers, d_ff=d_ff, seed=seed)
+@given(sizes=ANY_SIZES, lengths=ANY_LENGTHS, seed=st.integers(0, 2**16))
+def test_lossless_property(sizes: dict[str, int], lengths: list[int], seed: int) -> None:
+    model, config = tiny_bert(**sizes, seed=seed)
     ids, mask, token_types = padded_batch(len(lengths), max(lengths), lengths, 61, seed=seed)
     d_hidden, d_pooled = compare(model, config, ids, mask, token_types)
     assert d_hidden <= TOL
@@ -126,24 +109,6 @@ def test_encoder_key_reuses_pi(tmp_path) -> None:
     assert torch.equal(loaded.pi_c, key.pi) and loaded.dims == dims
 
 
-def _identity_key(key: DeveloperKey, layer: int | None, part: str) -> DeveloperKey:
-    """The same key with one permutation replaced by the identity."""
-    if part == "pi":
-        ident = torch.arange(key.pi.numel())
-        user = dataclasses.replace(key.user, pi=ident, pi_c=ident.clone())
-        return dataclasses.replace(key, user=user)
-    lk = key.layers[layer]
-    if part == "head":
-        ident = torch.arange(lk.head.numel())
-        new = dataclasses.replace(lk, head=ident, kv_head=ident.clone())
-    else:
-        old = getattr(lk, part)
-        ident = torch.arange(old.shape[-1]).expand_as(old).contiguous()
-        new = dataclasses.replace(lk, **{part: ident})
-    layers = tuple(new if i == layer else x for i, x in enumerate(key.layers))
-    return dataclasses.replace(key, layers=layers)
-
-
 # which tensors of the layer each inner permutation moves
 _Q = {"attention.self.query.weight", "attention.self.query.bias"}
 _K = {"attention.self.key.weight", "attention.self.key.bias"}
@@ -158,26 +123,18 @@ _MOVES = {
 
 
 def test_every_permutation_moves_the_cloud_weights() -> None:
-    """Fails if any permutation were drawn as the identity or skipped by the transform."""
+    """Fails if any permutation were drawn as the identity or skipped by the transform (and each
+    cloud tensor differs from the original one)."""
     model, config = tiny_bert(n_heads=12, head_dim=4, n_layers=2, d_ff=64)
     key = draw_key(FAMILY.dims(config))
     state = model.state_dict()
-    cloud, _ = transform_state_dict(FAMILY, state, key, config)
-
-    def changed(other: DeveloperKey) -> set[str]:
-        alt, _ = transform_state_dict(FAMILY, state, other, config)
-        assert alt.keys() == cloud.keys()
-        return {n for n in cloud if not torch.equal(cloud[n], alt[n])}
-
-    for i in range(2):
-        for part, moved in _MOVES.items():
-            assert changed(_identity_key(key, i, part)) == {f"encoder.layer.{i}.{r}" for r in moved}, part
+    cloud, _ = assert_layer_moves(
+        FAMILY, state, config, key, tuple(_MOVES), lambda i, part: {f"encoder.layer.{i}.{r}" for r in _MOVES[part]}
+    )
     # π moves every cloud tensor except the Q/K/V biases and the FFN-in bias (no d axis)
     untouched = ("self.query.bias", "self.key.bias", "self.value.bias", "intermediate.dense.bias")
-    assert changed(_identity_key(key, None, "pi")) == {n for n in cloud if not n.endswith(untouched)}
-    # and each cloud tensor differs from the original one
-    for name, t in cloud.items():
-        assert not torch.equal(t, state[name]), name
+    changed = moved(FAMILY, state, config, cloud, with_identity(key, "pi", "pi_c"))
+    assert changed == {n for n in cloud if not n.endswith(untouched)}
 
 
 def test_cloud_holds_no_embedding() -> None:
@@ -205,41 +162,6 @@ def test_accepts_bert_prefix_and_drops_pretraining_heads() -> None:
     cloud2, user2 = transform_state_dict(FAMILY, prefixed, key, config)
     assert cloud2.keys() == cloud.keys() and user2.keys() == user.keys()
     assert all(torch.equal(cloud[n], cloud2[n]) for n in cloud)
-
-
-@pytest.mark.parametrize(
-    ("name", "shape"),
-    [
-        ("encoder.layer.0.attention.self.query.weight", (32, 31)),
-        ("encoder.layer.1.output.LayerNorm.bias", (33,)),
-        ("encoder.layer.0.intermediate.dense.weight", (32, 32)),
-        ("pooler.dense.weight", (32, 16)),
-        ("embeddings.word_embeddings.weight", (60, 32)),
-        ("embeddings.LayerNorm.weight", (31,)),
-    ],
-)
-def test_wrong_shape(name: str, shape: tuple[int, ...]) -> None:
-    _, config = tiny_bert()
-    key = draw_key(FAMILY.dims(config))
-    with pytest.raises(CheckpointError, match="shape"):
-        FAMILY.transform(name, torch.zeros(shape), key, config)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "encoder.layer.0.attention.self.rotary.weight",
-        "encoder.layer.2.output.dense.bias",  # beyond num_hidden_layers
-        "classifier.weight",
-        "decoder.layer.0.output.dense.bias",
-        "bert.bert.pooler.dense.bias",
-    ],
-)
-def test_unknown_name(name: str) -> None:
-    _, config = tiny_bert()
-    key = draw_key(FAMILY.dims(config))
-    with pytest.raises(CheckpointError, match="unexpected"):
-        FAMILY.transform(name, torch.zeros(32), key, config)
 
 
 def test_detection_and_unsupported_configs() -> None:

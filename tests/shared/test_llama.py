@@ -17,7 +17,7 @@ from shared.keys import draw_key
 from shared.transform import transform_state_dict
 from tests.shared.decoder_checks import padded_logits
 from tests.shared.decoder_models import DECODERS, decoder_model, variant_model
-from tests.shared.family_checks import Moves, assert_each_permutation_moves
+from tests.shared.family_checks import Moves, assert_each_permutation_moves, assert_refused_by_name
 from tests.support import TOL, assert_close, decoder_logits, generate_positions, left_padded, max_abs_diff
 
 LLAMA = DECODERS["llama"]
@@ -134,13 +134,5 @@ def test_wrong_shape_and_unknown_names_are_refused() -> None:
         transform_state_dict(FAMILY, bad_shape, key, config)
     with pytest.raises(CheckpointError, match="shape"):
         FAMILY.transform(EMBED, state[EMBED].T, key, config)
-    for name in (
-        "model.layers.0.self_attn.rotary.weight",
-        "model.layers.9.mlp.up_proj.weight",
-        "foo.bar",
-    ):
-        with pytest.raises(CheckpointError, match="unexpected"):
-            FAMILY.transform(name, torch.zeros(3), key, config)
-    no_embedding = {n: t for n, t in state.items() if n != EMBED}
-    with pytest.raises(CheckpointError, match="embedding"):
-        transform_state_dict(FAMILY, no_embedding, key, config)
+    unexpected = ("model.layers.0.self_attn.rotary.weight", "model.layers.9.mlp.up_proj.weight", "foo.bar")
+    assert_refused_by_name(FAMILY, state, key, config, unexpected=unexpected, embedding=EMBED, shape=(3,))

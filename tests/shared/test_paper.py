@@ -1,6 +1,6 @@
 """The paper's Transformer (encoder and masked decoder) against itself on the original weights."""
 
-import dataclasses
+from functools import partial
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ from shared.families.paper import PaperConfig, PaperFamily, PaperTransformer
 from shared.keys import DeveloperKey, draw_key
 from shared.permutation import permute, unpermute
 from shared.transform import transform_state_dict
+from tests.shared.family_checks import ANY_LENGTHS, ANY_SIZES, assert_layer_moves, layer_sizes, moved, with_identity
 from tests.support import max_abs_diff, randomize_parameters
 
 FAMILY = get_family("paper")
@@ -20,24 +21,9 @@ TOL = 1e-4
 NORMS = ("attn_norm.weight", "attn_norm.bias", "ffn_norm.weight", "ffn_norm.bias")
 
 
-def tiny_paper(
-    *,
-    causal: bool,
-    n_heads: int = 4,
-    head_dim: int = 8,
-    n_layers: int = 2,
-    d_ff: int = 48,
-    seed: int = 0,
-) -> tuple[PaperTransformer, dict]:
-    cfg = PaperConfig(
-        vocab_size=53,
-        hidden_size=n_heads * head_dim,
-        num_attention_heads=n_heads,
-        num_hidden_layers=n_layers,
-        intermediate_size=d_ff,
-        max_position_embeddings=24,
-        causal=causal,
-    )
+def tiny_paper(*, causal: bool, seed: int = 0, **sizes: int) -> tuple[PaperTransformer, dict]:
+    """The paper's Transformer of `family_checks.layer_sizes(**sizes)` (4 heads of 8, 2 layers by default)."""
+    cfg = PaperConfig(vocab_size=53, causal=causal, **layer_sizes(**sizes))
     return randomize_parameters(PaperTransformer(cfg), seed=seed), cfg.to_json()
 
 
@@ -80,19 +66,9 @@ def test_lossless_without_mask(causal: bool) -> None:
 
 
 @settings(max_examples=10, deadline=None)
-@given(
-    causal=st.booleans(),
-    n_heads=st.integers(1, 4),
-    head_dim=st.integers(1, 6),
-    n_layers=st.integers(1, 3),
-    d_ff=st.integers(1, 24),
-    lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3),
-    seed=st.integers(0, 2**16),
-)
-def test_lossless_property(causal, n_heads, head_dim, n_layers, d_ff, lengths, seed) -> None:
-    model, config = tiny_paper(
-        causal=causal, n_heads=n_heads, head_dim=head_dim, n_layers=n_layers, d_ff=d_ff, seed=seed
-    )
+@given(causal=st.booleans(), sizes=ANY_SIZES, lengths=ANY_LENGTHS, seed=st.integers(0, 2**16))
+def test_lossless_property(causal: bool, sizes: dict[str, int], lengths: list[int], seed: int) -> None:
+    model, config = tiny_paper(causal=causal, **sizes, seed=seed)
     ids, mask = padded_batch(lengths, max(lengths), seed=seed)
     assert lossless_diff(model, config, ids, mask) <= TOL
 
@@ -138,22 +114,6 @@ def test_leaving_layernorm_unpermuted_is_wrong(causal: bool) -> None:
             assert theirs <= TOL
 
 
-def _identity_key(key: DeveloperKey, layer: int | None, part: str) -> DeveloperKey:
-    if part in ("pi", "pi_c"):
-        user = dataclasses.replace(key.user, **{part: torch.arange(getattr(key, part).numel())})
-        return dataclasses.replace(key, user=user)
-    lk = key.layers[layer]
-    if part == "head":
-        ident = torch.arange(lk.head.numel())
-        new = dataclasses.replace(lk, head=ident, kv_head=ident.clone())
-    else:
-        old = getattr(lk, part)
-        ident = torch.arange(old.shape[-1]).expand_as(old).contiguous()
-        new = dataclasses.replace(lk, **{part: ident})
-    layers = tuple(new if i == layer else x for i, x in enumerate(key.layers))
-    return dataclasses.replace(key, layers=layers)
-
-
 _MOVES = {
     "head": {"q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight",
              "v_proj.bias", "o_proj.weight"},
@@ -163,66 +123,24 @@ _MOVES = {
 }  # fmt: skip
 
 
+def _layer_tensors(i: int, part: str) -> set[str]:
+    return {f"layers.{i}.{'' if r.startswith('fc') else 'self_attn.'}{r}" for r in _MOVES[part]}
+
+
 def test_every_permutation_moves_the_cloud_weights() -> None:
     """Fails if any permutation were drawn as the identity or skipped by the transform."""
     model, config = tiny_paper(causal=True, n_heads=12, head_dim=4, n_layers=2, d_ff=64)
     key = draw_key(FAMILY.dims(config))
     state = model.state_dict()
-    cloud, user = transform_state_dict(FAMILY, state, key, config)
-
-    def changed(other: DeveloperKey) -> set[str]:
-        alt, _ = transform_state_dict(FAMILY, state, other, config)
-        assert alt.keys() == cloud.keys()
-        return {n for n in cloud if not torch.equal(cloud[n], alt[n])}
-
-    for i in range(2):
-        for part, moved in _MOVES.items():
-            expected = {f"layers.{i}.{'' if r.startswith('fc') else 'self_attn.'}{r}" for r in moved}
-            assert changed(_identity_key(key, i, part)) == expected, part
+    cloud, user = assert_layer_moves(FAMILY, state, config, key, tuple(_MOVES), _layer_tensors)
     untouched = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "fc1.bias", "lm_head.bias")
-    assert changed(_identity_key(key, None, "pi")) == {n for n in cloud if not n.endswith(untouched)}
-    assert changed(_identity_key(key, None, "pi_c")) == {"lm_head.weight", "lm_head.bias"}
-    for name, t in cloud.items():
-        assert not torch.equal(t, state[name]), name
+    changed = partial(moved, FAMILY, state, config, cloud)
+    assert changed(with_identity(key, "pi")) == {n for n in cloud if not n.endswith(untouched)}
+    assert changed(with_identity(key, "pi_c")) == {"lm_head.weight", "lm_head.bias"}
     # the cloud holds no embedding tensor
     assert sorted(user) == ["embed_positions.weight", "embed_tokens.weight"]
     assert set(cloud) == {n for n in state if not n.startswith("embed_")}
     assert not any(torch.equal(t, e) for t in cloud.values() for e in user.values() if t.shape == e.shape)
-
-
-@pytest.mark.parametrize(
-    ("name", "shape"),
-    [
-        ("layers.0.self_attn.q_proj.weight", (32, 31)),
-        ("layers.1.attn_norm.bias", (31,)),
-        ("layers.0.fc1.weight", (32, 32)),
-        ("lm_head.weight", (52, 32)),
-        ("lm_head.bias", (32,)),
-        ("embed_tokens.weight", (53, 31)),
-        ("embed_positions.weight", (23, 32)),
-    ],
-)
-def test_wrong_shape(name: str, shape: tuple[int, ...]) -> None:
-    _, config = tiny_paper(causal=True)
-    key = draw_key(FAMILY.dims(config))
-    with pytest.raises(CheckpointError, match="shape"):
-        FAMILY.transform(name, torch.zeros(shape), key, config)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "layers.0.self_attn.rotary.weight",
-        "layers.2.fc1.bias",
-        "model.layers.0.fc1.bias",
-        "head.weight",
-    ],
-)
-def test_unknown_name(name: str) -> None:
-    _, config = tiny_paper(causal=True)
-    key = draw_key(FAMILY.dims(config))
-    with pytest.raises(CheckpointError, match="unexpected"):
-        FAMILY.transform(name, torch.zeros(32), key, config)
 
 
 def test_config_json_form() -> None:

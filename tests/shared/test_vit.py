@@ -7,7 +7,6 @@ P1 transforms the checkpoint as `save_pretrained` writes it, P2 loads θ′ into
 locally and un-permutes the class logits with π_c (hidden states and pooled output with π).
 """
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,8 @@ from shared.keys import DeveloperKey, draw_key
 from shared.permutation import permute, unpermute
 from shared.runtime import load_cloud_model
 from shared.transform import transform_state_dict
-from tests.support import assert_close, checkpoint_state, max_abs_diff, nonidentity_key, randomize_parameters
+from tests.shared.family_checks import Moves, assert_each_permutation_moves, assert_refused_by_name
+from tests.support import assert_close, checkpoint_state, max_abs_diff, randomize_parameters
 
 CLASSIFIER, ENCODER = get_family("vit"), get_family("vit_model")
 
@@ -147,48 +147,25 @@ def test_cloud_holds_no_embedding_and_no_label_names() -> None:
     assert key.dims.d_out == key.pi_c.numel() == 7  # π_c permutes the classes
 
 
-def _without(key: DeveloperKey, part: str) -> DeveloperKey:
-    """The same key with one permutation replaced by the identity (MHA: heads = KV heads)."""
-    dims = key.dims
-    if part in ("pi", "pi_c"):
-        n = dims.d_model if part == "pi" else dims.d_out
-        return replace(key, user=replace(key.user, **{part: torch.arange(n)}))
-    ident = torch.arange(dims.head_dim).repeat(dims.n_kv_heads, 1)
-    change = {
-        "head": lambda lk: replace(lk, head=torch.arange(dims.n_heads), kv_head=torch.arange(dims.n_kv_heads)),
-        "qk": lambda lk: replace(lk, qk=ident),
-        "v": lambda lk: replace(lk, v=ident),
-        "ffn": lambda lk: replace(lk, ffn=torch.arange(dims.d_ff)),
-    }[part]
-    return replace(key, layers=tuple(change(lk) for lk in key.layers))
+_QK = {"attention.attention." + n for n in ("query.weight", "query.bias", "key.weight", "key.bias")}
+_V = {"attention.attention.value.weight", "attention.attention.value.bias", "attention.output.dense.weight"}
+MOVES = Moves(  # which cloud tensors each permutation must change
+    inner=("query.bias", "key.bias", "value.bias", "intermediate.dense.bias", "classifier.bias"),
+    head=frozenset({"classifier.weight", "classifier.bias"}),
+    depth=4,  # vit.encoder.layer.{i}.
+    layer={
+        "head": _QK | _V,
+        "qk": _QK,
+        "v": _V,
+        "ffn": {"intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight"},
+    },
+)
 
 
-AFFECTED = {  # cloud tensors of a layer (after `encoder.layer.{i}.`) each inner permutation moves
-    "head": {"attention.attention." + n for n in ("query.weight", "query.bias", "key.weight", "key.bias")}
-    | {"attention.attention.value.weight", "attention.attention.value.bias", "attention.output.dense.weight"},
-    "qk": {"attention.attention." + n for n in ("query.weight", "query.bias", "key.weight", "key.bias")},
-    "v": {"attention.attention.value.weight", "attention.attention.value.bias", "attention.output.dense.weight"},
-    "ffn": {"intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight"},
-}
-
-
-@pytest.mark.parametrize("part", ["pi", "pi_c", *AFFECTED])
+@pytest.mark.parametrize("part", ["pi", "pi_c", *MOVES.layer])
 def test_each_permutation_changes_the_cloud_weights(part: str) -> None:
     model = tiny_vit()
-    config = config_of(model)
-    state = checkpoint_state(model)
-    key = nonidentity_key(CLASSIFIER.dims(config))
-    cloud, _ = transform_state_dict(CLASSIFIER, state, key, config)
-    other, _ = transform_state_dict(CLASSIFIER, state, _without(key, part), config)
-    changed = {n for n in cloud if not torch.equal(cloud[n], other[n])}
-    if part == "pi":
-        inner = ("query.bias", "key.bias", "value.bias", "intermediate.dense.bias", "classifier.bias")
-        expected = {n for n in cloud if not n.endswith(inner)}
-    elif part == "pi_c":
-        expected = {"classifier.weight", "classifier.bias"}
-    else:
-        expected = {n for n in cloud if n.split(".", 4)[-1] in AFFECTED[part]}
-    assert expected and changed == expected
+    assert_each_permutation_moves(CLASSIFIER, checkpoint_state(model), config_of(model), part, MOVES)
 
 
 # --- θ′ on disk loads into the stock class as transformers loads it -----------------------------
@@ -233,13 +210,9 @@ def test_bad_checkpoints_are_refused_by_name() -> None:
         transform_state_dict(CLASSIFIER, dict(state, **{q: state[q][:-1]}), key, config)
     with pytest.raises(CheckpointError, match="position_embeddings"):
         CLASSIFIER.transform("vit.embeddings.position_embeddings", torch.zeros(1, 5, 32), key, config)
-    for name in (
+    unexpected = (
         "vit.layers.0.attention.q_proj.weight",
         "vit.encoder.layer.2.output.dense.bias",
         "pooler.dense.weight",
-    ):
-        with pytest.raises(CheckpointError, match="unexpected"):
-            CLASSIFIER.transform(name, torch.zeros(32), key, config)
-    no_embedding = {n: t for n, t in state.items() if "cls_token" not in n}
-    with pytest.raises(CheckpointError, match="embedding"):
-        transform_state_dict(CLASSIFIER, no_embedding, key, config)
+    )
+    assert_refused_by_name(CLASSIFIER, state, key, config, unexpected=unexpected, embedding="cls_token")
