@@ -2,7 +2,7 @@
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -25,6 +25,10 @@ TINY_LLAMA: dict[str, Any] = dict(
     vocab_size=61,
     tie_word_embeddings=False,
     max_position_embeddings=64,
+)
+# and GPT-2 of the same width (MHA, tied head, learned positions)
+TINY_GPT2: dict[str, Any] = dict(
+    model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=32, n_head=4, n_layer=2, vocab_size=61, n_positions=64
 )
 
 
@@ -115,11 +119,51 @@ def nonidentity_key(dims: ModelDims) -> DeveloperKey:
 # --- a decoder through the protocol, in process: P1 transforms, P2 runs θ′, P3 embeds and samples
 
 
-def deploy_decoder(
-    family: Family, model: nn.Module, embed_name: str, key: DeveloperKey | None = None
-) -> tuple[dict, DeveloperKey, nn.Module, dict[str, torch.Tensor]]:
-    """P1 transforms, P2 loads θ′ into the stock class. Returns (config, key, cloud model, user
-    embedding module); `embed_name` is the token table's name, the one tensor P2 must lack."""
+class Deployment(NamedTuple):
+    """A decoder deployed in process (deploy_decoder): P1's key, P2's stock model on θ′, P3's
+    embedding module. P3 embeds and permutes, P2 runs θ′, P3 un-permutes and samples."""
+
+    family: Family
+    config: dict
+    key: DeveloperKey
+    cloud_model: nn.Module
+    user: dict[str, torch.Tensor]
+
+    @torch.no_grad()
+    def logits(
+        self, ids: torch.Tensor, mask: torch.Tensor | None, cache: object = None, last_only: bool = False
+    ) -> tuple[torch.Tensor, object]:
+        """P3 embeds (learned positions at the offsets its mask implies; RoPE families ignore them)
+        and permutes, P2 runs θ′, P3 un-permutes: plaintext logits (B, S or 1, V) and the cache."""
+        offset: int | torch.Tensor = 0
+        if mask is not None:  # mask (B, past + S): row b's real tokens so far start at position 0
+            offset = mask.shape[1] - ids.shape[1] - (mask == 0).sum(-1)
+        elif cache is not None:
+            offset = cache.get_seq_length()  # type: ignore[attr-defined]
+        x = self.family.embed(self.user, self.config, ids, position_offset=offset)  # type: ignore[arg-type]
+        out = self.family.cloud_forward(self.cloud_model, permute(x, self.key.pi), mask, cache, last_only)  # by π_c
+        return unpermute(out.output, self.key.pi_c), out.cache
+
+    @torch.no_grad()
+    def greedy(self, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+        """Greedy decoding on the user side, one row per step sent to P2, which keeps the cache and
+        computes the head on the last position only (as it serves output=last)."""
+        logits, cache = self.logits(ids, mask, last_only=True)
+        tokens = []
+        for step in range(n):
+            assert logits.shape[1] == 1
+            nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            tokens.append(nxt)
+            if step == n - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            logits, cache = self.logits(nxt, mask, cache, last_only=True)
+        return torch.cat([ids, *tokens], dim=1)
+
+
+def deploy_decoder(family: Family, model: nn.Module, embed_name: str, key: DeveloperKey | None = None) -> Deployment:
+    """P1 transforms, P2 loads θ′ into the stock class; `embed_name` is the token table's name,
+    the one tensor P2 must lack."""
     config = model.config.to_dict()
     key = key or draw_key(family.dims(config))
     cloud, user = transform_state_dict(family, checkpoint_state(model), key, config)
@@ -129,57 +173,7 @@ def deploy_decoder(
     assert missing == [embed_name]  # P2 never receives the token table ...
     with torch.no_grad():  # ... and never uses its own: NaN would poison every output
         cloud_model.get_input_embeddings().weight.fill_(float("nan"))
-    return config, key, cloud_model, user
-
-
-@torch.no_grad()
-def decoder_logits(
-    family: Family,
-    config: dict,
-    key: DeveloperKey,
-    cloud_model: nn.Module,
-    user: dict[str, torch.Tensor],
-    ids: torch.Tensor,
-    mask: torch.Tensor | None,
-    cache: object = None,
-    last_only: bool = False,
-) -> tuple[torch.Tensor, object]:
-    """P3 embeds (learned positions at the offsets its mask implies; RoPE families ignore them)
-    and permutes, P2 runs θ′, P3 un-permutes: plaintext logits (B, S or 1, V) and the cache."""
-    offset: int | torch.Tensor = 0
-    if mask is not None:  # mask (B, past + S): row b's real tokens so far start at position 0
-        offset = mask.shape[1] - ids.shape[1] - (mask == 0).sum(-1)
-    elif cache is not None:
-        offset = cache.get_seq_length()  # type: ignore[attr-defined]
-    x = family.embed(user, config, ids, position_offset=offset)  # type: ignore[arg-type]
-    out = family.cloud_forward(cloud_model, permute(x, key.pi), mask, cache, last_only)  # permuted by π_c
-    return unpermute(out.output, key.pi_c), out.cache
-
-
-@torch.no_grad()
-def decoder_greedy(
-    family: Family,
-    config: dict,
-    key: DeveloperKey,
-    cloud_model: nn.Module,
-    user: dict[str, torch.Tensor],
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    n: int,
-) -> torch.Tensor:
-    """Greedy decoding on the user side, one row per step sent to P2, which keeps the cache and
-    computes the head on the last position only (as it serves output=last)."""
-    logits, cache = decoder_logits(family, config, key, cloud_model, user, ids, mask, last_only=True)
-    tokens = []
-    for step in range(n):
-        assert logits.shape[1] == 1
-        nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-        tokens.append(nxt)
-        if step == n - 1:
-            break
-        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        logits, cache = decoder_logits(family, config, key, cloud_model, user, nxt, mask, cache, last_only=True)
-    return torch.cat([ids, *tokens], dim=1)
+    return Deployment(family, config, key, cloud_model, user)
 
 
 B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"

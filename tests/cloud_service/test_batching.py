@@ -31,19 +31,9 @@ from shared.runtime import CloudModel
 from tests.cloud_service.helpers import DEPLOYMENT, Deployed, decoded, embeds, forward, push, serve
 from tests.shared.test_bert import deploy as deploy_bert
 from tests.shared.test_bert import tiny_bert
-from tests.support import TINY_LLAMA, assert_close, deploy_decoder, left_padded, random_causal_lm
+from tests.support import TINY_GPT2, TINY_LLAMA, assert_close, deploy_decoder, left_padded, random_causal_lm
 
-GPT2 = dict(
-    model_type="gpt2",
-    architectures=["GPT2LMHeadModel"],
-    n_embd=32,
-    n_head=4,
-    n_layer=2,
-    vocab_size=61,
-    n_positions=64,
-    bos_token_id=None,
-    eos_token_id=None,
-)
+GPT2 = dict(TINY_GPT2, bos_token_id=None, eos_token_id=None)
 DECODERS = {"llama": (TINY_LLAMA, "model.embed_tokens.weight"), "gpt2": (GPT2, WTE)}
 
 
@@ -54,7 +44,7 @@ class Protocol:
         config, embed_name = DECODERS[name]
         self.family = get_family(config["model_type"])
         self.original = random_causal_lm(config, seed=3)
-        self.config, self.key, cloud, self.user = deploy_decoder(self.family, self.original, embed_name)
+        _, self.config, self.key, cloud, self.user = deploy_decoder(self.family, self.original, embed_name)
         self.cloud = CloudModel(self.family, self.config, cloud, torch.device("cpu"), torch.float32)
 
     def x(self, ids: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:

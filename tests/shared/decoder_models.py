@@ -17,7 +17,7 @@ from shared.families import Family, get_family
 from shared.families.gpt2 import WTE
 from shared.families.llama import EMBED
 from shared.keys import DeveloperKey
-from tests.support import TINY_LLAMA, deploy_decoder, randomize_parameters
+from tests.support import TINY_LLAMA, Deployment, deploy_decoder, randomize_parameters
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,8 @@ class Decoder:
         torch.manual_seed(seed)
         return randomize_parameters(self.model_cls(config or self.config()), scale=self.scale, seed=seed)
 
-    def deploy(
-        self, model: nn.Module, key: DeveloperKey | None = None
-    ) -> tuple[dict, DeveloperKey, nn.Module, dict[str, torch.Tensor]]:
-        """tests.support.deploy_decoder: (config, key, P2's model on θ′, P3's embedding module)."""
+    def deploy(self, model: nn.Module, key: DeveloperKey | None = None) -> Deployment:
+        """tests.support.deploy_decoder with this class's token table."""
         return deploy_decoder(self.family, model, self.embed, key)
 
 

@@ -22,7 +22,7 @@ from shared.transform import transform_state_dict
 from tests.shared.decoder_checks import padded_logits
 from tests.shared.decoder_models import DECODERS
 from tests.shared.family_checks import Moves, assert_each_permutation_moves, assert_refused_by_name
-from tests.support import TOL, assert_close, decoder_logits, generate_positions, left_padded, max_abs_diff
+from tests.support import TOL, assert_close, generate_positions, left_padded, max_abs_diff
 
 GPT2 = DECODERS["gpt2"]
 FAMILY, VOCAB = GPT2.family, GPT2.vocab
@@ -42,14 +42,14 @@ def test_generate_positions_mirror_transformers() -> None:
 def test_kv_cache_without_mask() -> None:
     """Unpadded session without an attention mask: P3's offset is the session length."""
     model = GPT2.model()
-    config, key, cloud_model, user = GPT2.deploy(model)
+    deployed = GPT2.deploy(model)
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-    logits, cache = decoder_logits(FAMILY, config, key, cloud_model, user, ids[:, :4], None)
+    logits, cache = deployed.logits(ids[:, :4], None)
     steps = [logits]
     for t in range(4, 8):
-        logits, cache = decoder_logits(FAMILY, config, key, cloud_model, user, ids[:, t : t + 1], None, cache)
+        logits, cache = deployed.logits(ids[:, t : t + 1], None, cache)
         steps.append(logits)
     assert_close(ref, torch.cat(steps, dim=1))
 

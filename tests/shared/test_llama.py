@@ -18,7 +18,7 @@ from shared.transform import transform_state_dict
 from tests.shared.decoder_checks import padded_logits
 from tests.shared.decoder_models import DECODERS, decoder_model, variant_model
 from tests.shared.family_checks import Moves, assert_each_permutation_moves, assert_refused_by_name
-from tests.support import TOL, assert_close, decoder_logits, generate_positions, left_padded, max_abs_diff
+from tests.support import TOL, assert_close, generate_positions, left_padded, max_abs_diff
 
 LLAMA = DECODERS["llama"]
 FAMILY, VOCAB = LLAMA.family, LLAMA.vocab
@@ -27,14 +27,14 @@ FAMILY, VOCAB = LLAMA.family, LLAMA.vocab
 @pytest.mark.parametrize("variant", ["llama-gqa2", "mistral"])
 def test_last_only_runs_the_head_on_one_position(variant: str) -> None:
     decoder, model = variant_model(variant)
-    config, key, cloud_model, user = decoder.deploy(model)
+    deployed = decoder.deploy(model)
     ids, mask = left_padded(3, 8, vocab=VOCAB)
     head_rows: list[int] = []
-    hook = cloud_model.lm_head.register_forward_hook(lambda m, i, o: head_rows.append(i[0].shape[1]))
+    hook = deployed.cloud_model.lm_head.register_forward_hook(lambda m, i, o: head_rows.append(i[0].shape[1]))
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=generate_positions(mask)).logits
     try:
-        got, cache = decoder_logits(FAMILY, config, key, cloud_model, user, ids, mask, last_only=True)
+        got, cache = deployed.logits(ids, mask, last_only=True)
     finally:
         hook.remove()
     assert head_rows == [1] and got.shape == (3, 1, VOCAB)

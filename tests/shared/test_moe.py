@@ -51,7 +51,7 @@ def _record_routing(model: torch.nn.Module) -> tuple[list[tuple[torch.Tensor, ..
 def test_routing_is_identical_token_by_token(variant: str) -> None:
     decoder, model = variant_model(variant)
     family = decoder.family
-    config, key, cloud_model, user = decoder.deploy(model, nonidentity_key(family.dims(model.config.to_dict())))
+    _, config, key, cloud_model, user = decoder.deploy(model, nonidentity_key(family.dims(model.config.to_dict())))
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
     ref, ref_hooks = _record_routing(model)
     got, got_hooks = _record_routing(cloud_model)

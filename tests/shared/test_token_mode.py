@@ -14,17 +14,9 @@ from transformers import GenerationConfig
 from shared.errors import UnsupportedModel
 from shared.families import get_family
 from shared.transform import check_mode, transform_state_dict
-from tests.support import TINY_LLAMA, assert_close, checkpoint_state, nonidentity_key, random_causal_lm
+from tests.support import TINY_GPT2, TINY_LLAMA, assert_close, checkpoint_state, nonidentity_key, random_causal_lm
 
-GPT2 = dict(
-    model_type="gpt2",
-    architectures=["GPT2LMHeadModel"],
-    n_embd=32,
-    n_head=4,
-    n_layer=2,
-    vocab_size=200,
-    n_positions=64,
-)
+GPT2 = dict(TINY_GPT2, vocab_size=200)
 CASES = {  # name: (family, config, seed); seeds whose greedy continuation is not one token repeated
     "llama-gqa-untied": ("llama", TINY_LLAMA, 3),
     "llama-gqa-tied": ("llama", dict(TINY_LLAMA, tie_word_embeddings=True), 3),
