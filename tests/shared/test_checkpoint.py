@@ -101,54 +101,53 @@ def _assert_nothing_left(parent: Path, name: str = "out") -> None:
     assert sorted(p.name for p in parent.iterdir() if p.name.startswith((name, f".{name}"))) == []
 
 
-def test_missing_config(tmp_path: Path) -> None:
-    (tmp_path / "model").mkdir()
-    with pytest.raises(CheckpointError, match="no config.json"):
-        transform_model_dir(tmp_path / "model", tmp_path / "out", progress=False)
+def _bad_dir(tmp_path: Path, config: dict | None = None) -> Path:
+    """A new model directory `tmp_path/model`, with `config` as its config.json."""
+    bad = tmp_path / "model"
+    bad.mkdir()
+    if config is not None:
+        (bad / "config.json").write_text(json.dumps(config))
+    return bad
+
+
+def _assert_refused(src: Path, tmp_path: Path, error: type[Exception], match: str) -> None:
+    """Transforming `src` into `tmp_path/out` raises `error` and leaves no output behind."""
+    with pytest.raises(error, match=match):
+        transform_model_dir(src, tmp_path / "out", progress=False)
     _assert_nothing_left(tmp_path)
+
+
+def test_missing_config(tmp_path: Path) -> None:
+    _assert_refused(_bad_dir(tmp_path), tmp_path, CheckpointError, "no config.json")
 
 
 def test_unknown_architecture(model_dir, tmp_path: Path) -> None:
-    src, _ = model_dir
-    bad = tmp_path / "model"
-    bad.mkdir()
-    (bad / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"], "model_type": "mamba"}))
-    with pytest.raises(UnsupportedModel, match="supported: .*LlamaForCausalLM"):
-        transform_model_dir(bad, tmp_path / "out", progress=False)
-    _assert_nothing_left(tmp_path)
+    bad = _bad_dir(tmp_path, {"architectures": ["MambaForCausalLM"], "model_type": "mamba"})
+    _assert_refused(bad, tmp_path, UnsupportedModel, "supported: .*LlamaForCausalLM")
 
 
 def test_truncated_shard_leaves_nothing(model_dir, tmp_path: Path) -> None:
     src, _ = model_dir
-    bad = tmp_path / "model"
-    bad.mkdir()
+    bad = _bad_dir(tmp_path)
     for f in src.iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
     last = sorted(bad.glob("model-*.safetensors"))[-1]
     last.write_bytes(last.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match=last.name):
-        transform_model_dir(bad, tmp_path / "out", progress=False)
-    _assert_nothing_left(tmp_path)
+    _assert_refused(bad, tmp_path, CheckpointError, last.name)
 
 
 def test_wrong_shape_is_named(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    bad = tmp_path / "model"
-    bad.mkdir()
-    (bad / "config.json").write_text(json.dumps(CONFIG))
+    bad = _bad_dir(tmp_path, CONFIG)
     state = {"model.embed_tokens.weight": torch.zeros(61, 32), "model.layers.0.mlp.up_proj.weight": torch.zeros(47, 32)}
     save_file(state, str(bad / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.up_proj.weight.*\(47, 32\)"):
-        transform_model_dir(bad, tmp_path / "out", progress=False)
-    _assert_nothing_left(tmp_path)
+    _assert_refused(bad, tmp_path, CheckpointError, r"model.layers.0.mlp.up_proj.weight.*\(47, 32\)")
 
 
 def test_missing_shard_and_existing_output(model_dir, tmp_path: Path) -> None:
     src, _ = model_dir
-    bad = tmp_path / "model"
-    bad.mkdir()
-    (bad / "config.json").write_text(json.dumps(CONFIG))
+    bad = _bad_dir(tmp_path, CONFIG)
     (bad / checkpoint.INDEX).write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
     with pytest.raises(CheckpointError, match="lacks the shards"):
         transform_model_dir(bad, tmp_path / "out", progress=False)

@@ -10,22 +10,15 @@ import torch
 import transformers
 
 from shared import api
+from tests.sentences import SENTENCES as MINILM_SENTENCES
 from tests.support import max_abs_diff
 from tests.user_client.conftest import World
 from user_client import StipClient
 
 SENTENCES = [
-    "Hello!",
-    "The cat sat on the mat.",
-    "A man is playing a guitar on stage.",
-    "Permutations hide the weights from the cloud, and the data from everyone but the user.",
-    "What is the capital of France?",
-    "Paris is the capital and most populous city of France.",
-    "東京は日本の首都です。",
-    "Emoji test: 🚀🔥 launch day!",
-    "   leading and trailing spaces   ",
-    "Quantum entanglement links the states of particles regardless of the distance between "
-    "them, a phenomenon Einstein famously called spooky action at a distance.",
+    *MINILM_SENTENCES[:6],  # short ones and questions
+    *MINILM_SENTENCES[17:19],  # Japanese, emoji
+    *MINILM_SENTENCES[28:30],  # a long one, stray spaces
     "word " * 300,  # longer than max_seq_length (256): truncated as sentence-transformers does
 ]
 MIN_COSINE = 0.99999
