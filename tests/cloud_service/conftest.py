@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from shared.checkpoint import transform_model_dir
 from shared.credentials import Signer
-from tests.cloud_service.helpers import CONFIG, DEPLOYMENT, Deployed, push, serve
+from tests.cloud_service.helpers import CONFIG, DEPLOYMENT, Deployed, serving
 from tests.support import random_causal_lm
 
 
@@ -54,7 +54,5 @@ def credential(signer: Signer) -> str:
 @pytest.fixture
 def deployed(tmp_path: Path, v1: Deployed, signer: Signer) -> Iterator[TestClient]:
     """A P2 serving key version 1 of the tiny Llama."""
-    with serve(tmp_path / "data") as client:
-        body, digest = v1.body(signer)
-        assert push(client, body, digest).status_code == 200
+    with serving(tmp_path / "data", v1, signer) as client:
         yield client

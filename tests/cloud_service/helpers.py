@@ -94,6 +94,17 @@ def serve(data_dir: Path, *, clock: Callable[[], float] = time.monotonic, **over
         yield client
 
 
+@contextmanager
+def serving(
+    data_dir: Path, deployed: Deployed, signer: Signer, *, deployment_id: str = DEPLOYMENT, **overrides: object
+) -> Iterator[TestClient]:
+    """P2 in process (`serve`, settings overridden by `overrides`) with `deployed` pushed and active."""
+    with serve(data_dir, **overrides) as client:
+        body, digest = deployed.body(signer, deployment_id)
+        assert push(client, body, digest, deployment_id=deployment_id).status_code == 200
+        yield client
+
+
 def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while client.get("/health/ready").status_code != 200:

@@ -28,7 +28,7 @@ from shared.families import get_family
 from shared.families.gpt2 import WTE
 from shared.permutation import permute, unpermute
 from shared.runtime import CloudModel
-from tests.cloud_service.helpers import DEPLOYMENT, Deployed, decoded, embeds, forward, push, serve
+from tests.cloud_service.helpers import DEPLOYMENT, Deployed, decoded, embeds, forward, serving
 from tests.shared.test_bert import deploy as deploy_bert
 from tests.shared.test_bert import tiny_bert
 from tests.support import TINY_GPT2, TINY_LLAMA, assert_close, deploy_decoder, left_padded, random_causal_lm
@@ -307,9 +307,7 @@ def test_half_precision_inputs_change_nothing_on_a_half_precision_p2(
     """P2 in fp16 rounds x·π to fp16 on arrival: x·π sent already in fp16 gives the same logits,
     bit for bit, in half the bytes each way; the answer names P2's dtype for the SDK."""
     ids = torch.randint(1, 61, (2, 5), generator=torch.Generator().manual_seed(2))
-    with serve(tmp_path / "data", dtype="float16") as client:
-        body, digest = v1.body(signer)
-        assert push(client, body, digest).status_code == 200
+    with serving(tmp_path / "data", v1, signer, dtype="float16") as client:
         x = embeds(original, ids, v1.pi)
         full = forward(client, credential, x, output="all")
         half = forward(client, credential, {INPUTS_EMBEDS: x[INPUTS_EMBEDS].half()}, output="all")

@@ -21,24 +21,16 @@ from shared.api import (
 )
 from shared.credentials import Signer
 from shared.permutation import unpermute
-from tests.cloud_service.helpers import (
-    DEPLOYMENT,
-    PUSH_TOKEN,
-    D,
-    Deployed,
-    V,
-    assert_error,
-    decoded,
-    embeds,
-    forward,
-    serve,
-)
+from tests.cloud_service import helpers
+from tests.cloud_service.helpers import DEPLOYMENT, PUSH_TOKEN, D, Deployed, V
 from tests.support import max_abs_diff
 
 
 def valid(client: TestClient, original: transformers.PreTrainedModel, v1: Deployed, credential: str) -> None:
     ids = torch.randint(0, V, (1, 4))
-    tensors, _ = decoded(forward(client, credential, embeds(original, ids, v1.pi), output="last"))
+    tensors, _ = helpers.decoded(
+        helpers.forward(client, credential, helpers.embeds(original, ids, v1.pi), output="last")
+    )
     with torch.no_grad():
         ref = original(input_ids=ids).logits[:, -1:]
     assert max_abs_diff(unpermute(tensors[LOGITS], v1.pi_c), ref) <= 1e-4
@@ -47,7 +39,7 @@ def valid(client: TestClient, original: transformers.PreTrainedModel, v1: Deploy
 def test_credentials_missing_forged_expired_or_for_another_deployment(
     deployed: TestClient, signer: Signer, credential: str, original: transformers.PreTrainedModel, v1: Deployed
 ) -> None:
-    x = embeds(original, torch.randint(0, V, (1, 3)), v1.pi)
+    x = helpers.embeds(original, torch.randint(0, V, (1, 3)), v1.pi)
     sessions = f"/v1/deployments/{DEPLOYMENT}/sessions"
     forged, _ = Signer.generate().issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=3600)
     expired, _ = signer.issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=60, now=1_000_000)
@@ -68,17 +60,17 @@ def test_credentials_missing_forged_expired_or_for_another_deployment(
         (other, 403, E_FORBIDDEN),
     ]
     for token, status, code in cases:
-        response = forward(deployed, token, x)
-        message = assert_error(response, status, code)
+        response = helpers.forward(deployed, token, x)
+        message = helpers.assert_error(response, status, code)
         if token:
             assert token not in message
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-        assert_error(deployed.post(sessions, headers=headers), status, code)
-    assert "expired" in assert_error(forward(deployed, expired, x), 401, E_UNAUTHORIZED)
-    message = assert_error(forward(deployed, other, x), 403, E_FORBIDDEN)
+        helpers.assert_error(deployed.post(sessions, headers=headers), status, code)
+    assert "expired" in helpers.assert_error(helpers.forward(deployed, expired, x), 401, E_UNAUTHORIZED)
+    message = helpers.assert_error(helpers.forward(deployed, other, x), 403, E_FORBIDDEN)
     assert "another-deployment" in message and DEPLOYMENT in message  # the one it is for, and this one
     basic = deployed.post(sessions, headers={"Authorization": f"Basic {credential}"})
-    assert_error(basic, 401, E_UNAUTHORIZED)
+    helpers.assert_error(basic, 401, E_UNAUTHORIZED)
     assert basic.headers["www-authenticate"] == "Bearer"
     valid(deployed, original, v1, credential)
 
@@ -88,18 +80,18 @@ def test_sessions_belong_to_their_user(deployed: TestClient, signer: Signer, cre
     created = deployed.post(f"/v1/deployments/{DEPLOYMENT}/sessions", headers={"Authorization": f"Bearer {credential}"})
     session = created.json()["session_id"]
     x = {INPUTS_EMBEDS: torch.randn(1, 2, D)}
-    assert_error(forward(deployed, bob, x, session_id=session), 403, E_FORBIDDEN)
-    assert_error(
+    helpers.assert_error(helpers.forward(deployed, bob, x, session_id=session), 403, E_FORBIDDEN)
+    helpers.assert_error(
         deployed.delete(f"/v1/sessions/{session}", headers={"Authorization": f"Bearer {bob}"}), 403, E_FORBIDDEN
     )
-    assert_error(deployed.delete(f"/v1/sessions/{session}"), 401, E_UNAUTHORIZED)
-    assert_error(
+    helpers.assert_error(deployed.delete(f"/v1/sessions/{session}"), 401, E_UNAUTHORIZED)
+    helpers.assert_error(
         deployed.delete("/v1/sessions/nope", headers={"Authorization": f"Bearer {credential}"}), 404, E_NOT_FOUND
     )
     auth = {"Authorization": f"Bearer {credential}"}
     assert deployed.delete(f"/v1/sessions/{session}", headers=auth).status_code == 204
-    assert_error(deployed.delete(f"/v1/sessions/{session}", headers=auth), 404, E_NOT_FOUND)
-    assert_error(forward(deployed, credential, x, session_id=session), 404, E_NOT_FOUND)
+    helpers.assert_error(deployed.delete(f"/v1/sessions/{session}", headers=auth), 404, E_NOT_FOUND)
+    helpers.assert_error(helpers.forward(deployed, credential, x, session_id=session), 404, E_NOT_FOUND)
 
 
 def _safetensors_with_nan() -> bytes:
@@ -167,11 +159,7 @@ BAD_BODIES: dict[str, tuple[object, dict[str, str | int], int, str, str]] = {
 @pytest.fixture
 def strict(tmp_path, v1: Deployed, signer: Signer):  # type: ignore[no-untyped-def]
     """P2 with small limits: 4 rows, 4 KiB bodies."""
-    from tests.cloud_service.helpers import push
-
-    with serve(tmp_path / "data", max_batch=4, max_body_bytes=4096) as client:
-        body, digest = v1.body(signer)
-        assert push(client, body, digest).status_code == 200
+    with helpers.serving(tmp_path / "data", v1, signer, max_batch=4, max_body_bytes=4096) as client:
         yield client
 
 
@@ -189,7 +177,7 @@ def test_bad_input_is_refused_in_the_error_shape_and_p2_keeps_serving(
         if name == "bad key version":
             headers["X-Stip-Key-Version"] = "one"
         response = strict.post(f"/v1/deployments/{DEPLOYMENT}/forward", content=body, headers=headers, params=query)
-        message = assert_error(response, status, code)
+        message = helpers.assert_error(response, status, code)
         assert word.lower() in message.lower(), (name, message)
         valid(strict, original, v1, credential)
     assert credential not in caplog.text and PUSH_TOKEN not in caplog.text
@@ -203,24 +191,34 @@ def test_a_bad_step_does_not_harm_the_session(
         ref = original(input_ids=ids).logits
     auth = {"Authorization": f"Bearer {credential}"}
     session = deployed.post(f"/v1/deployments/{DEPLOYMENT}/sessions", headers=auth).json()["session_id"]
-    decoded(forward(deployed, credential, embeds(original, ids[:, :5], v1.pi), session_id=session))
-    wrong_batch = embeds(original, ids[:1, 5:], v1.pi)
-    assert "rows" in assert_error(forward(deployed, credential, wrong_batch, session_id=session), 400, E_BAD_INPUT)
+    helpers.decoded(
+        helpers.forward(deployed, credential, helpers.embeds(original, ids[:, :5], v1.pi), session_id=session)
+    )
+    wrong_batch = helpers.embeds(original, ids[:1, 5:], v1.pi)
+    assert "rows" in helpers.assert_error(
+        helpers.forward(deployed, credential, wrong_batch, session_id=session), 400, E_BAD_INPUT
+    )
     too_long = {INPUTS_EMBEDS: torch.randn(2, 20, D)}  # 5 cached + 20 > 24 positions
-    assert "positions" in assert_error(forward(deployed, credential, too_long, session_id=session), 400, E_BAD_INPUT)
+    assert "positions" in helpers.assert_error(
+        helpers.forward(deployed, credential, too_long, session_id=session), 400, E_BAD_INPUT
+    )
     nan = torch.full((2, 1, D), float("inf"))
-    assert_error(forward(deployed, credential, {INPUTS_EMBEDS: nan}, session_id=session), 400, E_BAD_INPUT)
-    tensors, meta = decoded(
-        forward(deployed, credential, embeds(original, ids[:, 5:], v1.pi), session_id=session, output="last")
+    helpers.assert_error(
+        helpers.forward(deployed, credential, {INPUTS_EMBEDS: nan}, session_id=session), 400, E_BAD_INPUT
+    )
+    tensors, meta = helpers.decoded(
+        helpers.forward(
+            deployed, credential, helpers.embeds(original, ids[:, 5:], v1.pi), session_id=session, output="last"
+        )
     )
     assert meta["session_length"] == "6"
     assert max_abs_diff(unpermute(tensors[LOGITS], v1.pi_c), ref[:, -1:]) <= 1e-4
 
 
 def test_unknown_routes_methods_and_deployments_use_the_error_shape(deployed: TestClient, credential: str) -> None:
-    assert_error(deployed.get("/v2/nothing"), 404, E_NOT_FOUND)
+    helpers.assert_error(deployed.get("/v2/nothing"), 404, E_NOT_FOUND)
     response = deployed.get(f"/v1/deployments/{DEPLOYMENT}/forward")
-    assert_error(response, 405, "method_not_allowed")
+    helpers.assert_error(response, 405, "method_not_allowed")
     assert "POST" in response.headers["allow"]
     x = {INPUTS_EMBEDS: torch.randn(1, 2, D)}
-    assert_error(forward(deployed, credential, x, deployment_id="unknown"), 404, E_NOT_FOUND)
+    helpers.assert_error(helpers.forward(deployed, credential, x, deployment_id="unknown"), 404, E_NOT_FOUND)

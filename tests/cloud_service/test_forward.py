@@ -27,7 +27,17 @@ from shared.api import (
 from shared.checkpoint import transform_model_dir
 from shared.credentials import Signer
 from shared.permutation import permute, unpermute
-from tests.cloud_service.helpers import DEPLOYMENT, D, Deployed, V, assert_error, decoded, embeds, forward, push, serve
+from tests.cloud_service.helpers import (
+    DEPLOYMENT,
+    D,
+    Deployed,
+    V,
+    assert_error,
+    decoded,
+    embeds,
+    forward,
+    serving,
+)
 from tests.support import max_abs_diff, randomize_parameters
 
 TOL = 1e-4
@@ -200,9 +210,7 @@ def test_encoder_returns_hidden_states_and_pooled(tmp_path: Path, signer: Signer
         ref = bert(input_ids=ids, attention_mask=mask)
         x = bert.embeddings(input_ids=ids)  # the user side's embedding module
     tensors = {INPUTS_EMBEDS: permute(x, encoder.pi), ATTENTION_MASK: mask}
-    with serve(tmp_path / "data") as client:
-        body, digest = encoder.body(signer, deployment_id="bert")
-        assert push(client, body, digest, deployment_id="bert").status_code == 200
+    with serving(tmp_path / "data", encoder, signer, deployment_id="bert") as client:
         got, meta = decoded(forward(client, token, tensors, deployment_id="bert"))
         assert set(got) == {HIDDEN_STATES, POOLED} and meta[META_SESSION_LENGTH] == "6"
         real = mask.bool()

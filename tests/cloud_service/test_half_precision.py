@@ -12,7 +12,7 @@ import transformers
 from shared.api import INPUTS_EMBEDS, LOGITS
 from shared.credentials import Signer
 from shared.permutation import unpermute
-from tests.cloud_service.helpers import DEPLOYMENT, Deployed, V, decoded, embeds, forward, push, serve
+from tests.cloud_service.helpers import DEPLOYMENT, Deployed, V, decoded, embeds, forward, serving
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -22,9 +22,7 @@ def test_half_precision_model_matches_the_fp32_original(
     ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = original(ids).logits
-    with serve(tmp_path / "data", dtype=dtype) as client:
-        body, digest = v1.body(signer)
-        assert push(client, body, digest).status_code == 200
+    with serving(tmp_path / "data", v1, signer, dtype=dtype) as client:
         info = client.get(f"/v1/deployments/{DEPLOYMENT}").json()
         assert info["dtype"] == dtype
         x = embeds(original, ids, v1.pi)[INPUTS_EMBEDS]

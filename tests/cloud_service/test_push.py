@@ -37,20 +37,8 @@ from shared.api import (
 )
 from shared.credentials import Signer
 from shared.permutation import unpermute
-from tests.cloud_service.helpers import (
-    CONFIG,
-    DEPLOYMENT,
-    PUSH_TOKEN,
-    D,
-    Deployed,
-    V,
-    assert_error,
-    decoded,
-    embeds,
-    forward,
-    push,
-    serve,
-)
+from tests.cloud_service import helpers
+from tests.cloud_service.helpers import CONFIG, DEPLOYMENT, PUSH_TOKEN, D, Deployed, V
 from tests.support import max_abs_diff
 
 TOL = 1e-4
@@ -65,7 +53,9 @@ def still_serves_v1(client: TestClient, original: transformers.PreTrainedModel, 
     info = DeploymentInfo.model_validate_json(client.get(f"/v1/deployments/{DEPLOYMENT}").content)
     assert info.key_version == 1
     ids = torch.randint(0, V, (1, 5))
-    tensors, _ = decoded(forward(client, credential, embeds(original, ids, v1.pi), output="last", key_version=1))
+    tensors, _ = helpers.decoded(
+        helpers.forward(client, credential, helpers.embeds(original, ids, v1.pi), output="last", key_version=1)
+    )
     with torch.no_grad():
         ref = original(input_ids=ids).logits[:, -1:]
     assert max_abs_diff(unpermute(tensors[LOGITS], v1.pi_c), ref) <= TOL
@@ -73,10 +63,10 @@ def still_serves_v1(client: TestClient, original: transformers.PreTrainedModel, 
 
 def test_push_activates_and_info_is_public(tmp_path: Path, v1: Deployed, signer: Signer) -> None:
     data = tmp_path / "data"
-    with serve(data) as client:
-        assert_error(client.get(f"/v1/deployments/{DEPLOYMENT}"), 404, E_NOT_FOUND)
+    with helpers.serve(data) as client:
+        helpers.assert_error(client.get(f"/v1/deployments/{DEPLOYMENT}"), 404, E_NOT_FOUND)
         body, digest = v1.body(signer)
-        response = push(client, body, digest)
+        response = helpers.push(client, body, digest)
         assert response.status_code == 200, response.text
         result = PushResult.model_validate_json(response.content)
         assert result == PushResult(deployment_id=DEPLOYMENT, key_version=1, status="active", sha256=digest)
@@ -104,15 +94,15 @@ def test_push_activates_and_info_is_public(tmp_path: Path, v1: Deployed, signer:
 def test_same_version_same_digest_is_idempotent_other_digest_or_older_is_a_conflict(
     tmp_path: Path, v1: Deployed, v2: Deployed, signer: Signer
 ) -> None:
-    with serve(tmp_path / "data") as client:
+    with helpers.serve(tmp_path / "data") as client:
         body, digest = v2.body(signer)
-        assert push(client, body, digest).status_code == 200
-        again = push(client, body, digest)
+        assert helpers.push(client, body, digest).status_code == 200
+        again = helpers.push(client, body, digest)
         assert again.status_code == 200 and PushResult.model_validate_json(again.content).sha256 == digest
         other, other_digest = v2.body(signer, extra="x")  # same version, other bytes
-        assert "already active" in assert_error(push(client, other, other_digest), 409, E_CONFLICT)
+        assert "already active" in helpers.assert_error(helpers.push(client, other, other_digest), 409, E_CONFLICT)
         older, older_digest = v1.body(signer)
-        assert "older" in assert_error(push(client, older, older_digest), 409, E_CONFLICT)
+        assert "older" in helpers.assert_error(helpers.push(client, older, older_digest), 409, E_CONFLICT)
         assert not list((tmp_path / "data" / "tmp").iterdir())
 
 
@@ -125,40 +115,40 @@ def test_rejected_pushes_leave_the_old_version_serving_and_no_file(
     credential: str,
 ) -> None:
     data = tmp_path / "data"
-    with serve(data, max_push_bytes=1 << 20) as client:
+    with helpers.serve(data, max_push_bytes=1 << 20) as client:
         body, digest = v1.body(signer)
-        assert push(client, body, digest).status_code == 200
+        assert helpers.push(client, body, digest).status_code == 200
         before = data_files(data)
         new, new_digest = v2.body(signer)
 
-        assert_error(push(client, new, "0" * 64), 400, E_BAD_INPUT)  # wrong digest
-        assert_error(push(client, new, new_digest[:-1]), 400, E_BAD_INPUT)  # not a digest
+        helpers.assert_error(helpers.push(client, new, "0" * 64), 400, E_BAD_INPUT)  # wrong digest
+        helpers.assert_error(helpers.push(client, new, new_digest[:-1]), 400, E_BAD_INPUT)  # not a digest
         response = client.put(
             f"/v1/deployments/{DEPLOYMENT}/weights", content=new, headers={"Authorization": f"Bearer {PUSH_TOKEN}"}
         )
-        assert "X-Stip-Sha256" in assert_error(response, 400, E_BAD_INPUT)  # no digest
+        assert "X-Stip-Sha256" in helpers.assert_error(response, 400, E_BAD_INPUT)  # no digest
         truncated = new[: len(new) - 1000]  # digest of what arrived: only the header check can tell
-        assert_error(push(client, truncated, hashlib.sha256(truncated).hexdigest()), 400, E_BAD_INPUT)
-        assert_error(push(client, new, new_digest, token="wrong-token"), 401, E_UNAUTHORIZED)
-        response = push(client, new, new_digest, token=None)
-        assert_error(response, 401, E_UNAUTHORIZED)
+        helpers.assert_error(helpers.push(client, truncated, hashlib.sha256(truncated).hexdigest()), 400, E_BAD_INPUT)
+        helpers.assert_error(helpers.push(client, new, new_digest, token="wrong-token"), 401, E_UNAUTHORIZED)
+        response = helpers.push(client, new, new_digest, token=None)
+        helpers.assert_error(response, 401, E_UNAUTHORIZED)
         assert response.headers["www-authenticate"] == "Bearer"
         big = b"\0" * ((1 << 20) + 1)
-        assert_error(push(client, big, hashlib.sha256(big).hexdigest()), 413, E_TOO_LARGE)
+        helpers.assert_error(helpers.push(client, big, hashlib.sha256(big).hexdigest()), 413, E_TOO_LARGE)
         other_dep, other_digest = v2.body(signer, deployment_id="someone-else")
-        assert "someone-else" in assert_error(push(client, other_dep, other_digest), 400, E_BAD_INPUT)
+        assert "someone-else" in helpers.assert_error(helpers.push(client, other_dep, other_digest), 400, E_BAD_INPUT)
         no_key, no_key_digest = v2.body(signer, **{PUSH_VERIFY_KEY: "not-a-key"})
-        assert_error(push(client, no_key, no_key_digest), 400, E_BAD_INPUT)
+        helpers.assert_error(helpers.push(client, no_key, no_key_digest), 400, E_BAD_INPUT)
         bad_family, bad_family_digest = v2.body(signer, **{PUSH_FAMILY: "t5"})
-        assert_error(
-            push(client, bad_family, bad_family_digest), 422, E_BAD_INPUT
+        helpers.assert_error(
+            helpers.push(client, bad_family, bad_family_digest), 422, E_BAD_INPUT
         )  # UnsupportedModel: 422 on both services (stip_http.errors)
         garbage = b"\x08\x00\x00\x00\x00\x00\x00\x00{not json"
-        assert_error(push(client, garbage, hashlib.sha256(garbage).hexdigest()), 400, E_BAD_INPUT)
-        assert_error(push(client, body, digest, deployment_id=".hidden"), 400, E_BAD_INPUT)
+        helpers.assert_error(helpers.push(client, garbage, hashlib.sha256(garbage).hexdigest()), 400, E_BAD_INPUT)
+        helpers.assert_error(helpers.push(client, body, digest, deployment_id=".hidden"), 400, E_BAD_INPUT)
         headers = {"Authorization": f"Bearer {PUSH_TOKEN}", DIGEST_HEADER: new_digest, KEY_VERSION_HEADER: "3"}
         mismatch = client.put(f"/v1/deployments/{DEPLOYMENT}/weights", content=new, headers=headers)
-        assert "key version 3" in assert_error(mismatch, 400, E_BAD_INPUT)
+        assert "key version 3" in helpers.assert_error(mismatch, 400, E_BAD_INPUT)
 
         assert data_files(data) == before  # no temp file, no other version
         still_serves_v1(client, original, v1, credential)
@@ -173,7 +163,7 @@ def _push_with_extra_tensor(
     metadata = json.loads(json.dumps(_metadata(v1, signer)))
     _, chunks = wire.concat_files([*v1.result.cloud_files, extra], metadata)
     body = b"".join(chunks)
-    return assert_error(push(client, body, hashlib.sha256(body).hexdigest()), 400, E_BAD_INPUT)
+    return helpers.assert_error(helpers.push(client, body, hashlib.sha256(body).hexdigest()), 400, E_BAD_INPUT)
 
 
 def _metadata(d: Deployed, signer: Signer) -> dict[str, str]:
@@ -190,20 +180,20 @@ def _metadata(d: Deployed, signer: Signer) -> dict[str, str]:
 def test_p2_never_accepts_a_permutation_or_the_embedding(
     tmp_path: Path, v1: Deployed, signer: Signer, original: transformers.PreTrainedModel
 ) -> None:
-    with serve(tmp_path / "data") as client:
+    with helpers.serve(tmp_path / "data") as client:
         message = _push_with_extra_tensor(client, v1, signer, tmp_path, "pi", v1.pi)
         assert "index tensor" in message and "pi" in message
         embedding = original.get_input_embeddings().weight.detach()  # type: ignore[operator]
         message = _push_with_extra_tensor(client, v1, signer, tmp_path, "model.embed_tokens.weight", embedding)
         assert "embedding" in message
-        assert_error(client.get(f"/v1/deployments/{DEPLOYMENT}"), 404, E_NOT_FOUND)
+        helpers.assert_error(client.get(f"/v1/deployments/{DEPLOYMENT}"), 404, E_NOT_FOUND)
         assert not list((tmp_path / "data" / "tmp").iterdir())
 
 
 def test_pushes_are_refused_without_a_configured_token(tmp_path: Path, v1: Deployed, signer: Signer) -> None:
-    with serve(tmp_path / "data", push_token=None) as client:
+    with helpers.serve(tmp_path / "data", push_token=None) as client:
         body, digest = v1.body(signer)
-        assert "PUSH_TOKEN" in assert_error(push(client, body, digest), 403, E_FORBIDDEN)
+        assert "PUSH_TOKEN" in helpers.assert_error(helpers.push(client, body, digest), 403, E_FORBIDDEN)
 
 
 def test_restart_reloads_the_active_deployment_and_cleans_leftovers(
@@ -214,30 +204,30 @@ def test_restart_reloads_the_active_deployment_and_cleans_leftovers(
     credential: str,
 ) -> None:
     data = tmp_path / "data"
-    with serve(data) as client:
+    with helpers.serve(data) as client:
         body, digest = v1.body(signer)
-        assert push(client, body, digest).status_code == 200
+        assert helpers.push(client, body, digest).status_code == 200
     # what a crash could leave: a partial push, a version that never became active, a half-written record
     (data / "tmp" / "push-dead.partial").write_bytes(b"partial")
     (data / "deployments" / DEPLOYMENT / "v7.safetensors").write_bytes(b"never active")
     (data / "deployments" / DEPLOYMENT / "active.json.tmp").write_text("{")
     (data / "deployments" / "orphan").mkdir()
     (data / "deployments" / "orphan" / "v1.safetensors").write_bytes(b"never active")
-    with serve(data) as client:
+    with helpers.serve(data) as client:
         still_serves_v1(client, original, v1, credential)
     assert data_files(data) == [f"deployments/{DEPLOYMENT}/active.json", f"deployments/{DEPLOYMENT}/v1.safetensors"]
 
 
 def test_a_corrupt_version_file_is_skipped_on_restart(tmp_path: Path, v1: Deployed, signer: Signer) -> None:
     data = tmp_path / "data"
-    with serve(data) as client:
+    with helpers.serve(data) as client:
         body, digest = v1.body(signer)
-        assert push(client, body, digest).status_code == 200
+        assert helpers.push(client, body, digest).status_code == 200
     path = data / "deployments" / DEPLOYMENT / "v1.safetensors"
     path.write_bytes(struct.pack("<Q", 2) + b"{}" + b"\0" * (len(body) - 10))  # same size, wrong content
-    with serve(data) as client:  # ready all the same; the deployment waits for a new push
-        assert_error(client.get(f"/v1/deployments/{DEPLOYMENT}"), 404, E_NOT_FOUND)
-        assert push(client, body, digest).status_code == 200
+    with helpers.serve(data) as client:  # ready all the same; the deployment waits for a new push
+        helpers.assert_error(client.get(f"/v1/deployments/{DEPLOYMENT}"), 404, E_NOT_FOUND)
+        assert helpers.push(client, body, digest).status_code == 200
         assert client.get(f"/v1/deployments/{DEPLOYMENT}").status_code == 200
 
 
@@ -251,33 +241,35 @@ def test_rotation_gives_key_outdated_to_old_clients_and_sessions(
 ) -> None:
     data = tmp_path / "data"
     auth = {"Authorization": f"Bearer {credential}"}
-    with serve(data) as client:
+    with helpers.serve(data) as client:
         body, digest = v1.body(signer)
-        assert push(client, body, digest).status_code == 200
+        assert helpers.push(client, body, digest).status_code == 200
         session = client.post(f"/v1/deployments/{DEPLOYMENT}/sessions", headers=auth).json()["session_id"]
         ids = torch.randint(0, V, (1, 4))
-        decoded(forward(client, credential, embeds(original, ids, v1.pi), session_id=session))
+        helpers.decoded(helpers.forward(client, credential, helpers.embeds(original, ids, v1.pi), session_id=session))
 
         body2, digest2 = v2.body(signer)
-        assert push(client, body2, digest2).status_code == 200
+        assert helpers.push(client, body2, digest2).status_code == 200
         assert data_files(data) == [
             f"deployments/{DEPLOYMENT}/active.json",
             f"deployments/{DEPLOYMENT}/v2.safetensors",
         ]
-        old = forward(client, credential, embeds(original, ids, v1.pi), key_version=1)
-        assert "key version 2" in assert_error(old, 409, E_KEY_OUTDATED)
-        step = forward(client, credential, embeds(original, ids[:, :1], v2.pi), session_id=session)
-        assert_error(step, 409, E_KEY_OUTDATED)
+        old = helpers.forward(client, credential, helpers.embeds(original, ids, v1.pi), key_version=1)
+        assert "key version 2" in helpers.assert_error(old, 409, E_KEY_OUTDATED)
+        step = helpers.forward(client, credential, helpers.embeds(original, ids[:, :1], v2.pi), session_id=session)
+        helpers.assert_error(step, 409, E_KEY_OUTDATED)
         stale = client.post(f"/v1/deployments/{DEPLOYMENT}/sessions", headers=auth | {"X-Stip-Key-Version": "1"})
-        assert_error(stale, 409, E_KEY_OUTDATED)
+        helpers.assert_error(stale, 409, E_KEY_OUTDATED)
 
-        tensors, meta = decoded(forward(client, credential, embeds(original, ids, v2.pi), key_version=2))
+        tensors, meta = helpers.decoded(
+            helpers.forward(client, credential, helpers.embeds(original, ids, v2.pi), key_version=2)
+        )
         with torch.no_grad():
             ref = original(input_ids=ids).logits
         assert meta["key_version"] == "2"
         assert max_abs_diff(unpermute(tensors[LOGITS], v2.pi_c), ref) <= TOL
         assert client.delete(f"/v1/sessions/{session}", headers=auth).status_code == 204
-    with serve(data) as client:
+    with helpers.serve(data) as client:
         info = DeploymentInfo.model_validate_json(client.get(f"/v1/deployments/{DEPLOYMENT}").content)
         assert info.key_version == 2
 
@@ -287,9 +279,9 @@ def test_a_push_cut_off_midway_leaves_nothing(
 ) -> None:
     """The connection drops in the middle of the body: the temp file goes, v1 keeps serving."""
     data = tmp_path / "data"
-    with serve(data) as client:
+    with helpers.serve(data) as client:
         body, digest = v1.body(signer)
-        assert push(client, body, digest).status_code == 200
+        assert helpers.push(client, body, digest).status_code == 200
         before = data_files(data)
         new, new_digest = v2.body(signer)
 

@@ -20,18 +20,8 @@ from cloud_service.admission import Admission
 from cloud_service.errors import TooManyForwards
 from shared.api import E_TOO_LARGE, E_TOO_MANY_SESSIONS
 from shared.credentials import Signer
-from tests.cloud_service.helpers import (
-    DEPLOYMENT,
-    Deployed,
-    V,
-    assert_error,
-    decoded,
-    embeds,
-    forward,
-    push,
-    serve,
-    settings_for,
-)
+from tests.cloud_service import helpers
+from tests.cloud_service.helpers import DEPLOYMENT, Deployed, V
 
 TOKEN_BYTES = 2 * 2 * 2 * 8 * 4  # KV cache of one token of one row: K and V, 2 layers, 2 KV heads of 8, fp32
 
@@ -48,9 +38,7 @@ def users(signer: Signer) -> dict[str, str]:
 @pytest.fixture
 def p2(request: pytest.FixtureRequest, tmp_path: Path, v1: Deployed, signer: Signer) -> Iterator[TestClient]:
     """P2 serving the tiny Llama; settings overridden by an indirect parameter."""
-    with serve(tmp_path / "data", **getattr(request, "param", {})) as client:
-        body, digest = v1.body(signer)
-        assert push(client, body, digest).status_code == 200
+    with helpers.serving(tmp_path / "data", v1, signer, **getattr(request, "param", {})) as client:
         yield client
 
 
@@ -67,7 +55,7 @@ def test_one_user_cannot_take_every_session_slot(p2: TestClient, users: dict[str
             break
         created += 1
     assert created == 16
-    message = assert_error(r, 429, E_TOO_MANY_SESSIONS)
+    message = helpers.assert_error(r, 429, E_TOO_MANY_SESSIONS)
     assert "STIP_CLOUD_MAX_SESSIONS_PER_USER" in message and "per-user" in message
     assert new_session(p2, users["bob"]).status_code == 201  # type: ignore[attr-defined]
 
@@ -78,15 +66,15 @@ def test_one_user_cannot_take_the_kv_memory(
 ) -> None:
     def step(token: str, session: str, n: int) -> object:
         ids = torch.randint(0, V, (1, n), generator=torch.Generator().manual_seed(n))
-        return forward(p2, token, embeds(original, ids, v1.pi), session_id=session, output="last")
+        return helpers.forward(p2, token, helpers.embeds(original, ids, v1.pi), session_id=session, output="last")
 
     alice = new_session(p2, users["alice"]).json()["session_id"]  # type: ignore[attr-defined]
-    decoded(step(users["alice"], alice, 5))  # 5 tokens of 6
-    message = assert_error(step(users["alice"], alice, 2), 429, E_TOO_MANY_SESSIONS)
+    helpers.decoded(step(users["alice"], alice, 5))  # 5 tokens of 6
+    message = helpers.assert_error(step(users["alice"], alice, 2), 429, E_TOO_MANY_SESSIONS)
     assert "STIP_CLOUD_SESSION_MEMORY_BYTES_PER_USER" in message
     bob = new_session(p2, users["bob"]).json()["session_id"]  # type: ignore[attr-defined]
-    decoded(step(users["bob"], bob, 5))  # the global bound (4 GiB) is far away: bob is served
-    decoded(step(users["alice"], alice, 1))  # and alice may still use what is left of hers
+    helpers.decoded(step(users["bob"], bob, 5))  # the global bound (4 GiB) is far away: bob is served
+    helpers.decoded(step(users["alice"], alice, 1))  # and alice may still use what is left of hers
 
 
 @pytest.mark.parametrize("p2", [dict(max_forwards_per_user=1)], indirect=True)
@@ -94,18 +82,20 @@ def test_one_user_cannot_take_every_forward(
     p2: TestClient, users: dict[str, str], original: transformers.PreTrainedModel, v1: Deployed
 ) -> None:
     """Alice's one forward in flight (held in the app's own event loop): her next is refused, Bob's runs."""
-    body = embeds(original, torch.tensor([[1, 2, 3]]), v1.pi)
+    body = helpers.embeds(original, torch.tensor([[1, 2, 3]]), v1.pi)
     admission: Admission = p2.app.state.admission  # type: ignore[attr-defined]
     assert p2.portal is not None
     with p2.portal.wrap_async_context_manager(admission.forward(DEPLOYMENT, "alice")):
-        message = assert_error(forward(p2, users["alice"], body, output="last"), 429, "too_many_requests")
+        message = helpers.assert_error(
+            helpers.forward(p2, users["alice"], body, output="last"), 429, "too_many_requests"
+        )
         assert "STIP_CLOUD_MAX_FORWARDS_PER_USER" in message
-        decoded(forward(p2, users["bob"], body, output="last"))
-    decoded(forward(p2, users["alice"], body, output="last"))  # her slot is free again
+        helpers.decoded(helpers.forward(p2, users["bob"], body, output="last"))
+    helpers.decoded(helpers.forward(p2, users["alice"], body, output="last"))  # her slot is free again
 
 
 def test_a_deployments_body_slots_make_requests_wait_before_their_body_is_read(tmp_path: Path) -> None:
-    admission = Admission(settings_for(tmp_path, forward_bodies=1, max_forwards_per_user=2))
+    admission = Admission(helpers.settings_for(tmp_path, forward_bodies=1, max_forwards_per_user=2))
     reading: list[str] = []
 
     async def request(user: str, release: anyio.Event) -> None:
@@ -138,7 +128,9 @@ def test_the_body_budget_lets_small_bodies_in_together_and_serves_waiters_in_ord
     decode steps of concurrent sessions are, to be batched); a chunked body (undeclared: the
     whole 1000) and a 400-byte one after it wait in arrival order; a cancelled waiter gives
     nothing away."""
-    admission = Admission(settings_for(tmp_path, forward_bodies=1, max_body_bytes=1000, max_forwards_per_user=8))
+    admission = Admission(
+        helpers.settings_for(tmp_path, forward_bodies=1, max_body_bytes=1000, max_forwards_per_user=8)
+    )
     reading: list[str] = []
     releases = {name: anyio.Event() for name in ("a", "b", "chunked", "c", "gone")}
 
@@ -200,15 +192,15 @@ def test_a_response_over_the_bound_is_refused_before_the_forward_runs(
     p2: TestClient, users: dict[str, str], original: transformers.PreTrainedModel, v1: Deployed
 ) -> None:
     ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(3))
-    body = embeds(original, ids, v1.pi)
+    body = helpers.embeds(original, ids, v1.pi)
     before = tokens_processed(p2)
-    message = assert_error(forward(p2, users["alice"], body, output="all"), 422, E_TOO_LARGE)
+    message = helpers.assert_error(helpers.forward(p2, users["alice"], body, output="all"), 422, E_TOO_LARGE)
     assert f"{B}x{S}x{V} logits, {ALL_LOGITS} bytes" in message
     assert "output=last or output=topk" in message and "STIP_CLOUD_MAX_RESPONSE_BYTES" in message
     assert tokens_processed(p2) == before  # refused from the header: nothing ran
-    tensors, _ = decoded(forward(p2, users["alice"], body, output="last"))
+    tensors, _ = helpers.decoded(helpers.forward(p2, users["alice"], body, output="last"))
     assert tuple(tensors["logits"].shape) == (B, 1, V)
-    decoded(forward(p2, users["alice"], body, output="topk", k=5))
+    helpers.decoded(helpers.forward(p2, users["alice"], body, output="topk", k=5))
 
 
 @pytest.mark.parametrize("p2", [dict(max_response_bytes=ALL_LOGITS)], indirect=True)
@@ -216,5 +208,7 @@ def test_a_response_at_the_bound_is_served(
     p2: TestClient, users: dict[str, str], original: transformers.PreTrainedModel, v1: Deployed
 ) -> None:
     ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(3))
-    tensors, _ = decoded(forward(p2, users["alice"], embeds(original, ids, v1.pi), output="all"))
+    tensors, _ = helpers.decoded(
+        helpers.forward(p2, users["alice"], helpers.embeds(original, ids, v1.pi), output="all")
+    )
     assert tuple(tensors["logits"].shape) == (B, S, V)

@@ -17,21 +17,8 @@ from cloud_service.service import CloudService
 from cloud_service.settings import CloudSettings, load_settings
 from shared.api import E_NOT_READY, INPUTS_EMBEDS
 from shared.credentials import Signer
-from tests.cloud_service.helpers import (
-    DEPLOYMENT,
-    PUSH_TOKEN,
-    D,
-    Deployed,
-    V,
-    assert_error,
-    decoded,
-    embeds,
-    forward,
-    push,
-    serve,
-    settings_for,
-    wait_ready,
-)
+from tests.cloud_service import helpers
+from tests.cloud_service.helpers import DEPLOYMENT, PUSH_TOKEN, D, Deployed, V
 
 
 def test_health_and_metrics(
@@ -43,8 +30,10 @@ def test_health_and_metrics(
         f"/v1/deployments/{DEPLOYMENT}/sessions", headers={"Authorization": f"Bearer {credential}"}
     ).json()["session_id"]
     ids = torch.randint(0, V, (2, 3))
-    decoded(forward(deployed, credential, embeds(original, ids, v1.pi), session_id=session, output="last"))
-    forward(deployed, None, {INPUTS_EMBEDS: torch.randn(1, 1, D)})
+    helpers.decoded(
+        helpers.forward(deployed, credential, helpers.embeds(original, ids, v1.pi), session_id=session, output="last")
+    )
+    helpers.forward(deployed, None, {INPUTS_EMBEDS: torch.randn(1, 1, D)})
     response = deployed.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     text = response.text
@@ -64,9 +53,8 @@ def test_not_ready_until_the_deployments_are_reloaded(
     tmp_path: Path, v1: Deployed, signer: Signer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = tmp_path / "data"
-    with serve(data) as client:
-        body, digest = v1.body(signer)
-        assert push(client, body, digest).status_code == 200
+    with helpers.serving(data, v1, signer):
+        pass
     release = threading.Event()
     load_all = CloudService.load_all
 
@@ -75,12 +63,12 @@ def test_not_ready_until_the_deployments_are_reloaded(
         load_all(self)
 
     monkeypatch.setattr(CloudService, "load_all", slow_load_all)
-    with TestClient(create_app(settings_for(data))) as client:
+    with TestClient(create_app(helpers.settings_for(data))) as client:
         assert client.get("/health/live").status_code == 200
-        assert_error(client.get("/health/ready"), 503, E_NOT_READY)
-        assert_error(client.get(f"/v1/deployments/{DEPLOYMENT}"), 503, E_NOT_READY)
+        helpers.assert_error(client.get("/health/ready"), 503, E_NOT_READY)
+        helpers.assert_error(client.get(f"/v1/deployments/{DEPLOYMENT}"), 503, E_NOT_READY)
         release.set()
-        wait_ready(client)
+        helpers.wait_ready(client)
         assert client.get(f"/v1/deployments/{DEPLOYMENT}").status_code == 200
 
 

@@ -11,19 +11,8 @@ from fastapi.testclient import TestClient
 from shared.api import E_NOT_FOUND, E_SESSION_EXPIRED, E_TOO_MANY_SESSIONS, INPUTS_EMBEDS, LOGITS
 from shared.credentials import Signer
 from shared.permutation import unpermute
-from tests.cloud_service.helpers import (
-    DEPLOYMENT,
-    D,
-    Deployed,
-    FakeClock,
-    V,
-    assert_error,
-    decoded,
-    embeds,
-    forward,
-    push,
-    serve,
-)
+from tests.cloud_service import helpers
+from tests.cloud_service.helpers import DEPLOYMENT, D, Deployed, FakeClock, V
 from tests.support import max_abs_diff
 
 TTL = 60
@@ -39,15 +28,8 @@ def clock() -> FakeClock:
 @pytest.fixture
 def small(tmp_path: Path, v1: Deployed, signer: Signer, clock: FakeClock) -> Iterator[TestClient]:
     """P2 with room for 2 sessions and 10 cached tokens, sessions idle for 60 s expire."""
-    with serve(
-        tmp_path / "data",
-        clock=clock,
-        max_sessions=2,
-        session_idle_ttl_s=TTL,
-        session_memory_bytes=10 * TOKEN_BYTES,
-    ) as client:
-        body, digest = v1.body(signer)
-        assert push(client, body, digest).status_code == 200
+    limits = dict(max_sessions=2, session_idle_ttl_s=TTL, session_memory_bytes=10 * TOKEN_BYTES)
+    with helpers.serving(tmp_path / "data", v1, signer, clock=clock, **limits) as client:
         yield client
 
 
@@ -61,7 +43,7 @@ def test_too_many_sessions(small: TestClient, credential: str) -> None:
     first = create(small, credential)
     create(small, credential)
     response = small.post(f"/v1/deployments/{DEPLOYMENT}/sessions", headers={"Authorization": f"Bearer {credential}"})
-    assert "2 sessions" in assert_error(response, 429, E_TOO_MANY_SESSIONS)
+    assert "2 sessions" in helpers.assert_error(response, 429, E_TOO_MANY_SESSIONS)
     assert small.delete(f"/v1/sessions/{first}", headers={"Authorization": f"Bearer {credential}"}).status_code == 204
     create(small, credential)
 
@@ -71,17 +53,23 @@ def test_cache_memory_is_bounded(
 ) -> None:
     a, b = create(small, credential), create(small, credential)
     ids = torch.randint(0, V, (1, 8))
-    decoded(forward(small, credential, embeds(original, ids, v1.pi), session_id=a))  # 8 of 10 tokens
-    response = forward(small, credential, embeds(original, ids[:, :3], v1.pi), session_id=b)
-    assert "memory" in assert_error(response, 429, E_TOO_MANY_SESSIONS)
+    helpers.decoded(
+        helpers.forward(small, credential, helpers.embeds(original, ids, v1.pi), session_id=a)
+    )  # 8 of 10 tokens
+    response = helpers.forward(small, credential, helpers.embeds(original, ids[:, :3], v1.pi), session_id=b)
+    assert "memory" in helpers.assert_error(response, 429, E_TOO_MANY_SESSIONS)
     service = small.app.state.service  # type: ignore[attr-defined]
     assert service.sessions.used_bytes == 8 * TOKEN_BYTES  # measured from the cache itself
-    decoded(forward(small, credential, embeds(original, ids[:, :2], v1.pi), session_id=b))  # 10 of 10
-    decoded(forward(small, credential, embeds(original, ids, v1.pi)))  # stateless needs no session memory
+    helpers.decoded(
+        helpers.forward(small, credential, helpers.embeds(original, ids[:, :2], v1.pi), session_id=b)
+    )  # 10 of 10
+    helpers.decoded(
+        helpers.forward(small, credential, helpers.embeds(original, ids, v1.pi))
+    )  # stateless needs no session memory
     auth = {"Authorization": f"Bearer {credential}"}
     assert small.delete(f"/v1/sessions/{a}", headers=auth).status_code == 204
     assert service.sessions.used_bytes == 2 * TOKEN_BYTES
-    decoded(forward(small, credential, embeds(original, ids[:, :3], v1.pi), session_id=b))
+    helpers.decoded(helpers.forward(small, credential, helpers.embeds(original, ids[:, :3], v1.pi), session_id=b))
 
 
 def test_idle_sessions_expire(
@@ -91,19 +79,21 @@ def test_idle_sessions_expire(
     with torch.no_grad():
         ref = original(input_ids=ids).logits
     session = create(small, credential)
-    decoded(forward(small, credential, embeds(original, ids[:, :2], v1.pi), session_id=session))
+    helpers.decoded(helpers.forward(small, credential, helpers.embeds(original, ids[:, :2], v1.pi), session_id=session))
     clock.now += TTL - 1  # used just in time: the TTL counts from the last use
-    tensors, _ = decoded(
-        forward(small, credential, embeds(original, ids[:, 2:], v1.pi), session_id=session, output="last")
+    tensors, _ = helpers.decoded(
+        helpers.forward(
+            small, credential, helpers.embeds(original, ids[:, 2:], v1.pi), session_id=session, output="last"
+        )
     )
     assert max_abs_diff(unpermute(tensors[LOGITS], v1.pi_c), ref[:, -1:]) <= 1e-4
     clock.now += TTL + 1
-    step = forward(small, credential, {INPUTS_EMBEDS: torch.randn(1, 1, D)}, session_id=session)
-    assert_error(step, 410, E_SESSION_EXPIRED)
-    assert_error(step, 410, E_SESSION_EXPIRED)
+    step = helpers.forward(small, credential, {INPUTS_EMBEDS: torch.randn(1, 1, D)}, session_id=session)
+    helpers.assert_error(step, 410, E_SESSION_EXPIRED)
+    helpers.assert_error(step, 410, E_SESSION_EXPIRED)
     auth = {"Authorization": f"Bearer {credential}"}
-    assert_error(small.delete(f"/v1/sessions/{session}", headers=auth), 410, E_SESSION_EXPIRED)
-    assert_error(small.delete(f"/v1/sessions/{session}", headers=auth), 404, E_NOT_FOUND)
+    helpers.assert_error(small.delete(f"/v1/sessions/{session}", headers=auth), 410, E_SESSION_EXPIRED)
+    helpers.assert_error(small.delete(f"/v1/sessions/{session}", headers=auth), 404, E_NOT_FOUND)
 
 
 def test_expired_sessions_make_room(small: TestClient, credential: str, clock: FakeClock) -> None:
