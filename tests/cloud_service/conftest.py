@@ -8,7 +8,6 @@ import pytest
 import transformers
 from fastapi.testclient import TestClient
 
-from shared.checkpoint import transform_model_dir
 from shared.credentials import Signer
 from tests.cloud_service.helpers import CONFIG, DEPLOYMENT, Deployed, serving
 from tests.support import random_causal_lm
@@ -16,8 +15,7 @@ from tests.support import random_causal_lm
 
 @pytest.fixture(scope="session")
 def original() -> transformers.PreTrainedModel:
-    model = random_causal_lm(CONFIG, seed=1)
-    return model
+    return random_causal_lm(CONFIG, seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -29,15 +27,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, original: transformers.P
 
 @pytest.fixture(scope="session")
 def v1(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Deployed:
-    out = tmp_path_factory.mktemp("v1") / "out"
     # small shards: the push concatenates several files into one body
-    return Deployed(transform_model_dir(model_dir, out, key_version=1, shard_bytes=20_000, progress=False), 1)
+    return Deployed.transform(model_dir, tmp_path_factory.mktemp("v1") / "out", 1, shard_bytes=20_000)
 
 
 @pytest.fixture(scope="session")
 def v2(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Deployed:
-    out = tmp_path_factory.mktemp("v2") / "out"
-    return Deployed(transform_model_dir(model_dir, out, key_version=2, progress=False), 2)
+    return Deployed.transform(model_dir, tmp_path_factory.mktemp("v2") / "out", 2)
 
 
 @pytest.fixture(scope="session")

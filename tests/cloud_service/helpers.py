@@ -27,7 +27,7 @@ from shared.api import (
     PUSH_KEY_VERSION,
     PUSH_VERIFY_KEY,
 )
-from shared.checkpoint import TransformResult
+from shared.checkpoint import TransformResult, transform_model_dir
 from shared.credentials import Signer
 from shared.permutation import permute
 from tests.support import TINY_LLAMA
@@ -45,6 +45,11 @@ class Deployed:
 
     result: TransformResult
     key_version: int
+
+    @classmethod
+    def transform(cls, model_dir: Path, out: Path, key_version: int, **options: Any) -> "Deployed":
+        """P1's transform of `model_dir` into `out` under key version `key_version`."""
+        return cls(transform_model_dir(model_dir, out, key_version=key_version, progress=False, **options), key_version)
 
     @property
     def pi(self) -> torch.Tensor:
