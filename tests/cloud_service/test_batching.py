@@ -21,9 +21,10 @@ from cloud_service import service as service_module
 from cloud_service.batching import Batcher, BatchItem, Job, batchable, forward_batch
 from cloud_service.errors import Unauthorized
 from cloud_service.schemas import ForwardOptions
+from cloud_service.service import CloudService, Deployment
 from shared import wire
 from shared.api import INPUTS_EMBEDS, LOGITS, META_DTYPE, Revocations, Revoked
-from shared.credentials import Signer
+from shared.credentials import Claims, Signer
 from shared.families import get_family
 from shared.families.gpt2 import WTE
 from shared.permutation import permute, unpermute
@@ -213,16 +214,21 @@ def test_scheduler_stops_expecting_a_session_that_ended() -> None:
 # --- through P2's service: concurrent sessions ----------------------------------------------
 
 
-def test_concurrent_sessions_equal_stock_generate(
-    deployed: TestClient,
-    v1: Deployed,
-    original: transformers.PreTrainedModel,
-    credential: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+InService = tuple[CloudService, Deployment, Claims]
+
+
+@pytest.fixture
+def in_service(deployed: TestClient, credential: str) -> InService:
+    """P2's service behind `deployed`, its deployment, and the user's claims as the service verified them."""
     service = deployed.app.state.service  # type: ignore[attr-defined]
     dep = service.deployment(DEPLOYMENT)
-    claims = service.authorize_user(dep, credential)
+    return service, dep, service.authorize_user(dep, credential)
+
+
+def test_concurrent_sessions_equal_stock_generate(
+    in_service: InService, v1: Deployed, original: transformers.PreTrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, dep, claims = in_service
     stacked: list[int] = []
     real = service_module.forward_batch
 
@@ -242,9 +248,7 @@ def test_concurrent_sessions_equal_stock_generate(
             ids = prompts[i]
             new = ids
             for _ in range(n_new):
-                with torch.no_grad():
-                    x = permute(original.get_input_embeddings()(new), v1.pi)
-                body = wire.encode({INPUTS_EMBEDS: x})
+                body = wire.encode(embeds(original, new, v1.pi))
                 result = service.forward(dep, body, ForwardOptions(output="last", session_id=session), claims)
                 logits = unpermute(wire.decode(result.body)[0][LOGITS], v1.pi_c)
                 assert result.session_length == ids.shape[1]
@@ -318,20 +322,13 @@ def test_half_precision_inputs_change_nothing_on_a_half_precision_p2(
 
 
 def test_a_failed_batch_is_rerun_request_by_request(
-    deployed: TestClient,
-    v1: Deployed,
-    original: transformers.PreTrainedModel,
-    credential: str,
-    monkeypatch: pytest.MonkeyPatch,
+    in_service: InService, v1: Deployed, original: transformers.PreTrainedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """When the batched forward raises, each request runs alone: right answers, sessions intact."""
-    service = deployed.app.state.service  # type: ignore[attr-defined]
-    dep = service.deployment(DEPLOYMENT)
-    claims = service.authorize_user(dep, credential)
+    service, dep, claims = in_service
 
     def x_of(ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return permute(original.get_input_embeddings()(ids), v1.pi)
+        return embeds(original, ids, v1.pi)[INPUTS_EMBEDS]
 
     prompts = [torch.randint(1, 61, (1, n), generator=torch.Generator().manual_seed(n)) for n in (3, 6)]
     sessions = [service.create_session(dep, claims).session_id for _ in prompts]
