@@ -59,17 +59,20 @@ class Deployed:
     def pi_c(self) -> torch.Tensor:
         return self.result.key.pi_c
 
-    def body(self, signer: Signer, deployment_id: str = DEPLOYMENT, **meta: str) -> tuple[bytes, str]:
-        """The push body (wire.concat_files over the cloud shards) and its SHA-256."""
+    def metadata(self, signer: Signer, deployment_id: str = DEPLOYMENT, **meta: str) -> dict[str, str]:
+        """The push body's metadata (P1's), with `meta` added or changed."""
         config = json.loads((self.result.out_dir / "cloud" / "config.json").read_text())
-        metadata = {
+        return {
             PUSH_DEPLOYMENT: deployment_id,
             PUSH_FAMILY: self.result.family,
             PUSH_CONFIG: json.dumps(config),
             PUSH_KEY_VERSION: str(self.key_version),
             PUSH_VERIFY_KEY: signer.public_key,
         } | meta
-        _, chunks = wire.concat_files(self.result.cloud_files, metadata)
+
+    def body(self, signer: Signer, deployment_id: str = DEPLOYMENT, **meta: str) -> tuple[bytes, str]:
+        """The push body (wire.concat_files over the cloud shards) and its SHA-256."""
+        _, chunks = wire.concat_files(self.result.cloud_files, self.metadata(signer, deployment_id, **meta))
         body = b"".join(chunks)
         return body, hashlib.sha256(body).hexdigest()
 

@@ -27,10 +27,7 @@ from shared.api import (
     E_UNAUTHORIZED,
     KEY_VERSION_HEADER,
     LOGITS,
-    PUSH_CONFIG,
-    PUSH_DEPLOYMENT,
     PUSH_FAMILY,
-    PUSH_KEY_VERSION,
     PUSH_VERIFY_KEY,
     DeploymentInfo,
     PushResult,
@@ -107,12 +104,7 @@ def test_same_version_same_digest_is_idempotent_other_digest_or_older_is_a_confl
 
 
 def test_rejected_pushes_leave_the_old_version_serving_and_no_file(
-    tmp_path: Path,
-    original: transformers.PreTrainedModel,
-    v1: Deployed,
-    v2: Deployed,
-    signer: Signer,
-    credential: str,
+    tmp_path: Path, original: transformers.PreTrainedModel, v1: Deployed, v2: Deployed, signer: Signer, credential: str
 ) -> None:
     data = tmp_path / "data"
     with helpers.serve(data, max_push_bytes=1 << 20) as client:
@@ -160,21 +152,10 @@ def _push_with_extra_tensor(
     """Push v1's shards plus one more tensor; returns the error message."""
     extra = tmp_path / "extra.safetensors"
     save_file({name: tensor}, str(extra))
-    metadata = json.loads(json.dumps(_metadata(v1, signer)))
+    metadata = json.loads(json.dumps(v1.metadata(signer)))
     _, chunks = wire.concat_files([*v1.result.cloud_files, extra], metadata)
     body = b"".join(chunks)
     return helpers.assert_error(helpers.push(client, body, hashlib.sha256(body).hexdigest()), 400, E_BAD_INPUT)
-
-
-def _metadata(d: Deployed, signer: Signer) -> dict[str, str]:
-    config = json.loads((d.result.out_dir / "cloud" / "config.json").read_text())
-    return {
-        PUSH_DEPLOYMENT: DEPLOYMENT,
-        PUSH_FAMILY: "llama",
-        PUSH_CONFIG: json.dumps(config),
-        PUSH_KEY_VERSION: str(d.key_version),
-        PUSH_VERIFY_KEY: signer.public_key,
-    }
 
 
 def test_p2_never_accepts_a_permutation_or_the_embedding(
@@ -232,12 +213,7 @@ def test_a_corrupt_version_file_is_skipped_on_restart(tmp_path: Path, v1: Deploy
 
 
 def test_rotation_gives_key_outdated_to_old_clients_and_sessions(
-    tmp_path: Path,
-    original: transformers.PreTrainedModel,
-    v1: Deployed,
-    v2: Deployed,
-    signer: Signer,
-    credential: str,
+    tmp_path: Path, original: transformers.PreTrainedModel, v1: Deployed, v2: Deployed, signer: Signer, credential: str
 ) -> None:
     data = tmp_path / "data"
     auth = {"Authorization": f"Bearer {credential}"}

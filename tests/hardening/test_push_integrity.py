@@ -45,13 +45,11 @@ from shared.api import (
     LOGITS,
     META_KEY_VERSION,
     PUSH_CONFIG,
-    PUSH_DEPLOYMENT,
     PUSH_FAMILY,
     PUSH_KEY_VERSION,
     PUSH_VERIFY_KEY,
     DeploymentInfo,
 )
-from shared.checkpoint import transform_model_dir
 from shared.credentials import Signer
 from shared.permutation import permute, unpermute
 from tests.cloud_service.helpers import CONFIG, DEPLOYMENT, PUSH_TOKEN, Deployed, settings_for
@@ -80,14 +78,7 @@ class Versions:
         return token
 
     def metadata(self, version: int, **changes: str) -> dict[str, str]:
-        d = self.of(version)
-        return {
-            PUSH_DEPLOYMENT: DEPLOYMENT,
-            PUSH_FAMILY: d.result.family,
-            PUSH_CONFIG: (d.result.out_dir / "cloud" / "config.json").read_text(),
-            PUSH_KEY_VERSION: str(version),
-            PUSH_VERIFY_KEY: self.signer.public_key,
-        } | changes
+        return self.of(version).metadata(self.signer, **changes)
 
     def tensors(self, version: int) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -111,9 +102,8 @@ def m(tmp_path_factory: pytest.TempPathFactory) -> Versions:
     model = random_causal_lm(CONFIG, seed=3)
     model.save_pretrained(work / "llama")
     # small shards for v1: its body concatenates several files
-    r1 = transform_model_dir(work / "llama", work / "v1", key_version=1, shard_bytes=20_000, progress=False)
-    r2 = transform_model_dir(work / "llama", work / "v2", key_version=2, progress=False)
-    return Versions(model, Deployed(r1, 1), Deployed(r2, 2), Signer.generate(), work)
+    v1 = Deployed.transform(work / "llama", work / "v1", 1, shard_bytes=20_000)
+    return Versions(model, v1, Deployed.transform(work / "llama", work / "v2", 2), Signer.generate(), work)
 
 
 def sha(body: bytes) -> str:
