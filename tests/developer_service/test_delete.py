@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -32,27 +33,34 @@ class Switchable(httpx.BaseTransport):
         return httpx.Response(response.status_code, headers=response.headers, content=response.read())
 
 
+@dataclass
+class Stack:
+    """P2 in process (data in `root/cloud`), and P1's switchable way to it."""
+
+    root: Path
+    p2: TestClient
+    transport: Switchable
+
+    @contextmanager
+    def developer(self) -> Iterator[TestClient]:
+        """P1 in process (data in `root/p1`), pushing to P2 through `transport`; again after a stop."""
+        with TestClient(create_app(settings_for(self.root / "p1"), transport=self.transport)) as client:
+            yield client
+
+
 @pytest.fixture
-def cloud(tmp_path: Path) -> Iterator[tuple[TestClient, Switchable]]:
+def stack(tmp_path: Path) -> Iterator[Stack]:
     with serve_cloud(tmp_path / "cloud", push_token=PUSH) as p2:
-        yield p2, Switchable(p2._transport)
-
-
-@contextmanager
-def developer(tmp_path: Path, transport: httpx.BaseTransport) -> Iterator[TestClient]:
-    with TestClient(create_app(settings_for(tmp_path / "p1"), transport=transport)) as client:
-        yield client
+        yield Stack(tmp_path, p2, Switchable(p2._transport))
 
 
 def p2_deployments(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in (tmp_path / "cloud" / "deployments").iterdir())
 
 
-def test_delete_deployment_removes_it_on_both_sides(
-    tmp_path: Path, model_dir: Path, cloud: tuple[TestClient, Switchable]
-) -> None:
-    p2, transport = cloud
-    with developer(tmp_path, transport) as p1:
+def test_delete_deployment_removes_it_on_both_sides(tmp_path: Path, model_dir: Path, stack: Stack) -> None:
+    p2 = stack.p2
+    with stack.developer() as p1:
         dep = deploy(p1, model_dir)
         dep_id = dep["deployment_id"]
         assert dep["status"] == "active", dep
@@ -88,11 +96,8 @@ def test_delete_deployment_removes_it_on_both_sides(
         assert p1.delete(f"/v1/deployments/{dep_id}", headers=admin()).status_code == 404
 
 
-def test_delete_model_is_refused_while_a_deployment_uses_it(
-    tmp_path: Path, model_dir: Path, cloud: tuple[TestClient, Switchable]
-) -> None:
-    _, transport = cloud
-    with developer(tmp_path, transport) as p1:
+def test_delete_model_is_refused_while_a_deployment_uses_it(model_dir: Path, stack: Stack) -> None:
+    with stack.developer() as p1:
         dep = deploy(p1, model_dir)
         model_id, dep_id = dep["model_id"], dep["deployment_id"]
         reply = p1.delete(f"/v1/models/{model_id}", headers=admin())
@@ -107,11 +112,9 @@ def test_delete_model_is_refused_while_a_deployment_uses_it(
         assert p1.delete(f"/v1/models/{model_id}", headers=admin()).status_code == 404
 
 
-def test_p2_down_at_delete_is_told_later_also_after_a_restart(
-    tmp_path: Path, model_dir: Path, cloud: tuple[TestClient, Switchable]
-) -> None:
-    p2, transport = cloud
-    with developer(tmp_path, transport) as p1:
+def test_p2_down_at_delete_is_told_later_also_after_a_restart(tmp_path: Path, model_dir: Path, stack: Stack) -> None:
+    p2, transport = stack.p2, stack.transport
+    with stack.developer() as p1:
         dep_id = deploy(p1, model_dir)["deployment_id"]
         credential = issue(p1, dep_id)
         transport.down = True
@@ -129,7 +132,7 @@ def test_p2_down_at_delete_is_told_later_also_after_a_restart(
         assert again.status_code == 200 and again.json()["status"] == "deleting"
     # P1 stopped (or crashed) before P2 confirmed: the durable `deleting` mark finishes it on restart
     transport.down = False
-    with developer(tmp_path, transport) as p1:
+    with stack.developer() as p1:
         deadline = time.monotonic() + 30
         while p1.get(f"/v1/deployments/{dep_id}", headers=admin()).status_code != 404:
             assert time.monotonic() < deadline, "P1 never finished the delete"
