@@ -5,17 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from user_client.errors import (
-    AuthError,
-    BadRequest,
-    KeyOutdated,
-    NotFound,
-    RateLimited,
-    ServerError,
-    SessionExpired,
-    StipError,
-    TransportError,
-)
+from user_client import errors
 from user_client.gateway.service import from_stip
 from user_client.gateway.settings import ConfigError, GatewaySettings
 from user_client.settings import ClientSettings
@@ -100,19 +90,19 @@ def test_the_api_key_is_off_on_loopback_and_required_elsewhere(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("error", "status", "code"),
     [
-        (TransportError("P2 POST /forward: cannot connect"), 503, "upstream_unavailable"),
-        (ServerError("P2: 503 not_ready", code="not_ready", status=503), 503, "not_ready"),
-        (ServerError("P2: 500", status=500), 502, "upstream_error"),
-        (KeyOutdated("rotation in progress", code="key_outdated", status=409), 503, "key_outdated"),
-        (SessionExpired("gone", code="session_expired", status=410), 503, "session_expired"),
-        (RateLimited("too many sessions", status=429), 429, "rate_limit_exceeded"),
-        (AuthError("revoked", status=401), 403, "stip_credential_refused"),
-        (BadRequest("bad shape", code="bad_request", status=400), 400, "bad_request"),
-        (NotFound("no deployment", status=404), 502, "upstream_error"),
-        (StipError("odd"), 502, "upstream_error"),
+        (errors.TransportError("P2 POST /forward: cannot connect"), 503, "upstream_unavailable"),
+        (errors.ServerError("P2: 503 not_ready", code="not_ready", status=503), 503, "not_ready"),
+        (errors.ServerError("P2: 500", status=500), 502, "upstream_error"),
+        (errors.KeyOutdated("rotation in progress", code="key_outdated", status=409), 503, "key_outdated"),
+        (errors.SessionExpired("gone", code="session_expired", status=410), 503, "session_expired"),
+        (errors.RateLimited("too many sessions", status=429), 429, "rate_limit_exceeded"),
+        (errors.AuthError("revoked", status=401), 403, "stip_credential_refused"),
+        (errors.BadRequest("bad shape", code="bad_request", status=400), 400, "bad_request"),
+        (errors.NotFound("no deployment", status=404), 502, "upstream_error"),
+        (errors.StipError("odd"), 502, "upstream_error"),
     ],
 )
-def test_sdk_errors_map_to_openai_statuses(error: StipError, status: int, code: str) -> None:
+def test_sdk_errors_map_to_openai_statuses(error: errors.StipError, status: int, code: str) -> None:
     mapped = from_stip(error, "llama")
     assert (mapped.status, mapped.code) == (status, code)
     body = mapped.body()["error"]
