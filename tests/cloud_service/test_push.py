@@ -185,9 +185,8 @@ def test_restart_reloads_the_active_deployment_and_cleans_leftovers(
     credential: str,
 ) -> None:
     data = tmp_path / "data"
-    with helpers.serve(data) as client:
-        body, digest = v1.body(signer)
-        assert helpers.push(client, body, digest).status_code == 200
+    with helpers.serving(data, v1, signer):
+        pass
     # what a crash could leave: a partial push, a version that never became active, a half-written record
     (data / "tmp" / "push-dead.partial").write_bytes(b"partial")
     (data / "deployments" / DEPLOYMENT / "v7.safetensors").write_bytes(b"never active")
@@ -217,9 +216,7 @@ def test_rotation_gives_key_outdated_to_old_clients_and_sessions(
 ) -> None:
     data = tmp_path / "data"
     auth = {"Authorization": f"Bearer {credential}"}
-    with helpers.serve(data) as client:
-        body, digest = v1.body(signer)
-        assert helpers.push(client, body, digest).status_code == 200
+    with helpers.serving(data, v1, signer) as client:
         session = client.post(f"/v1/deployments/{DEPLOYMENT}/sessions", headers=auth).json()["session_id"]
         ids = torch.randint(0, V, (1, 4))
         helpers.decoded(helpers.forward(client, credential, helpers.embeds(original, ids, v1.pi), session_id=session))
@@ -255,9 +252,7 @@ def test_a_push_cut_off_midway_leaves_nothing(
 ) -> None:
     """The connection drops in the middle of the body: the temp file goes, v1 keeps serving."""
     data = tmp_path / "data"
-    with helpers.serve(data) as client:
-        body, digest = v1.body(signer)
-        assert helpers.push(client, body, digest).status_code == 200
+    with helpers.serving(data, v1, signer) as client:
         before = data_files(data)
         new, new_digest = v2.body(signer)
 

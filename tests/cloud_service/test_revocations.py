@@ -43,9 +43,7 @@ def test_revoked_credentials_are_refused_until_they_expire(
     bob, _ = signer.issue(subject="bob", deployment_id=DEPLOYMENT, ttl_s=3600)
     request = helpers.embeds(original, torch.tensor([[3, 5, 7]]), v1.pi)
     data = tmp_path / "data"
-    with helpers.serve(data) as client:
-        body, digest = v1.body(signer)
-        assert helpers.push(client, body, digest).status_code == 200
+    with helpers.serving(data, v1, signer) as client:
         assert works(client, alice, request) and works(client, bob, request)
 
         long_gone = int(time.time()) - 10  # an entry already expired is dropped, not kept forever
@@ -87,9 +85,7 @@ def test_an_unreadable_list_does_not_keep_p2_from_serving(
     alice, claims = signer.issue(subject="alice", deployment_id=DEPLOYMENT, ttl_s=3600)
     request = helpers.embeds(original, torch.tensor([[3, 5, 7]]), v1.pi)
     data = tmp_path / "data"
-    with helpers.serve(data) as client:
-        body, digest = v1.body(signer)
-        assert helpers.push(client, body, digest).status_code == 200
+    with helpers.serving(data, v1, signer) as client:
         assert put_revocations(client, [(claims.jti, claims.exp)]).status_code == 200
     (data / "deployments" / DEPLOYMENT / "revoked.json").write_text('{"revoked": [')  # a disk fault
     with helpers.serve(data) as client:  # the deployment still serves; the next list from P1 restores the refusal
