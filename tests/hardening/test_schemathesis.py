@@ -259,12 +259,6 @@ def cloud(cloud_data: tuple[CloudModel, Path], tmp_path: Path) -> Iterator[Targe
         shutdown_lifespans()
 
 
-@pytest.mark.parametrize("credential", [True, False], ids=["credential", "anonymous"])
-@pytest.mark.parametrize("label", CLOUD_OPERATIONS)
-def test_cloud_operation(cloud: Target, label: str, credential: bool) -> None:
-    fuzz(cloud, label, credential)
-
-
 # --- P1 --------------------------------------------------------------------------------------
 
 
@@ -351,10 +345,14 @@ def developer(developer_data: DeveloperData, tmp_path: Path) -> Iterator[Target]
         shutdown_lifespans()
 
 
+OPERATIONS = [("cloud", label) for label in CLOUD_OPERATIONS] + [("developer", label) for label in DEVELOPER_OPERATIONS]
+
+
 @pytest.mark.parametrize("credential", [True, False], ids=["credential", "anonymous"])
-@pytest.mark.parametrize("label", DEVELOPER_OPERATIONS)
-def test_developer_operation(developer: Target, label: str, credential: bool) -> None:
-    fuzz(developer, label, credential)
+@pytest.mark.parametrize(("service", "label"), OPERATIONS)
+def test_operation(service: str, label: str, credential: bool, request: pytest.FixtureRequest) -> None:
+    """Every operation of P2 (the `cloud` fixture) and P1 (`developer`), with and without a credential."""
+    fuzz(request.getfixturevalue(service), label, credential)
 
 
 def test_the_safetensors_bodies_are_in_the_spec(cloud: Target) -> None:
