@@ -19,14 +19,16 @@ from tests.support import nonidentity_key
 State = dict[str, torch.Tensor]
 
 
-def layer_sizes(*, n_heads: int = 4, head_dim: int = 8, n_layers: int = 2, d_ff: int = 48) -> dict[str, int]:
-    """A small BERT's or paper Transformer's sizes, by their config names (24 positions)."""
+def layer_sizes(
+    *, n_heads: int = 4, head_dim: int = 8, n_layers: int = 2, d_ff: int = 48, positions: int = 24
+) -> dict[str, int]:
+    """A small BERT's or paper Transformer's sizes, by their config names."""
     return dict(
         hidden_size=n_heads * head_dim,
         num_attention_heads=n_heads,
         num_hidden_layers=n_layers,
         intermediate_size=d_ff,
-        max_position_embeddings=24,
+        max_position_embeddings=positions,
     )
 
 

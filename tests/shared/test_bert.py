@@ -19,9 +19,9 @@ FAMILY = get_family("bert")
 TOL = 1e-4
 
 
-def tiny_bert(*, seed: int = 0, **sizes: int) -> tuple[transformers.BertModel, dict]:
+def tiny_bert(*, seed: int = 0, vocab: int = 61, **sizes: int) -> tuple[transformers.BertModel, dict]:
     """A BertModel of `family_checks.layer_sizes(**sizes)` (4 heads of 8, 2 layers by default)."""
-    cfg = transformers.BertConfig(vocab_size=61, type_vocab_size=2, **layer_sizes(**sizes))
+    cfg = transformers.BertConfig(vocab_size=vocab, type_vocab_size=2, **layer_sizes(**sizes))
     model = randomize_parameters(transformers.BertModel(cfg), seed=seed)
     return model, cfg.to_dict()
 

@@ -10,18 +10,7 @@ import pytest
 
 from shared import api
 from tests.user_client.conftest import CREDENTIAL, World
-from user_client import (
-    AuthError,
-    BadRequest,
-    KeyOutdated,
-    NotFound,
-    RateLimited,
-    ServerError,
-    SessionExpired,
-    StipClient,
-    StipError,
-    TransportError,
-)
+from user_client import StipClient, errors
 
 IDS = [[101, 2023, 2003, 102]]
 
@@ -45,10 +34,10 @@ def test_key_outdated_when_p1_lags_past_the_wait(make_client: Callable[..., Stip
     client = make_client(rotation_wait_s=0.3)
     client.forward(IDS)
     world.rotate("llama", 2, p1=False)  # P2 switched, P1 still hands out v1 (and keeps doing so)
-    with pytest.raises(KeyOutdated, match="still hands it out after 0.3 s") as e:
+    with pytest.raises(errors.KeyOutdated, match="still hands it out after 0.3 s") as e:
         client.forward(IDS)
     assert e.value.code == api.E_KEY_OUTDATED
-    with pytest.raises(KeyOutdated):
+    with pytest.raises(errors.KeyOutdated):
         client.generate_ids(IDS[0], max_new_tokens=3)
     assert client.key_version == 1
 
@@ -64,7 +53,7 @@ def test_key_outdated_waits_for_p1_to_hand_out_the_new_key(
     p1_catches_up.start()
     try:
         before = world.developer.fetches
-        assert client.generate_ids(IDS[0], max_new_tokens=4, eos=False) == expected  # no KeyOutdated
+        assert client.generate_ids(IDS[0], max_new_tokens=4, eos=False) == expected  # no errors.KeyOutdated
     finally:
         p1_catches_up.join()
     assert client.key_version == 2
@@ -76,10 +65,10 @@ def test_session_opened_under_old_key(make_client: Callable[..., StipClient], wo
     session = client.open_session()
     client.forward(IDS, session=session)
     world.rotate("llama", 2)
-    with pytest.raises(KeyOutdated):  # the session's KV cache belongs to the old key
+    with pytest.raises(errors.KeyOutdated):  # the session's KV cache belongs to the old key
         client.forward(IDS, session=session)
     client.forward(IDS)
-    with pytest.raises(KeyOutdated, match="open a new session"):
+    with pytest.raises(errors.KeyOutdated, match="open a new session"):
         client.forward(IDS, session=session)
     with client.session() as fresh:
         assert fresh.key_version == 2
@@ -88,42 +77,42 @@ def test_session_opened_under_old_key(make_client: Callable[..., StipClient], wo
 
 def test_too_many_sessions(make_client: Callable[..., StipClient], world: World) -> None:
     world.cloud.max_sessions = 0
-    with pytest.raises(RateLimited) as e:
+    with pytest.raises(errors.RateLimited) as e:
         make_client().generate_ids(IDS[0], max_new_tokens=2)
     assert e.value.status == 429 and e.value.code == api.E_TOO_MANY_SESSIONS
 
 
 def test_wrong_credential(make_client: Callable[..., StipClient], world: World) -> None:
-    with pytest.raises(AuthError) as e:
+    with pytest.raises(errors.AuthError) as e:
         _ = make_client(credential="not-the-credential").bundle
     assert e.value.status == 401
     assert "not-the-credential" not in str(e.value)
 
 
 def test_unknown_deployment(make_client: Callable[..., StipClient]) -> None:
-    with pytest.raises(NotFound):
+    with pytest.raises(errors.NotFound):
         _ = make_client("nope").bundle
 
 
 @pytest.mark.parametrize(
     ("status", "code", "exc"),
     [
-        (401, api.E_UNAUTHORIZED, AuthError),
-        (403, api.E_FORBIDDEN, AuthError),
-        (404, api.E_NOT_FOUND, NotFound),
-        (409, api.E_KEY_OUTDATED, KeyOutdated),
-        (409, api.E_CONFLICT, StipError),
-        (410, api.E_SESSION_EXPIRED, SessionExpired),
-        (413, api.E_TOO_LARGE, BadRequest),
-        (400, api.E_BAD_INPUT, BadRequest),
-        (422, api.E_BAD_INPUT, BadRequest),
-        (429, api.E_TOO_MANY_SESSIONS, RateLimited),
-        (500, api.E_INTERNAL, ServerError),
-        (503, api.E_NOT_READY, ServerError),
+        (401, api.E_UNAUTHORIZED, errors.AuthError),
+        (403, api.E_FORBIDDEN, errors.AuthError),
+        (404, api.E_NOT_FOUND, errors.NotFound),
+        (409, api.E_KEY_OUTDATED, errors.KeyOutdated),
+        (409, api.E_CONFLICT, errors.StipError),
+        (410, api.E_SESSION_EXPIRED, errors.SessionExpired),
+        (413, api.E_TOO_LARGE, errors.BadRequest),
+        (400, api.E_BAD_INPUT, errors.BadRequest),
+        (422, api.E_BAD_INPUT, errors.BadRequest),
+        (429, api.E_TOO_MANY_SESSIONS, errors.RateLimited),
+        (500, api.E_INTERNAL, errors.ServerError),
+        (503, api.E_NOT_READY, errors.ServerError),
     ],
 )
 def test_error_codes_map_to_exceptions(
-    status: int, code: str, exc: type[StipError], make_client: Callable[..., StipClient]
+    status: int, code: str, exc: type[errors.StipError], make_client: Callable[..., StipClient]
 ) -> None:
     calls: list[httpx.Request] = []
 
@@ -144,7 +133,7 @@ def test_error_codes_map_to_exceptions(
     # key_outdated the bundle is refetched, and as P1 still serves v1, nothing is resent
     expected_calls = {500: 4, 503: 4}.get(status, 1)
     assert len(calls) == expected_calls
-    if exc is RateLimited:
+    if exc is errors.RateLimited:
         assert e.value.retry_after == 0.0  # type: ignore[attr-defined]
 
 
@@ -152,7 +141,7 @@ def test_session_calls_are_not_resent(make_client: Callable[..., StipClient], wo
     client = make_client()
     with client.session() as s:
         world.cloud.fail_next = [(500, api.E_INTERNAL)]
-        with pytest.raises(ServerError):
+        with pytest.raises(errors.ServerError):
             client.forward(IDS, session=s)
     assert len([f for f in world.cloud.forwards if f["session"]]) == 0
 
@@ -165,7 +154,7 @@ def test_connection_errors(make_client: Callable[..., StipClient]) -> None:
         raise httpx.ConnectError("connection refused", request=request)
 
     client = make_client(cloud_url="http://mock.test", cloud_transport=httpx.MockTransport(handler), retries=2)
-    with pytest.raises(TransportError, match="cannot connect to http://mock.test"):  # names the URL
+    with pytest.raises(errors.TransportError, match="cannot connect to http://mock.test"):  # names the URL
         client.forward(IDS)
     assert len(calls) == 3
 
@@ -173,7 +162,7 @@ def test_connection_errors(make_client: Callable[..., StipClient]) -> None:
 def test_malformed_response(make_client: Callable[..., StipClient]) -> None:
     transport = httpx.MockTransport(lambda r: httpx.Response(200, content=b"\x01\x02garbage"))
     client = make_client(cloud_url="http://mock.test", cloud_transport=transport)
-    with pytest.raises(StipError, match="malformed"):
+    with pytest.raises(errors.StipError, match="malformed"):
         client.forward(IDS)
 
 
