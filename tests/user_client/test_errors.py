@@ -94,22 +94,20 @@ def test_unknown_deployment(make_client: Callable[..., StipClient]) -> None:
         _ = make_client("nope").bundle
 
 
+MAPPED: dict[type[errors.StipError], list[tuple[int, str]]] = {  # the SDK's exception for each (status, code)
+    errors.AuthError: [(401, api.E_UNAUTHORIZED), (403, api.E_FORBIDDEN)],
+    errors.NotFound: [(404, api.E_NOT_FOUND)],
+    errors.KeyOutdated: [(409, api.E_KEY_OUTDATED)],
+    errors.StipError: [(409, api.E_CONFLICT)],
+    errors.SessionExpired: [(410, api.E_SESSION_EXPIRED)],
+    errors.BadRequest: [(413, api.E_TOO_LARGE), (400, api.E_BAD_INPUT), (422, api.E_BAD_INPUT)],
+    errors.RateLimited: [(429, api.E_TOO_MANY_SESSIONS)],
+    errors.ServerError: [(500, api.E_INTERNAL), (503, api.E_NOT_READY)],
+}
+
+
 @pytest.mark.parametrize(
-    ("status", "code", "exc"),
-    [
-        (401, api.E_UNAUTHORIZED, errors.AuthError),
-        (403, api.E_FORBIDDEN, errors.AuthError),
-        (404, api.E_NOT_FOUND, errors.NotFound),
-        (409, api.E_KEY_OUTDATED, errors.KeyOutdated),
-        (409, api.E_CONFLICT, errors.StipError),
-        (410, api.E_SESSION_EXPIRED, errors.SessionExpired),
-        (413, api.E_TOO_LARGE, errors.BadRequest),
-        (400, api.E_BAD_INPUT, errors.BadRequest),
-        (422, api.E_BAD_INPUT, errors.BadRequest),
-        (429, api.E_TOO_MANY_SESSIONS, errors.RateLimited),
-        (500, api.E_INTERNAL, errors.ServerError),
-        (503, api.E_NOT_READY, errors.ServerError),
-    ],
+    ("status", "code", "exc"), [(status, code, exc) for exc, answers in MAPPED.items() for status, code in answers]
 )
 def test_error_codes_map_to_exceptions(
     status: int, code: str, exc: type[errors.StipError], make_client: Callable[..., StipClient]
