@@ -30,8 +30,8 @@ from shared.families.gpt2 import WTE
 from shared.permutation import permute, unpermute
 from shared.runtime import CloudModel
 from tests.cloud_service.helpers import DEPLOYMENT, Deployed, decoded, embeds, forward, serving
+from tests.shared.encoder_models import tiny_bert
 from tests.shared.test_bert import deploy as deploy_bert
-from tests.shared.test_bert import tiny_bert
 from tests.support import TINY_GPT2, TINY_LLAMA, assert_close, deploy_decoder, left_padded, random_causal_lm
 
 GPT2 = dict(TINY_GPT2, bos_token_id=None, eos_token_id=None)

@@ -12,7 +12,7 @@ from shared.credentials import Signer
 from shared.permutation import permute, unpermute
 from tests.cloud_service import helpers
 from tests.cloud_service.helpers import DEPLOYMENT, D, Deployed, V
-from tests.shared.test_bert import tiny_bert
+from tests.shared.encoder_models import tiny_bert
 from tests.support import max_abs_diff
 
 TOL = 1e-4

@@ -41,7 +41,8 @@ class Decoder:
     def model(self, config: transformers.PretrainedConfig | None = None, seed: int = 0) -> nn.Module:
         """The stock model for `config` (the base config by default), every parameter random."""
         torch.manual_seed(seed)
-        return randomize_parameters(self.model_cls(config or self.config()), scale=self.scale, seed=seed)
+        config = self.config() if config is None else config
+        return randomize_parameters(self.model_cls(config), scale=self.scale, seed=seed)
 
     def deploy(self, model: nn.Module, key: DeveloperKey | None = None) -> Deployment:
         """tests.support.deploy_decoder with this class's token table."""

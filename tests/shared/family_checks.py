@@ -8,7 +8,6 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
-from hypothesis import strategies as st
 
 from shared.errors import CheckpointError
 from shared.families import Family
@@ -17,26 +16,6 @@ from shared.transform import transform_state_dict
 from tests.support import nonidentity_key
 
 State = dict[str, torch.Tensor]
-
-
-def layer_sizes(
-    *, n_heads: int = 4, head_dim: int = 8, n_layers: int = 2, d_ff: int = 48, positions: int = 24
-) -> dict[str, int]:
-    """A small BERT's or paper Transformer's sizes, by their config names."""
-    return dict(
-        hidden_size=n_heads * head_dim,
-        num_attention_heads=n_heads,
-        num_hidden_layers=n_layers,
-        intermediate_size=d_ff,
-        max_position_embeddings=positions,
-    )
-
-
-# hypothesis: any layer_sizes() arguments, and the lengths of a right-padded batch
-ANY_SIZES = st.fixed_dictionaries(
-    dict(n_heads=st.integers(1, 4), head_dim=st.integers(1, 6), n_layers=st.integers(1, 3), d_ff=st.integers(1, 24))
-)
-ANY_LENGTHS = st.lists(st.integers(1, 8), min_size=1, max_size=3)
 
 
 def with_identity(key: DeveloperKey, *parts: str, layer: int | None = None) -> DeveloperKey:

@@ -12,18 +12,12 @@ from shared.families.bert import EMBEDDING_NAMES, BertFamily
 from shared.keys import DeveloperKey, draw_key
 from shared.permutation import permute, unpermute
 from shared.transform import transform_state_dict
-from tests.shared.family_checks import ANY_LENGTHS, ANY_SIZES, assert_layer_moves, layer_sizes, moved, with_identity
-from tests.support import max_abs_diff, randomize_parameters
+from tests.shared.encoder_models import ANY_LENGTHS, ANY_SIZES, tiny_bert
+from tests.shared.family_checks import assert_layer_moves, moved, with_identity
+from tests.support import max_abs_diff
 
 FAMILY = get_family("bert")
 TOL = 1e-4
-
-
-def tiny_bert(*, seed: int = 0, vocab: int = 61, **sizes: int) -> tuple[transformers.BertModel, dict]:
-    """A BertModel of `family_checks.layer_sizes(**sizes)` (4 heads of 8, 2 layers by default)."""
-    cfg = transformers.BertConfig(vocab_size=vocab, type_vocab_size=2, **layer_sizes(**sizes))
-    model = randomize_parameters(transformers.BertModel(cfg), seed=seed)
-    return model, cfg.to_dict()
 
 
 def deploy(model: transformers.BertModel, config: dict, key: DeveloperKey | None = None):

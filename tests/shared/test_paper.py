@@ -13,18 +13,13 @@ from shared.families.paper import PaperConfig, PaperFamily, PaperTransformer
 from shared.keys import DeveloperKey, draw_key
 from shared.permutation import permute, unpermute
 from shared.transform import transform_state_dict
-from tests.shared.family_checks import ANY_LENGTHS, ANY_SIZES, assert_layer_moves, layer_sizes, moved, with_identity
-from tests.support import max_abs_diff, randomize_parameters
+from tests.shared.encoder_models import ANY_LENGTHS, ANY_SIZES, tiny_paper
+from tests.shared.family_checks import assert_layer_moves, moved, with_identity
+from tests.support import max_abs_diff
 
 FAMILY = get_family("paper")
 TOL = 1e-4
 NORMS = ("attn_norm.weight", "attn_norm.bias", "ffn_norm.weight", "ffn_norm.bias")
-
-
-def tiny_paper(*, causal: bool, seed: int = 0, **sizes: int) -> tuple[PaperTransformer, dict]:
-    """The paper's Transformer of `family_checks.layer_sizes(**sizes)` (4 heads of 8, 2 layers by default)."""
-    cfg = PaperConfig(vocab_size=53, causal=causal, **layer_sizes(**sizes))
-    return randomize_parameters(PaperTransformer(cfg), seed=seed), cfg.to_json()
 
 
 def padded_batch(lengths: list[int], seq: int, vocab: int = 53, seed: int = 1, left: bool = False):

@@ -10,8 +10,7 @@ import torch
 from shared.errors import CheckpointError
 from shared.families import get_family
 from shared.keys import draw_key
-from tests.shared.test_bert import tiny_bert
-from tests.shared.test_paper import tiny_paper
+from tests.shared.encoder_models import tiny_bert, tiny_paper
 
 CONFIGS: dict[str, Callable[[], dict]] = {"bert": lambda: tiny_bert()[1], "paper": lambda: tiny_paper(causal=True)[1]}
 
