@@ -20,6 +20,7 @@ from shared.keys import DeveloperKey, LayerKey, ModelDims
 
 Side = Literal["cloud", "user"]
 Config = dict[str, Any]  # the model's config.json
+Embedding = dict[str, torch.Tensor]  # the user's embedding module, by canonical name
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Family(ABC):
     architectures: tuple[str, ...]  # config.json "architectures" entries this family serves
     model_types: tuple[str, ...]  # config.json "model_type" values this family serves
     is_encoder: bool = False
+    has_cache: bool = False  # whether `cloud_forward` keeps a KV cache
 
     @abstractmethod
     def dims(self, config: Config) -> ModelDims:
@@ -104,7 +106,6 @@ class Family(ABC):
         module's (P2 keeps it an unloaded placeholder): one of `embedding_names`, under any prefix."""
         return any(name == e or name.endswith("." + e) for e in self.embedding_names(config))
 
-    @abstractmethod
     def embed(
         self,
         embedding: dict[str, torch.Tensor],
@@ -114,13 +115,24 @@ class Family(ABC):
         position_offset: int = 0,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """User side: token ids (B, S) -> x (B, S, d), not yet permuted."""
+        """User side: token ids (B, S) -> x (B, S, d), not yet permuted.
+
+        `position_offset`: how many tokens of the sequence were sent before (GPT-2 also takes a
+        (B,) tensor of per-row offsets, see `GPT2Family.embed_tokens`); `token_type_ids` (B, S):
+        BERT's segments.
+        """
+        return self.embed_tokens(embedding, config, input_ids, position_offset, token_type_ids)
+
+    @abstractmethod
+    def embed_tokens(
+        self, embedding: Embedding, config: Config, ids: torch.Tensor, offset: int, types: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`embed` with its options positional: what each family implements."""
 
     @abstractmethod
     def build_cloud_model(self, config: Config) -> nn.Module:
         """The stock class for θ′, built from the cloud config (on the current default device)."""
 
-    @abstractmethod
     def cloud_forward(
         self,
         model: nn.Module,
@@ -133,7 +145,35 @@ class Family(ABC):
 
         `last_only`: the caller reads the last position only (generation, top-k), so a family
         may compute and return just that, (B, 1, ·); the KV cache still covers every position.
+        A family without a KV cache (`has_cache` False) takes `cache=None` only, returns None
+        and reads the whole sequence on every call.
         """
+        if cache is not None and not self.has_cache:
+            raise ValueError(f"a {self.name} model keeps no KV cache: send the whole sequence")
+        return self.stock_forward(model, inputs_embeds, attention_mask, cache, last_only)
+
+    @abstractmethod
+    def stock_forward(
+        self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, cache: Any, last_only: bool
+    ) -> CloudOutput:
+        """`cloud_forward` with its arguments positional: what each family implements."""
+
+    def block_dims(self, config: Config, *, d_out: int, rope: bool, d_ff: int | None = None) -> ModelDims:
+        """ModelDims from the usual transformers keys (GPT-2's `n_*` names too): hidden size,
+        heads, key/value heads (default: as many), head size (default: hidden size / heads),
+        layers and FFN width (`d_ff` in place of `intermediate_size`)."""
+        d = config_get(config, "hidden_size", "n_embd")
+        n_heads = config_get(config, "num_attention_heads", "n_head")
+        n_kv = config_get(config, "num_key_value_heads", default=n_heads)
+        if config.get("head_dim") is None and d % n_heads:
+            raise CheckpointError(f"hidden_size={d} is not a multiple of num_attention_heads={n_heads}")
+        if n_heads % n_kv:
+            raise CheckpointError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+        layers = config_get(config, "num_hidden_layers", "n_layer")
+        head_dim = config_get(config, "head_dim", default=d // n_heads)
+        ffn = config_get(config, "intermediate_size") if d_ff is None else d_ff
+        # ModelDims' fields in order: family, d_model, d_out, n_layers, n_heads, n_kv_heads, head_dim, d_ff
+        return ModelDims(self.name, d, d_out, layers, n_heads, n_kv, head_dim, ffn, rope=rope, encoder=self.is_encoder)
 
 
 # --- index helpers shared by the transforms ---------------------------------------------
@@ -285,6 +325,8 @@ class CausalLMFamily(Family):
     cloud holds no embedding table to tie it to.
     """
 
+    has_cache = True
+
     def cloud_config(self, config: Config) -> Config:
         return dict(config, tie_word_embeddings=False)
 
@@ -325,19 +367,14 @@ class CausalLMFamily(Family):
         """Positions P2 passes to the stock class (None: its default, past length + arange)."""
         return None
 
-    def cloud_forward(
-        self,
-        model: nn.Module,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: Any = None,
-        last_only: bool = False,
+    def stock_forward(
+        self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, cache: Any, last_only: bool
     ) -> CloudOutput:
-        # inputs_embeds (B, S, d) permuted by π; attention_mask (B, past + S) as in HF
+        # x (B, S, d) permuted by π; mask (B, past + S) as in HF
         out = model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=self.position_ids(attention_mask, inputs_embeds.shape[1]),
+            inputs_embeds=x,
+            attention_mask=mask,
+            position_ids=self.position_ids(mask, x.shape[1]),
             cache=cache,
             use_cache=True,
             logits_to_keep=1 if last_only else 0,  # the head on one position, not (S, V) per row
