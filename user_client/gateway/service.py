@@ -24,19 +24,10 @@ from typing import Any, Literal
 
 import torch
 
+from user_client import errors
 from user_client.bundle import Bundle
 from user_client.client import Step, StipClient
-from user_client.errors import (
-    AuthError,
-    BadRequest,
-    KeyOutdated,
-    NotFound,
-    RateLimited,
-    ServerError,
-    SessionExpired,
-    StipError,
-    TransportError,
-)
+from user_client.errors import StipError
 from user_client.gateway import schemas as s
 from user_client.gateway.settings import ModelSpec
 from user_client.sampling import TextAssembler
@@ -75,24 +66,24 @@ class GatewayError(Exception):
 def from_stip(e: StipError, model: str) -> GatewayError:
     """The SDK's exception for `model` -> the OpenAI status a client of that API expects."""
     where = f"model {model!r}: {e.message}"
-    if isinstance(e, TransportError):  # P1 or P2 down or unreachable
+    if isinstance(e, errors.TransportError):  # P1 or P2 down or unreachable
         return GatewayError(503, where, type="server_error", code="upstream_unavailable")
-    if isinstance(e, KeyOutdated | SessionExpired):  # a rotation or restart that retries could not absorb
+    if isinstance(e, errors.KeyOutdated | errors.SessionExpired):  # a rotation or restart that retries could not absorb
         return GatewayError(503, f"{where}; retry shortly", type="server_error", code=e.code or "key_outdated")
-    if isinstance(e, RateLimited):
+    if isinstance(e, errors.RateLimited):
         return GatewayError(429, where, type="rate_limit_error", code="rate_limit_exceeded")
-    if isinstance(e, AuthError):
+    if isinstance(e, errors.AuthError):
         return GatewayError(
             403,
             f"{where} (the STIP credential this gateway holds for the model was refused: issue a new one)",
             type="permission_error",
             code="stip_credential_refused",
         )
-    if isinstance(e, BadRequest):
+    if isinstance(e, errors.BadRequest):
         return GatewayError(400, where, code=e.code)
-    if isinstance(e, ServerError) and e.status == 503:
+    if isinstance(e, errors.ServerError) and e.status == 503:
         return GatewayError(503, where, type="server_error", code=e.code or "upstream_unavailable")
-    if isinstance(e, ServerError | NotFound):
+    if isinstance(e, errors.ServerError | errors.NotFound):
         return GatewayError(502, where, type="server_error", code=e.code or "upstream_error")
     return GatewayError(502, where, type="server_error", code=e.code or "upstream_error")
 
