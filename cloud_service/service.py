@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors import safe_open
 
 from cloud_service import engines, generation
-from cloud_service.batching import Batcher, BatchItem, Job, batchable, forward_batch
+from cloud_service.batching import Batcher, BatchItem, InputShape, Job, batchable, forward_batch
 from cloud_service.errors import (
     BadInput,
     CloudError,
@@ -174,7 +174,7 @@ class _Verified:
 
 
 @dataclass
-class _Request:
+class _Request(InputShape):
     """A parsed, checked forward request waiting for the scheduler."""
 
     x: torch.Tensor  # (B, S, d) permuted by π, as received
@@ -182,14 +182,6 @@ class _Request:
     options: ForwardOptions
     claims: Claims
     start: float  # perf_counter when it arrived
-
-    @property
-    def rows(self) -> int:
-        return int(self.x.shape[0])
-
-    @property
-    def seq(self) -> int:
-        return int(self.x.shape[1])
 
 
 @dataclass
