@@ -92,68 +92,47 @@ class DeveloperAdminClient:
 
     def register(self, path: str | Path, *, name: str | None = None) -> schemas.ModelInfo:
         body = schemas.RegisterModel(path=str(path), name=name)
-        result: schemas.ModelInfo = self._call("POST", api.MODELS_PATH, schemas.ModelInfo, body)
-        return result
+        return self._call("POST", api.MODELS_PATH, schemas.ModelInfo, body)
 
     def models(self) -> list[schemas.ModelInfo]:
-        result: list[schemas.ModelInfo] = self._call("GET", api.MODELS_PATH, list[schemas.ModelInfo])
-        return result
+        return self._call("GET", api.MODELS_PATH, list[schemas.ModelInfo])
 
     def deploy(
         self, model_id: str, *, cloud_url: str, mode: Literal["embeds", "token"] = "embeds"
     ) -> schemas.DeploymentStatus:
         body = schemas.CreateDeployment(model_id=model_id, cloud_url=cloud_url, mode=mode)
-        result: schemas.DeploymentStatus = self._call("POST", api.DEPLOYMENTS_PATH, schemas.DeploymentStatus, body)
-        return result
+        return self._call("POST", api.DEPLOYMENTS_PATH, schemas.DeploymentStatus, body)
 
     def deployment(self, deployment_id: str) -> schemas.DeploymentStatus:
-        result: schemas.DeploymentStatus = self._call(
-            "GET", api.path(api.DEPLOYMENT_PATH, deployment_id=deployment_id), schemas.DeploymentStatus
-        )
-        return result
+        return self._call("GET", api.path(api.DEPLOYMENT_PATH, deployment_id=deployment_id), schemas.DeploymentStatus)
 
     def deployments(self) -> list[schemas.DeploymentStatus]:
-        result: list[schemas.DeploymentStatus] = self._call("GET", api.DEPLOYMENTS_PATH, list[schemas.DeploymentStatus])
-        return result
+        return self._call("GET", api.DEPLOYMENTS_PATH, list[schemas.DeploymentStatus])
 
     def rotate(self, deployment_id: str) -> schemas.DeploymentStatus:
-        result: schemas.DeploymentStatus = self._call(
-            "POST", api.path(api.ROTATE_PATH, deployment_id=deployment_id), schemas.DeploymentStatus
-        )
-        return result
+        return self._call("POST", api.path(api.ROTATE_PATH, deployment_id=deployment_id), schemas.DeploymentStatus)
 
     def issue_credential(
         self, deployment_id: str, *, name: str = "user", ttl_s: int | None = None
     ) -> schemas.CredentialIssued:
         body = schemas.IssueCredential(name=name, ttl_s=ttl_s)
-        result: schemas.CredentialIssued = self._call(
-            "POST", api.path(api.USERS_PATH, deployment_id=deployment_id), schemas.CredentialIssued, body
-        )
-        return result
+        return self._call("POST", api.path(api.USERS_PATH, deployment_id=deployment_id), schemas.CredentialIssued, body)
 
     def credentials(self, deployment_id: str) -> list[schemas.CredentialInfo]:
-        result: list[schemas.CredentialInfo] = self._call(
-            "GET", api.path(api.USERS_PATH, deployment_id=deployment_id), list[schemas.CredentialInfo]
-        )
-        return result
+        return self._call("GET", api.path(api.USERS_PATH, deployment_id=deployment_id), list[schemas.CredentialInfo])
 
     def revoke_credential(self, deployment_id: str, user_id: str) -> schemas.CredentialInfo:
-        result: schemas.CredentialInfo = self._call(
+        return self._call(
             "DELETE", api.path(api.USER_PATH, deployment_id=deployment_id, user_id=user_id), schemas.CredentialInfo
         )
-        return result
 
     def delete_deployment(self, deployment_id: str) -> schemas.DeletedDeployment:
-        result: schemas.DeletedDeployment = self._call(
+        return self._call(
             "DELETE", api.path(api.DEPLOYMENT_PATH, deployment_id=deployment_id), schemas.DeletedDeployment
         )
-        return result
 
     def delete_model(self, model_id: str) -> schemas.DeletedModel:
-        result: schemas.DeletedModel = self._call(
-            "DELETE", api.path(api.MODEL_PATH, model_id=model_id), schemas.DeletedModel
-        )
-        return result
+        return self._call("DELETE", api.path(api.MODEL_PATH, model_id=model_id), schemas.DeletedModel)
 
     def wait(
         self,

@@ -144,14 +144,6 @@ class _ViTFamily(Family):
         cls = embedding[CLS].expand(pixels.shape[0], -1, -1)  # (B, 1, d)
         return torch.cat([cls, patches], dim=1) + embedding[POSITIONS]
 
-    def encode(self, vit: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """The stock ViTModel's layers and final norm on x·π (B, S, d) -> (B, S, d) permuted by π."""
-        mask = create_bidirectional_mask(config=vit.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-        hidden = inputs_embeds
-        for layer in vit.layers:
-            hidden = layer(hidden, mask)
-        return vit.layernorm(hidden)
-
 
 class ViTClassifierFamily(_ViTFamily):
     name = "vit"
@@ -190,7 +182,7 @@ class ViTClassifierFamily(_ViTFamily):
         """x·π (B, 1 + N, d) -> class logits (B, 1, C) permuted by π_c; no KV cache."""
         if not isinstance(model, transformers.ViTForImageClassification):
             raise TypeError(f"expected a ViTForImageClassification, got {type(model).__name__}")
-        hidden = self.encode(model.vit, x, mask)  # (B, S, d) permuted by π
+        hidden = encode(model.vit, x, mask)  # (B, S, d) permuted by π
         logits = model.classifier(hidden[:, 0])  # the class token: (B, C) permuted by π_c
         return CloudOutput(output=logits[:, None], cache=None)
 
@@ -233,9 +225,18 @@ class ViTEncoderFamily(_ViTFamily):
         """x·π (B, 1 + N, d) -> hidden states (B, 1 + N, d) and pooled (B, d), both permuted by π."""
         if not isinstance(model, transformers.ViTModel):
             raise TypeError(f"expected a ViTModel, got {type(model).__name__}")
-        hidden = self.encode(model, x, mask)
+        hidden = encode(model, x, mask)
         pooled = model.pooler(hidden) if model.pooler is not None else None
         return CloudOutput(output=hidden[:, -1:] if last_only else hidden, cache=None, pooled=pooled)
+
+
+def encode(vit: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The stock ViTModel's layers and final norm on x·π (B, S, d) -> (B, S, d) permuted by π."""
+    mask = create_bidirectional_mask(config=vit.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    hidden = inputs_embeds
+    for layer in vit.layers:
+        hidden = layer(hidden, mask)
+    return vit.layernorm(hidden)
 
 
 def n_patches(config: Config) -> int:
