@@ -50,6 +50,7 @@ from developer_service.schemas import (
     ModelInfo,
     Progress,
     RegisterModel,
+    from_fields,
 )
 from developer_service.settings import DeveloperSettings
 from developer_service.store import CredentialRecord, DeploymentRecord, ModelRecord, Store
@@ -482,18 +483,7 @@ class DeveloperService:
 
     def _status(self, dep: DeploymentRecord) -> DeploymentStatus:
         progress = self._progress.get(dep.deployment_id) or dep.progress
-        return DeploymentStatus(
-            deployment_id=dep.deployment_id,
-            model_id=dep.model_id,
-            family=dep.family,
-            cloud_url=dep.cloud_url,
-            status=dep.status,
-            key_version=dep.key_version,
-            pending_key_version=dep.pending_key_version,
-            progress=progress.model_copy(),
-            error=dep.error,
-            mode=dep.mode,
-        )
+        return from_fields(DeploymentStatus, dep, progress=progress.model_copy())
 
     # --- jobs ------------------------------------------------------------------------------
 
