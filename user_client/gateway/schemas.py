@@ -7,7 +7,7 @@ extensions that vLLM also accepts: `top_k` and `repetition_penalty`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -101,12 +101,16 @@ class _Choice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class _Envelope(BaseModel):
-    """What every completion response (and stream chunk) carries besides its `object` and `choices`."""
+C = TypeVar("C", bound=_Choice)
+
+
+class _Envelope(BaseModel, Generic[C]):
+    """What every completion response (and stream chunk) carries besides its `object`."""
 
     id: str
     created: int
     model: str
+    choices: list[C]
     usage: Usage | None = None
     system_fingerprint: str | None = None
 
@@ -116,9 +120,8 @@ class CompletionChoice(_Choice):
     logprobs: CompletionLogprobs | None = None
 
 
-class Completion(_Envelope):
+class Completion(_Envelope[CompletionChoice]):
     object: Literal["text_completion"] = "text_completion"
-    choices: list[CompletionChoice]
 
 
 class TopLogprob(BaseModel):
@@ -147,9 +150,8 @@ class ChatChoice(_Choice):
     logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletion(_Envelope):
+class ChatCompletion(_Envelope[ChatChoice]):
     object: Literal["chat.completion"] = "chat.completion"
-    choices: list[ChatChoice]
 
 
 class ChatDelta(BaseModel):
@@ -162,9 +164,8 @@ class ChatChunkChoice(_Choice):
     logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletionChunk(_Envelope):
+class ChatCompletionChunk(_Envelope[ChatChunkChoice]):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    choices: list[ChatChunkChoice]
 
 
 class Embedding(BaseModel):
