@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from bench.run import ModelSize
-from stip_demo.models import TINY_LLAMA, random_causal_lm
+from stip_demo.models import random_causal_lm
 
 ENGINES = ("transformers", "vllm")
 MODES = ("embeds", "token")
@@ -44,7 +44,14 @@ DEPLOYMENT = "bench-llama"
 PROMPT = 16
 # head_dim 64 (vLLM's CPU attention takes 32, 64, 80, ...), GQA 8:2, untied
 SIZE = ModelSize("random Llama, engines bench", 512, 4, 8, 2, 1024)
-CONFIG: dict[str, Any] = dict(TINY_LLAMA, **SIZE.config(), vocab_size=2048, max_position_embeddings=256)
+CONFIG: dict[str, Any] = dict(
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    **SIZE.config(),
+    vocab_size=2048,
+    tie_word_embeddings=False,
+    max_position_embeddings=256,
+)
 
 
 class User:

@@ -18,19 +18,6 @@ DEMO_DIMS: dict[str, Any] = dict(
     hidden_size=128, intermediate_size=256, num_hidden_layers=2, max_position_embeddings=512
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-# The tests' small random Llama (GQA 4:2, untied); suites (and bench.engines) override a field or two.
-TINY_LLAMA: dict[str, Any] = dict(
-    model_type="llama",
-    architectures=["LlamaForCausalLM"],
-    hidden_size=32,
-    intermediate_size=48,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_hidden_layers=2,
-    vocab_size=61,
-    tie_word_embeddings=False,
-    max_position_embeddings=64,
-)
 
 
 def minilm_path() -> Path:

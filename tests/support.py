@@ -2,6 +2,7 @@
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,9 +11,22 @@ from shared.families import Family
 from shared.keys import DeveloperKey, LayerKey, ModelDims, draw_key
 from shared.permutation import permute, random_permutation, unpermute
 from shared.transform import transform_state_dict
-from stip_demo.models import TINY_LLAMA as TINY_LLAMA  # the tests' small Llama; bench.engines builds on it
-from stip_demo.models import random_causal_lm as random_causal_lm
+from stip_demo.models import random_causal_lm as random_causal_lm  # bench.engines uses it too
 from stip_demo.models import randomize_parameters as randomize_parameters  # the demo's models use it too
+
+# The tests' small random Llama (GQA 4:2, untied); suites override a field or two.
+TINY_LLAMA: dict[str, Any] = dict(
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    hidden_size=32,
+    intermediate_size=48,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    vocab_size=61,
+    tie_word_embeddings=False,
+    max_position_embeddings=64,
+)
 
 
 def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:

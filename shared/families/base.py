@@ -17,6 +17,7 @@ from torch import nn
 
 from shared.errors import CheckpointError
 from shared.keys import DeveloperKey, LayerKey, ModelDims
+from shared.model_config import ModelConfig
 
 Side = Literal["cloud", "user"]
 Config = dict[str, Any]  # the model's config.json
@@ -123,11 +124,11 @@ class Family(ABC):
         """
         return self.embed_tokens(embedding, config, input_ids, position_offset, token_type_ids)
 
-    @abstractmethod
     def embed_tokens(
         self, embedding: Embedding, config: Config, ids: torch.Tensor, offset: int, types: torch.Tensor | None
     ) -> torch.Tensor:
-        """`embed` with its options positional: what each family implements."""
+        """`embed` with its options positional: what each family implements (or `embed` itself)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither embed_tokens nor embed")
 
     @abstractmethod
     def build_cloud_model(self, config: Config) -> nn.Module:
@@ -152,27 +153,28 @@ class Family(ABC):
             raise ValueError(f"a {self.name} model keeps no KV cache: send the whole sequence")
         return self.stock_forward(model, inputs_embeds, attention_mask, cache, last_only)
 
-    @abstractmethod
     def stock_forward(
         self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, cache: Any, last_only: bool
     ) -> CloudOutput:
-        """`cloud_forward` with its arguments positional: what each family implements."""
+        """`cloud_forward` with its arguments positional: what each family implements (or
+        `cloud_forward` itself)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither stock_forward nor cloud_forward")
 
     def block_dims(self, config: Config, *, d_out: int, rope: bool, d_ff: int | None = None) -> ModelDims:
-        """ModelDims from the usual transformers keys (GPT-2's `n_*` names too): hidden size,
-        heads, key/value heads (default: as many), head size (default: hidden size / heads),
-        layers and FFN width (`d_ff` in place of `intermediate_size`)."""
-        d = config_get(config, "hidden_size", "n_embd")
-        n_heads = config_get(config, "num_attention_heads", "n_head")
-        n_kv = config_get(config, "num_key_value_heads", default=n_heads)
-        if config.get("head_dim") is None and d % n_heads:
+        """ModelDims from the sizes every family's config.json gives (`ModelConfig`), `d_ff` in
+        place of its `intermediate_size`."""
+        cfg = ModelConfig.from_json(config)
+        d, n_heads, n_kv = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads
+        if cfg.head_dim is None and d % n_heads:
             raise CheckpointError(f"hidden_size={d} is not a multiple of num_attention_heads={n_heads}")
         if n_heads % n_kv:
             raise CheckpointError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
-        layers = config_get(config, "num_hidden_layers", "n_layer")
-        head_dim = config_get(config, "head_dim", default=d // n_heads)
-        ffn = config_get(config, "intermediate_size") if d_ff is None else d_ff
+        head_dim = d // n_heads if cfg.head_dim is None else cfg.head_dim
+        ffn = d_ff if d_ff is not None else cfg.intermediate_size
+        if ffn is None:
+            raise CheckpointError("config.json lacks intermediate_size")
         # ModelDims' fields in order: family, d_model, d_out, n_layers, n_heads, n_kv_heads, head_dim, d_ff
+        layers = cfg.num_hidden_layers
         return ModelDims(self.name, d, d_out, layers, n_heads, n_kv, head_dim, ffn, rope=rope, encoder=self.is_encoder)
 
 

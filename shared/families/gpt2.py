@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from shared.errors import CheckpointError
 from shared.families.base import (
     HEAD,
     CausalLMFamily,
@@ -37,6 +38,7 @@ from shared.families.base import (
     rows,
 )
 from shared.keys import DeveloperKey, ModelDims
+from shared.model_config import ModelConfig
 
 PREFIX = "transformer."
 WTE = "transformer.wte.weight"
@@ -66,7 +68,7 @@ class GPT2Family(CausalLMFamily):
     model_types = ("gpt2",)
 
     def dims(self, config: Config) -> ModelDims:
-        d_ff = config_get(config, "n_inner", default=4 * config_get(config, "n_embd", "hidden_size"))
+        d_ff = config_get(config, "n_inner", default=4 * ModelConfig.from_json(config).hidden_size)
         return self.block_dims(config, d_out=config_get(config, "vocab_size"), rope=False, d_ff=d_ff)
 
     def embedding_names(self, config: Config) -> tuple[str, ...]:
@@ -137,7 +139,10 @@ def _tied(config: Config) -> bool:
 
 
 def _n_positions(config: Config) -> int:
-    return int(config_get(config, "n_positions", "max_position_embeddings"))
+    n = ModelConfig.from_json(config).max_position_embeddings
+    if n is None:
+        raise CheckpointError("config.json lacks n_positions")
+    return n
 
 
 def _dtype(config: Config) -> torch.dtype:
