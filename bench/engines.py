@@ -34,20 +34,20 @@ from typing import Any
 
 import torch
 
+from bench.run import ModelSize
+from stip_demo.models import random_causal_lm
+
 ENGINES = ("transformers", "vllm")
 MODES = ("embeds", "token")
 SCENARIOS = ("1 user", "8 users", "1 user + 20 ms RTT")
 DEPLOYMENT = "bench-llama"
 PROMPT = 16
-# head_dim 64 (vLLM's CPU attention takes 32, 64, 80, ...), GQA 8:2
+# head_dim 64 (vLLM's CPU attention takes 32, 64, 80, ...), GQA 8:2, untied
+SIZE = ModelSize("random Llama, engines bench", 512, 4, 8, 2, 1024)
 CONFIG: dict[str, Any] = dict(
     model_type="llama",
     architectures=["LlamaForCausalLM"],
-    hidden_size=512,
-    intermediate_size=1024,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    num_hidden_layers=4,
+    **SIZE.config(),
     vocab_size=2048,
     tie_word_embeddings=False,
     max_position_embeddings=256,
@@ -171,21 +171,16 @@ def push(url: str, push_token: str, files: list[Path], metadata: dict[str, str])
 def run(work: Path, n: int, repeats: int, log: Callable[[str], None]) -> dict[str, float]:
     import secrets
 
-    import transformers
-
     from bench.run import counting_proxy
     from shared import api
     from shared.checkpoint import transform_model_dir
     from shared.credentials import Signer
-    from stip_demo.models import randomize_parameters
 
     # absolute(), never resolve(): a venv's python is a link to the base interpreter
     vllm_python = Path(os.environ.get("STIP_CLOUD_VLLM_PYTHON", ".venv-vllm/bin/python")).absolute()
     if not vllm_python.is_file():
         raise SystemExit(f"the vLLM environment is missing ({vllm_python}): build it with `make vllm-env`")
-    model: Any = randomize_parameters(
-        transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**CONFIG)), seed=0
-    )
+    model: Any = random_causal_lm(CONFIG, seed=0)
     model.save_pretrained(work / "model")
     result = transform_model_dir(work / "model", work / "out", key_version=1, progress=False, mode="token")
     key = result.key

@@ -52,12 +52,17 @@ FIGURES = (
 
 @dataclass(frozen=True)
 class ModelSize:
+    """A random Llama's size; the fields after `name` are its config.json keys."""
+
     name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    ffn: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+    def config(self) -> dict[str, int]:
+        return {k: v for k, v in asdict(self).items() if k != "name"}
 
 
 SIZES = {
@@ -92,29 +97,10 @@ def plan_for(name: str) -> Plan:
 
 def make_model(path: Path, size: ModelSize, positions: int) -> Path:
     """A random Llama with the demo's tokenizer (GQA, tied head), saved as a local HF directory."""
-    import transformers
+    from stip_demo.models import make_random_decoder
 
-    from stip_demo.models import copy_tokenizer, randomize_parameters
-
-    if (path / "config.json").exists():
-        return path
-    config = transformers.LlamaConfig(
-        vocab_size=30522,
-        hidden_size=size.hidden,
-        intermediate_size=size.ffn,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        max_position_embeddings=positions,
-        tie_word_embeddings=True,
-        bos_token_id=101,
-        eos_token_id=102,
-        pad_token_id=0,
-    )
-    model = randomize_parameters(transformers.LlamaForCausalLM(config), scale=0.2, seed=0, norm_spread=0.3)
-    model.save_pretrained(path)  # type: ignore[operator]
-    copy_tokenizer(path)
-    return path
+    sizes = dict(size.config(), max_position_embeddings=positions, tie_word_embeddings=True)
+    return make_random_decoder(path, "llama", kind="Llama", seed=0, **sizes)
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> float:

@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -726,10 +726,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--embed-batch", type=int, default=d.embed_batch, help="sentences per embed request")
     p.add_argument("--max-sessions", type=int, default=d.max_sessions, help="P2's STIP_CLOUD_MAX_SESSIONS")
-    p.add_argument("--session-ttl", type=int, default=d.session_ttl_s, help="P2's STIP_CLOUD_SESSION_IDLE_TTL_S")
+    p.add_argument(
+        "--session-ttl",
+        dest="session_ttl_s",
+        type=int,
+        default=d.session_ttl_s,
+        help="P2's STIP_CLOUD_SESSION_IDLE_TTL_S",
+    )
     p.add_argument("--abandon", type=int, default=d.abandon, help="sessions left open by vanished clients")
-    p.add_argument("--no-plaintext-threads", action="store_true", help="skip the threaded plaintext baseline")
-    p.add_argument("--deadline", type=float, default=d.deadline_s, help="bound on the load phase, seconds")
+    p.add_argument(
+        "--no-plaintext-threads",
+        dest="plaintext_threads",
+        action="store_false",
+        help="skip the threaded plaintext baseline",
+    )
+    p.add_argument("--deadline", dest="deadline_s", type=float, default=d.deadline_s, help="bound on the load phase, s")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--developer-url", help="attach to a running P1 (with --cloud-url and --admin-token)")
     p.add_argument("--cloud-url", help="attach to a running P2; its --max-sessions/--session-ttl must be given")
@@ -745,19 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if bool(args.developer_url) != bool(args.cloud_url):
         raise SystemExit("give both --developer-url and --cloud-url, or neither")
-    options = Options(
-        clients=args.clients,
-        requests=args.requests,
-        generate_share=args.generate_share,
-        max_new_tokens=args.max_new_tokens,
-        embed_batch=args.embed_batch,
-        max_sessions=args.max_sessions,
-        session_ttl_s=args.session_ttl,
-        abandon=args.abandon,
-        plaintext_threads=not args.no_plaintext_threads,
-        deadline_s=args.deadline,
-        seed=args.seed,
-    )
+    options = Options(**{f.name: getattr(args, f.name) for f in fields(Options)})  # dests are its fields
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)

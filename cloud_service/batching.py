@@ -48,16 +48,10 @@ Layout = Literal["left", "right"]
 # --- the maths: stacking and splitting ------------------------------------------------------
 
 
-@dataclass
-class BatchItem:
-    """One request's rows: new inputs and, for a session, its cache and mask so far."""
+class InputShape:
+    """`rows` (B) and `seq` (S) of a request's new inputs `x` (B, S, d)."""
 
-    x: torch.Tensor  # (B, S, d) permuted by π, on the model's device and dtype
-    mask: torch.Tensor | None  # (B, S) of the new rows only, 0/1, or None (all real)
-    cache: Any = None  # the session's DynamicCache (B, H, L, hd) per layer, or None
-    held: torch.Tensor | None = None  # (B, L) the session's mask so far, or None
-    last_only: bool = False
-    keep_cache: bool = False  # a session step: return its extended cache
+    x: torch.Tensor
 
     @property
     def rows(self) -> int:
@@ -66,6 +60,18 @@ class BatchItem:
     @property
     def seq(self) -> int:
         return int(self.x.shape[1])
+
+
+@dataclass
+class BatchItem(InputShape):
+    """One request's rows: new inputs and, for a session, its cache and mask so far."""
+
+    x: torch.Tensor  # (B, S, d) permuted by π, on the model's device and dtype
+    mask: torch.Tensor | None  # (B, S) of the new rows only, 0/1, or None (all real)
+    cache: Any = None  # the session's DynamicCache (B, H, L, hd) per layer, or None
+    held: torch.Tensor | None = None  # (B, L) the session's mask so far, or None
+    last_only: bool = False
+    keep_cache: bool = False  # a session step: return its extended cache
 
     @property
     def past(self) -> int:

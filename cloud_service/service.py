@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors import safe_open
 
 from cloud_service import engines, generation
-from cloud_service.batching import Batcher, BatchItem, Job, batchable, forward_batch
+from cloud_service.batching import Batcher, BatchItem, InputShape, Job, batchable, forward_batch
 from cloud_service.errors import (
     BadInput,
     CloudError,
@@ -91,6 +91,7 @@ from shared.credentials import Claims
 from shared.errors import CredentialError, PayloadTooLarge, StipCoreError
 from shared.families import CloudOutput, Family, detect_family, get_family
 from shared.families.base import CausalLMFamily
+from shared.model_config import ModelConfig
 from shared.runtime import CloudModel
 
 log = logging.getLogger("stip.cloud")
@@ -174,7 +175,7 @@ class _Verified:
 
 
 @dataclass
-class _Request:
+class _Request(InputShape):
     """A parsed, checked forward request waiting for the scheduler."""
 
     x: torch.Tensor  # (B, S, d) permuted by π, as received
@@ -182,14 +183,6 @@ class _Request:
     options: ForwardOptions
     claims: Claims
     start: float  # perf_counter when it arrived
-
-    @property
-    def rows(self) -> int:
-        return int(self.x.shape[0])
-
-    @property
-    def seq(self) -> int:
-        return int(self.x.shape[1])
 
 
 @dataclass
@@ -551,7 +544,7 @@ class CloudService:
                 raise Internal(f"out of memory while loading {manifest.deployment_id!r} on {self.device}") from None
             raise BadInput(f"the pushed model cannot be loaded: {type(e).__name__}: {_short(e)}") from None
         keeps_cache = not model.family.is_encoder and probe.cache is not None
-        max_positions = manifest.config.get("max_position_embeddings") or manifest.config.get("n_positions")
+        max_positions = ModelConfig.from_json(manifest.config).max_position_embeddings  # checked by family.dims
         return Deployment(
             deployment_id=manifest.deployment_id,
             key_version=manifest.key_version,
@@ -559,7 +552,7 @@ class CloudService:
             verify_key=manifest.verify_key,
             model=model,
             keeps_cache=keeps_cache,
-            max_positions=int(max_positions) if isinstance(max_positions, int) else None,
+            max_positions=max_positions,
             mode=manifest.mode,
         )
 

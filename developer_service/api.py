@@ -12,21 +12,9 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response, stat
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
-from developer_service import errors
+from developer_service import errors, schemas
 from developer_service.bundle import MEDIA_TYPE
 from developer_service.metrics import CONTENT_TYPE_LATEST
-from developer_service.schemas import (
-    CreateDeployment,
-    CredentialInfo,
-    CredentialIssued,
-    DeletedDeployment,
-    DeletedModel,
-    DeploymentStatus,
-    Health,
-    IssueCredential,
-    ModelInfo,
-    RegisterModel,
-)
 from developer_service.service import DeveloperService
 from shared import api as contract
 from shared.credentials import Claims
@@ -106,9 +94,11 @@ admin_json = APIRouter(responses=ERRORS, route_class=AdminFirst)  # the routes w
     contract.MODELS_PATH,
     status_code=status.HTTP_201_CREATED,
     tags=["models"],
-    responses={200: {"model": ModelInfo, "description": "already registered (same path and name)"}},
+    responses={200: {"model": schemas.ModelInfo, "description": "already registered (same path and name)"}},
 )
-def register_model(body: RegisterModel, service: ServiceDep, _: AdminDep, response: Response) -> ModelInfo:
+def register_model(
+    body: schemas.RegisterModel, service: ServiceDep, _: AdminDep, response: Response
+) -> schemas.ModelInfo:
     """Register a local Hugging Face model directory (idempotent on path and name)."""
     info, created = service.register_model(body)
     if not created:
@@ -117,17 +107,17 @@ def register_model(body: RegisterModel, service: ServiceDep, _: AdminDep, respon
 
 
 @router.get(contract.MODELS_PATH, tags=["models"])
-def list_models(service: ServiceDep, _: AdminDep) -> list[ModelInfo]:
+def list_models(service: ServiceDep, _: AdminDep) -> list[schemas.ModelInfo]:
     return service.models()
 
 
 @router.get(contract.MODEL_PATH, tags=["models"])
-def get_model(model_id: str, service: ServiceDep, _: AdminDep) -> ModelInfo:
+def get_model(model_id: str, service: ServiceDep, _: AdminDep) -> schemas.ModelInfo:
     return service.model(model_id)
 
 
 @router.delete(contract.MODEL_PATH, tags=["models"])
-def delete_model(model_id: str, service: ServiceDep, _: AdminDep) -> DeletedModel:
+def delete_model(model_id: str, service: ServiceDep, _: AdminDep) -> schemas.DeletedModel:
     """Unregister a model no deployment uses (409 names them); the directory stays on disk."""
     return service.delete_model(model_id)
 
@@ -136,7 +126,9 @@ def delete_model(model_id: str, service: ServiceDep, _: AdminDep) -> DeletedMode
 
 
 @admin_json.post(contract.DEPLOYMENTS_PATH, status_code=status.HTTP_202_ACCEPTED, tags=["deployments"])
-def create_deployment(body: CreateDeployment, service: ServiceDep, _: AdminDep, response: Response) -> DeploymentStatus:
+def create_deployment(
+    body: schemas.CreateDeployment, service: ServiceDep, _: AdminDep, response: Response
+) -> schemas.DeploymentStatus:
     """Draw key version 1, transform, push θ′ to P2; poll the deployment for progress."""
     result = service.create_deployment(body)
     response.headers["Location"] = contract.path(contract.DEPLOYMENT_PATH, deployment_id=result.deployment_id)
@@ -144,23 +136,23 @@ def create_deployment(body: CreateDeployment, service: ServiceDep, _: AdminDep, 
 
 
 @router.get(contract.DEPLOYMENTS_PATH, tags=["deployments"])
-def list_deployments(service: ServiceDep, _: AdminDep) -> list[DeploymentStatus]:
+def list_deployments(service: ServiceDep, _: AdminDep) -> list[schemas.DeploymentStatus]:
     return service.deployments()
 
 
 @router.get(contract.DEPLOYMENT_PATH, tags=["deployments"])
-def get_deployment(deployment_id: str, service: ServiceDep, _: AdminDep) -> DeploymentStatus:
+def get_deployment(deployment_id: str, service: ServiceDep, _: AdminDep) -> schemas.DeploymentStatus:
     return service.deployment(deployment_id)
 
 
 @router.delete(contract.DEPLOYMENT_PATH, tags=["deployments"])
-def delete_deployment(deployment_id: str, service: ServiceDep, _: AdminDep) -> DeletedDeployment:
+def delete_deployment(deployment_id: str, service: ServiceDep, _: AdminDep) -> schemas.DeletedDeployment:
     """Delete keys, versions and credentials on P1, θ′ and sessions on P2 (in the background if P2 is down)."""
     return service.delete_deployment(deployment_id)
 
 
 @router.post(contract.ROTATE_PATH, status_code=status.HTTP_202_ACCEPTED, tags=["deployments"])
-def rotate(deployment_id: str, service: ServiceDep, _: AdminDep) -> DeploymentStatus:
+def rotate(deployment_id: str, service: ServiceDep, _: AdminDep) -> schemas.DeploymentStatus:
     """New key set and θ′; users get the old version until P2 has activated the new one."""
     return service.rotate(deployment_id)
 
@@ -170,20 +162,24 @@ def rotate(deployment_id: str, service: ServiceDep, _: AdminDep) -> DeploymentSt
 
 @admin_json.post(contract.USERS_PATH, status_code=status.HTTP_201_CREATED, tags=["users"])
 def issue_credential(
-    deployment_id: str, service: ServiceDep, _: AdminDep, response: Response, body: IssueCredential | None = None
-) -> CredentialIssued:
+    deployment_id: str,
+    service: ServiceDep,
+    _: AdminDep,
+    response: Response,
+    body: schemas.IssueCredential | None = None,
+) -> schemas.CredentialIssued:
     """A signed user credential for this deployment; P1 keeps only its hash."""
     response.headers["Cache-Control"] = "no-store"
-    return service.issue_credential(deployment_id, body or IssueCredential.model_validate({}))
+    return service.issue_credential(deployment_id, body or schemas.IssueCredential.model_validate({}))
 
 
 @router.get(contract.USERS_PATH, tags=["users"])
-def list_credentials(deployment_id: str, service: ServiceDep, _: AdminDep) -> list[CredentialInfo]:
+def list_credentials(deployment_id: str, service: ServiceDep, _: AdminDep) -> list[schemas.CredentialInfo]:
     return service.credentials(deployment_id)
 
 
 @router.delete(contract.USER_PATH, tags=["users"])
-def revoke_credential(deployment_id: str, user_id: str, service: ServiceDep, _: AdminDep) -> CredentialInfo:
+def revoke_credential(deployment_id: str, user_id: str, service: ServiceDep, _: AdminDep) -> schemas.CredentialInfo:
     """P1 stops handing this user the key. P2 checks credentials offline, up to their expiry."""
     return service.revoke_credential(deployment_id, user_id)
 
@@ -212,16 +208,16 @@ def user_key(deployment_id: str, service: ServiceDep, claims: UserDep) -> Stream
 
 
 @router.get(contract.HEALTH_LIVE_PATH, tags=["health"])
-def live() -> Health:
-    return Health(status="ok")
+def live() -> schemas.Health:
+    return schemas.Health(status="ok")
 
 
-@router.get(contract.HEALTH_READY_PATH, tags=["health"], responses={503: {"model": Health}})
+@router.get(contract.HEALTH_READY_PATH, tags=["health"], responses={503: {"model": schemas.Health}})
 def ready(request: Request) -> Response:
     service: DeveloperService | None = getattr(request.app.state, "service", None)
     if service is None or not service.ready:
-        return JSONResponse(Health(status="not_ready").model_dump(), status_code=503)
-    return JSONResponse(Health(status="ready").model_dump())
+        return JSONResponse(schemas.Health(status="not_ready").model_dump(), status_code=503)
+    return JSONResponse(schemas.Health(status="ready").model_dump())
 
 
 @router.get(

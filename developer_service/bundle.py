@@ -14,13 +14,13 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from shared.api import BundleManifest
+from shared.files import atomic_writer
 
 MEDIA_TYPE = "application/x-tar"
 MANIFEST = "stip.json"
@@ -116,9 +116,8 @@ def _write_archive(user_dir: Path, manifest: BundleManifest, path: Path) -> None
     """Write the archive to `path` atomically (a temporary file renamed), owner-only."""
     manifest_bytes = (json.dumps(manifest.model_dump(), indent=2) + "\n").encode()
     entries: list[_Entry] = []
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".bundle-", suffix=".partial")  # mode 0600
     try:
-        with os.fdopen(fd, "wb") as out:
+        with atomic_writer(path, prefix=".bundle-") as out:
             for item in sorted(user_dir.rglob("*")):
                 rel = item.relative_to(user_dir).as_posix()
                 if rel == MANIFEST or item.is_symlink():
@@ -132,12 +131,6 @@ def _write_archive(user_dir: Path, manifest: BundleManifest, path: Path) -> None
             entries.append(_Entry(_info(MANIFEST, size=len(manifest_bytes), mtime=mtime), io.BytesIO(manifest_bytes)))
             for piece in _archive(entries):
                 out.write(piece)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
     finally:
         for entry in entries:
             if entry.source is not None:

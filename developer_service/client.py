@@ -19,17 +19,7 @@ from typing import Any, Literal, TypeVar
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from developer_service.schemas import (
-    CreateDeployment,
-    CredentialInfo,
-    CredentialIssued,
-    DeletedDeployment,
-    DeletedModel,
-    DeploymentStatus,
-    IssueCredential,
-    ModelInfo,
-    RegisterModel,
-)
+from developer_service import schemas
 from shared import api
 
 T = TypeVar("T")
@@ -100,64 +90,49 @@ class DeveloperAdminClient:
         except ValidationError:
             raise ClientError(f"P1 answered {method} {path} with an unexpected body") from None
 
-    def register(self, path: str | Path, *, name: str | None = None) -> ModelInfo:
-        body = RegisterModel(path=str(path), name=name)
-        result: ModelInfo = self._call("POST", api.MODELS_PATH, ModelInfo, body)
-        return result
+    def register(self, path: str | Path, *, name: str | None = None) -> schemas.ModelInfo:
+        body = schemas.RegisterModel(path=str(path), name=name)
+        return self._call("POST", api.MODELS_PATH, schemas.ModelInfo, body)
 
-    def models(self) -> list[ModelInfo]:
-        result: list[ModelInfo] = self._call("GET", api.MODELS_PATH, list[ModelInfo])
-        return result
+    def models(self) -> list[schemas.ModelInfo]:
+        return self._call("GET", api.MODELS_PATH, list[schemas.ModelInfo])
 
-    def deploy(self, model_id: str, *, cloud_url: str, mode: Literal["embeds", "token"] = "embeds") -> DeploymentStatus:
-        body = CreateDeployment(model_id=model_id, cloud_url=cloud_url, mode=mode)
-        result: DeploymentStatus = self._call("POST", api.DEPLOYMENTS_PATH, DeploymentStatus, body)
-        return result
+    def deploy(
+        self, model_id: str, *, cloud_url: str, mode: Literal["embeds", "token"] = "embeds"
+    ) -> schemas.DeploymentStatus:
+        body = schemas.CreateDeployment(model_id=model_id, cloud_url=cloud_url, mode=mode)
+        return self._call("POST", api.DEPLOYMENTS_PATH, schemas.DeploymentStatus, body)
 
-    def deployment(self, deployment_id: str) -> DeploymentStatus:
-        result: DeploymentStatus = self._call(
-            "GET", api.path(api.DEPLOYMENT_PATH, deployment_id=deployment_id), DeploymentStatus
+    def deployment(self, deployment_id: str) -> schemas.DeploymentStatus:
+        return self._call("GET", api.path(api.DEPLOYMENT_PATH, deployment_id=deployment_id), schemas.DeploymentStatus)
+
+    def deployments(self) -> list[schemas.DeploymentStatus]:
+        return self._call("GET", api.DEPLOYMENTS_PATH, list[schemas.DeploymentStatus])
+
+    def rotate(self, deployment_id: str) -> schemas.DeploymentStatus:
+        return self._call("POST", api.path(api.ROTATE_PATH, deployment_id=deployment_id), schemas.DeploymentStatus)
+
+    def issue_credential(
+        self, deployment_id: str, *, name: str = "user", ttl_s: int | None = None
+    ) -> schemas.CredentialIssued:
+        body = schemas.IssueCredential(name=name, ttl_s=ttl_s)
+        return self._call("POST", api.path(api.USERS_PATH, deployment_id=deployment_id), schemas.CredentialIssued, body)
+
+    def credentials(self, deployment_id: str) -> list[schemas.CredentialInfo]:
+        return self._call("GET", api.path(api.USERS_PATH, deployment_id=deployment_id), list[schemas.CredentialInfo])
+
+    def revoke_credential(self, deployment_id: str, user_id: str) -> schemas.CredentialInfo:
+        return self._call(
+            "DELETE", api.path(api.USER_PATH, deployment_id=deployment_id, user_id=user_id), schemas.CredentialInfo
         )
-        return result
 
-    def deployments(self) -> list[DeploymentStatus]:
-        result: list[DeploymentStatus] = self._call("GET", api.DEPLOYMENTS_PATH, list[DeploymentStatus])
-        return result
-
-    def rotate(self, deployment_id: str) -> DeploymentStatus:
-        result: DeploymentStatus = self._call(
-            "POST", api.path(api.ROTATE_PATH, deployment_id=deployment_id), DeploymentStatus
+    def delete_deployment(self, deployment_id: str) -> schemas.DeletedDeployment:
+        return self._call(
+            "DELETE", api.path(api.DEPLOYMENT_PATH, deployment_id=deployment_id), schemas.DeletedDeployment
         )
-        return result
 
-    def issue_credential(self, deployment_id: str, *, name: str = "user", ttl_s: int | None = None) -> CredentialIssued:
-        body = IssueCredential(name=name, ttl_s=ttl_s)
-        result: CredentialIssued = self._call(
-            "POST", api.path(api.USERS_PATH, deployment_id=deployment_id), CredentialIssued, body
-        )
-        return result
-
-    def credentials(self, deployment_id: str) -> list[CredentialInfo]:
-        result: list[CredentialInfo] = self._call(
-            "GET", api.path(api.USERS_PATH, deployment_id=deployment_id), list[CredentialInfo]
-        )
-        return result
-
-    def revoke_credential(self, deployment_id: str, user_id: str) -> CredentialInfo:
-        result: CredentialInfo = self._call(
-            "DELETE", api.path(api.USER_PATH, deployment_id=deployment_id, user_id=user_id), CredentialInfo
-        )
-        return result
-
-    def delete_deployment(self, deployment_id: str) -> DeletedDeployment:
-        result: DeletedDeployment = self._call(
-            "DELETE", api.path(api.DEPLOYMENT_PATH, deployment_id=deployment_id), DeletedDeployment
-        )
-        return result
-
-    def delete_model(self, model_id: str) -> DeletedModel:
-        result: DeletedModel = self._call("DELETE", api.path(api.MODEL_PATH, model_id=model_id), DeletedModel)
-        return result
+    def delete_model(self, model_id: str) -> schemas.DeletedModel:
+        return self._call("DELETE", api.path(api.MODEL_PATH, model_id=model_id), schemas.DeletedModel)
 
     def wait(
         self,
@@ -165,8 +140,8 @@ class DeveloperAdminClient:
         *,
         poll_s: float = 0.5,
         timeout_s: float | None = None,
-        on_status: Callable[[DeploymentStatus], None] | None = None,
-    ) -> DeploymentStatus:
+        on_status: Callable[[schemas.DeploymentStatus], None] | None = None,
+    ) -> schemas.DeploymentStatus:
         """Poll until the deployment's job ends (status no longer pending or rotating)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:

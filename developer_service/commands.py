@@ -35,8 +35,8 @@ class CliError(Exception):
         self.message, self.exit_code = message, exit_code
 
 
-def _emit(value: BaseModel | list[Any] | dict[str, Any]) -> None:
-    """Results go to stdout as JSON; progress and messages go to stderr."""
+def _emit(value: BaseModel | list[Any] | dict[str, Any]) -> int:
+    """Results go to stdout as JSON; progress and messages go to stderr. Returns 0, the exit status."""
     if isinstance(value, BaseModel):
         data: Any = value.model_dump(mode="json")
     elif isinstance(value, list):
@@ -44,6 +44,7 @@ def _emit(value: BaseModel | list[Any] | dict[str, Any]) -> None:
     else:
         data = value
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    return 0
 
 
 def _settings_error(e: ValidationError) -> CliError:
@@ -229,39 +230,34 @@ def _finish_job(final: DeploymentStatus, expected_version: int | None) -> int:
 
 def cmd_register(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
     # P1 reads the directory on its own machine: send an absolute path.
-    _emit(p1.register(os.path.abspath(args.model_dir), name=args.name))
-    return 0
+    return _emit(p1.register(os.path.abspath(args.model_dir), name=args.name))
 
 
 def cmd_models(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
-    _emit(p1.models())
-    return 0
+    return _emit(p1.models())
 
 
 def cmd_deploy(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
-    status = p1.deploy(args.model_id, cloud_url=args.cloud_url, mode=args.mode)
-    if not args.wait:
-        _emit(status)
-        return 0
-    return _finish_job(_wait(p1, status, args), status.pending_key_version)
+    return _job_started(p1, p1.deploy(args.model_id, cloud_url=args.cloud_url, mode=args.mode), args)
 
 
 def cmd_rotate(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
-    status = p1.rotate(args.deployment_id)
+    return _job_started(p1, p1.rotate(args.deployment_id), args)
+
+
+def _job_started(p1: DeveloperAdminClient, status: DeploymentStatus, args: argparse.Namespace) -> int:
+    """A deploy or rotation P1 accepted: its status now, or with --wait its outcome."""
     if not args.wait:
-        _emit(status)
-        return 0
+        return _emit(status)
     return _finish_job(_wait(p1, status, args), status.pending_key_version)
 
 
 def cmd_status(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
-    _emit(p1.deployment(args.deployment_id))
-    return 0
+    return _emit(p1.deployment(args.deployment_id))
 
 
 def cmd_deployments(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
-    _emit(p1.deployments())
-    return 0
+    return _emit(p1.deployments())
 
 
 def cmd_issue_credential(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
@@ -276,13 +272,11 @@ def cmd_issue_credential(args: argparse.Namespace, p1: DeveloperAdminClient) -> 
 
 
 def cmd_credentials(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
-    _emit(p1.credentials(args.deployment_id))
-    return 0
+    return _emit(p1.credentials(args.deployment_id))
 
 
 def cmd_revoke(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
-    _emit(p1.revoke_credential(args.deployment_id, args.user_id))
-    return 0
+    return _emit(p1.revoke_credential(args.deployment_id, args.user_id))
 
 
 def cmd_delete_deployment(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
@@ -297,8 +291,7 @@ def cmd_delete_deployment(args: argparse.Namespace, p1: DeveloperAdminClient) ->
 
 
 def cmd_delete_model(args: argparse.Namespace, p1: DeveloperAdminClient) -> int:
-    _emit(p1.delete_model(args.model_id))
-    return 0
+    return _emit(p1.delete_model(args.model_id))
 
 
 def _configure_logging(level: str) -> None:

@@ -4,7 +4,7 @@ The contract models live in `shared.api` (the SDK and P2 import them too) and ar
 re-exported here; P1-only models (credential listings, health) are defined below.
 """
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -26,6 +26,14 @@ from shared.api import (
 if TYPE_CHECKING:
     from developer_service.store import CredentialRecord
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def from_fields(model: type[M], record: BaseModel, **values: Any) -> M:
+    """A `model` from the fields of `record` (a store record) that it declares, `values` winning:
+    only what the answer names leaves P1 (never a credential's token hash)."""
+    return model(**{**record.model_dump(include=set(model.model_fields)), **values})
+
 
 class CredentialInfo(BaseModel):
     """An issued credential as P1 lists it: claims only, never the token."""
@@ -45,15 +53,7 @@ class CredentialInfo(BaseModel):
 
     @classmethod
     def from_record(cls, record: "CredentialRecord") -> "CredentialInfo":
-        return cls(
-            user_id=record.user_id,
-            name=record.name,
-            deployment_id=record.deployment_id,
-            issued_at=record.issued_at,
-            expires_at=record.expires_at,
-            revoked=record.revoked_at is not None,
-            revoked_at=record.revoked_at,
-        )
+        return from_fields(cls, record, revoked=record.revoked_at is not None)
 
 
 class Health(BaseModel):

@@ -17,6 +17,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from developer_service.schemas import (
     ModelInfo,
     Progress,
     RegisterModel,
+    from_fields,
 )
 from developer_service.settings import DeveloperSettings
 from developer_service.store import CredentialRecord, DeploymentRecord, ModelRecord, Store
@@ -442,24 +444,33 @@ class DeveloperService:
 
     def _start_delete_sync(self, deployment_id: str) -> None:
         """Ask P2 again with backoff (up to 30 s apart) until it confirms or P1 stops."""
+        self._retry_in_background(
+            self._delete_syncs, deployment_id, "delete", lambda: self._delete_on_cloud(deployment_id)
+        )
+
+    def _retry_in_background(
+        self, syncs: dict[str, threading.Thread], deployment_id: str, what: str, attempt: Callable[[], bool]
+    ) -> None:
+        """Call `attempt` in a thread, 1 s then doubling up to 30 s apart, until it returns True or
+        P1 stops. One thread per deployment in `syncs` (the `what` of P2 that is not in sync yet)."""
 
         def run() -> None:
             delay = 1.0
             try:
                 while not self._closing.wait(delay):
-                    if self._delete_on_cloud(deployment_id):
+                    if attempt():
                         return
                     delay = min(2 * delay, 30.0)
             finally:
                 with self._lock:
-                    self._delete_syncs.pop(deployment_id, None)
+                    syncs.pop(deployment_id, None)
 
         with self._lock:
-            if deployment_id in self._delete_syncs:
+            if deployment_id in syncs:
                 return
-            thread = threading.Thread(target=run, name=f"stip-delete-{deployment_id}", daemon=True)
-            self._delete_syncs[deployment_id] = thread
-        log.warning("deployment %s: P2 has not confirmed the delete yet; retrying in the background", deployment_id)
+            thread = threading.Thread(target=run, name=f"stip-{what}-{deployment_id}", daemon=True)
+            syncs[deployment_id] = thread
+        log.warning("deployment %s: P2 has not confirmed the %s yet; retrying in the background", deployment_id, what)
         thread.start()
 
     @staticmethod
@@ -472,18 +483,7 @@ class DeveloperService:
 
     def _status(self, dep: DeploymentRecord) -> DeploymentStatus:
         progress = self._progress.get(dep.deployment_id) or dep.progress
-        return DeploymentStatus(
-            deployment_id=dep.deployment_id,
-            model_id=dep.model_id,
-            family=dep.family,
-            cloud_url=dep.cloud_url,
-            status=dep.status,
-            key_version=dep.key_version,
-            pending_key_version=dep.pending_key_version,
-            progress=progress.model_copy(),
-            error=dep.error,
-            mode=dep.mode,
-        )
+        return from_fields(DeploymentStatus, dep, progress=progress.model_copy())
 
     # --- jobs ------------------------------------------------------------------------------
 
@@ -750,27 +750,13 @@ class DeveloperService:
         meanwhile ride along.
         """
 
-        def run() -> None:
-            delay = 1.0
-            try:
-                while not self._closing.wait(delay):
-                    if self._send_revocations(deployment_id):
-                        log.info("deployment %s: P2 now holds the revocation list", deployment_id)
-                        return
-                    delay = min(2 * delay, 30.0)
-            finally:
-                with self._lock:
-                    self._revocation_syncs.pop(deployment_id, None)
+        def attempt() -> bool:
+            if not self._send_revocations(deployment_id):
+                return False
+            log.info("deployment %s: P2 now holds the revocation list", deployment_id)
+            return True
 
-        with self._lock:
-            if deployment_id in self._revocation_syncs:
-                return
-            thread = threading.Thread(target=run, name=f"stip-revocations-{deployment_id}", daemon=True)
-            self._revocation_syncs[deployment_id] = thread
-        log.warning(
-            "deployment %s: P2 does not hold the revocation list yet; retrying in the background", deployment_id
-        )
-        thread.start()
+        self._retry_in_background(self._revocation_syncs, deployment_id, "revocations", attempt)
 
     # --- authentication --------------------------------------------------------------------
 

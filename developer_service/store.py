@@ -10,8 +10,9 @@ Key material does not live here: it sits in `DATA/deployments/{id}/v{n}/`, writt
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -63,6 +64,9 @@ class State(BaseModel):
     credentials: dict[str, CredentialRecord] = {}
 
 
+R = TypeVar("R", bound=BaseModel)  # a record of the state document
+
+
 class Store:
     """Thread-safe access to the state document. Getters return copies."""
 
@@ -88,23 +92,33 @@ class Store:
         data = json.dumps(self._state.model_dump(mode="json"), indent=1).encode()
         write_atomic(self.path, data)
 
+    def _put(self, table: dict[str, R], key: str, record: R) -> None:
+        with self._lock:
+            table[key] = record
+            self._save()
+
+    def _get(self, table: dict[str, R], key: str, missing: Callable[[], Exception]) -> R:
+        """A copy of `table[key]` (callers cannot change the state behind the lock's back)."""
+        with self._lock:
+            record = table.get(key)
+            if record is None:
+                raise missing()
+            return record.model_copy()
+
+    def _list(self, table: dict[str, R]) -> list[R]:
+        with self._lock:
+            return [r.model_copy() for r in table.values()]
+
     # --- models ------------------------------------------------------------------------
 
     def add_model(self, record: ModelRecord) -> None:
-        with self._lock:
-            self._state.models[record.model_id] = record
-            self._save()
+        self._put(self._state.models, record.model_id, record)
 
     def get_model(self, model_id: str) -> ModelRecord:
-        with self._lock:
-            try:
-                return self._state.models[model_id].model_copy()
-            except KeyError:
-                raise UnknownModel(f"no model {model_id!r} is registered") from None
+        return self._get(self._state.models, model_id, lambda: UnknownModel(f"no model {model_id!r} is registered"))
 
     def list_models(self) -> list[ModelRecord]:
-        with self._lock:
-            return [m.model_copy() for m in self._state.models.values()]
+        return self._list(self._state.models)
 
     def remove_model(self, model_id: str) -> ModelRecord:
         with self._lock:
@@ -116,20 +130,15 @@ class Store:
     # --- deployments ---------------------------------------------------------------------
 
     def add_deployment(self, record: DeploymentRecord) -> None:
-        with self._lock:
-            self._state.deployments[record.deployment_id] = record
-            self._save()
+        self._put(self._state.deployments, record.deployment_id, record)
 
     def get_deployment(self, deployment_id: str) -> DeploymentRecord:
-        with self._lock:
-            try:
-                return self._state.deployments[deployment_id].model_copy()
-            except KeyError:
-                raise UnknownDeployment(f"no deployment {deployment_id!r}") from None
+        return self._get(
+            self._state.deployments, deployment_id, lambda: UnknownDeployment(f"no deployment {deployment_id!r}")
+        )
 
     def list_deployments(self) -> list[DeploymentRecord]:
-        with self._lock:
-            return [d.model_copy() for d in self._state.deployments.values()]
+        return self._list(self._state.deployments)
 
     def update_deployment(self, deployment_id: str, **changes: Any) -> DeploymentRecord:
         with self._lock:

@@ -2,36 +2,35 @@
 
 
 class StipCoreError(Exception):
-    """Base of every error the core raises. `code` is a stable machine-readable name."""
+    """Base of every error the core raises. `code` is a stable machine-readable name, given
+    with the class: `class BadTensor(StipCoreError, code="bad_tensor")`."""
 
     code = "stip_error"
 
+    def __init_subclass__(cls, *, code: str, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.code = code
 
-class UnsupportedModel(StipCoreError):
-    code = "unsupported_model"
+
+class UnsupportedModel(StipCoreError, code="unsupported_model"):
+    """A family, architecture or option the protocol does not serve."""
 
 
-class CheckpointError(StipCoreError):
+class CheckpointError(StipCoreError, code="bad_checkpoint"):
     """A model directory or checkpoint is missing, truncated or inconsistent."""
 
-    code = "bad_checkpoint"
 
-
-class BadTensor(StipCoreError):
+class BadTensor(StipCoreError, code="bad_tensor"):
     """A tensor payload on the wire is malformed, of the wrong shape or dtype, or not finite."""
 
-    code = "bad_tensor"
+
+class PayloadTooLarge(BadTensor, code="payload_too_large"):
+    """A tensor payload exceeds the size the receiver accepts."""
 
 
-class PayloadTooLarge(BadTensor):
-    code = "payload_too_large"
+class KeyFormatError(StipCoreError, code="bad_key"):
+    """A key file is malformed or does not match the model's sizes."""
 
 
-class KeyFormatError(StipCoreError):
-    code = "bad_key"
-
-
-class CredentialError(StipCoreError):
+class CredentialError(StipCoreError, code="invalid_credential"):
     """A signed credential is malformed, forged, expired or for another deployment."""
-
-    code = "invalid_credential"

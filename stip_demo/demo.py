@@ -156,6 +156,14 @@ def run_embedding(client: StipClient) -> dict[str, float]:
     return {"embed_private_s": t_private, "embed_plain_s": t_plain}
 
 
+def greedy_reference(model: Any, ids: list[int], n: int) -> list[int]:
+    """Plaintext inference to compare STIP's greedy generation with: the stock `generate()`,
+    greedy, exactly `n` new tokens after `ids` (no stop on EOS)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return list(out[0, len(ids) :].tolist())
+
+
 def run_generation(client: StipClient, model_dir: Path, max_new_tokens: int) -> dict[str, float]:
     import transformers
 
@@ -167,16 +175,8 @@ def run_generation(client: StipClient, model_dir: Path, max_new_tokens: int) -> 
     t_private = time.perf_counter() - t0
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
+    plain = greedy_reference(model, ids, max_new_tokens)
     t_plain = time.perf_counter() - t0
-    plain = out[0, len(ids) :].tolist()
     same = sum(a == b for a, b in zip(private, plain, strict=False))
     _say(f"  greedy generation, {len(private)} tokens with P2's KV cache: {same}/{len(plain)} equal to plaintext")
     _say(f"    (random weights, gibberish by design) {tok.decode(private)[:100]!r}")

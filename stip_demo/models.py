@@ -60,15 +60,29 @@ def randomize_parameters(
     return model.eval()
 
 
-def make_random_llama(path: Path, *, seed: int = 0) -> Path:
-    """A small Llama with RANDOM weights (GQA 8:2, tied head), with MiniLM's WordPiece tokenizer."""
+def random_causal_lm(config: dict[str, Any], seed: int = 0) -> torch.nn.Module:
+    """The stock causal-LM class for a config.json dict, every parameter random, in eval mode."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+    return randomize_parameters(model, seed=seed)
+
+
+def make_random_decoder(path: Path, model_type: str, *, kind: str, seed: int, **config: Any) -> Path:
+    """A stock `model_type` decoder with RANDOM weights and MiniLM's tokenizer (WORDPIECE ids),
+    saved to `path` as a local Hugging Face directory; an existing one is kept. `config`: its sizes."""
     import transformers
 
     if (path / "config.json").exists():
         return path
+    cfg = transformers.AutoConfig.for_model(model_type, **WORDPIECE, **config)
+    return _save_random(transformers.AutoModelForCausalLM.from_config(cfg), path, seed, kind)
+
+
+def make_random_llama(path: Path, *, seed: int = 0) -> Path:
+    """A small Llama with RANDOM weights (GQA 8:2, tied head), with MiniLM's WordPiece tokenizer."""
     heads: dict[str, Any] = dict(num_attention_heads=8, num_key_value_heads=2)
-    config = transformers.LlamaConfig(**WORDPIECE, **DEMO_DIMS, **heads, tie_word_embeddings=True)
-    return _save_random(transformers.LlamaForCausalLM(config), path, seed, "Llama")
+    return make_random_decoder(path, "llama", kind="Llama", seed=seed, **DEMO_DIMS, **heads, tie_word_embeddings=True)
 
 
 def make_random_gpt2(path: Path, *, seed: int = 1) -> Path:
@@ -85,13 +99,8 @@ def make_random_gpt2(path: Path, *, seed: int = 1) -> Path:
 
 def make_random_qwen2(path: Path, *, seed: int = 2) -> Path:
     """A small Qwen2 with RANDOM weights (GQA 4:2, Q/K/V biases, untied head), with MiniLM's tokenizer."""
-    import transformers
-
-    if (path / "config.json").exists():
-        return path
     heads: dict[str, Any] = dict(num_attention_heads=4, num_key_value_heads=2)
-    config = transformers.Qwen2Config(**WORDPIECE, **DEMO_DIMS, **heads, tie_word_embeddings=False)
-    return _save_random(transformers.Qwen2ForCausalLM(config), path, seed, "Qwen2")
+    return make_random_decoder(path, "qwen2", kind="Qwen2", seed=seed, **DEMO_DIMS, **heads, tie_word_embeddings=False)
 
 
 # `stip-developer example-model FAMILY DIR`: the small random decoders above, by family

@@ -11,6 +11,7 @@ from shared.families import Family
 from shared.keys import DeveloperKey, LayerKey, ModelDims, draw_key
 from shared.permutation import permute, random_permutation, unpermute
 from shared.transform import transform_state_dict
+from stip_demo.models import random_causal_lm as random_causal_lm  # bench.engines uses it too
 from stip_demo.models import randomize_parameters as randomize_parameters  # the demo's models use it too
 
 # The tests' small random Llama (GQA 4:2, untied); suites override a field or two.
@@ -30,14 +31,6 @@ TINY_LLAMA: dict[str, Any] = dict(
 TINY_GPT2: dict[str, Any] = dict(
     model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=32, n_head=4, n_layer=2, vocab_size=61, n_positions=64
 )
-
-
-def random_causal_lm(config: dict[str, Any], seed: int = 0) -> nn.Module:
-    """The stock causal-LM class for a config.json dict, every parameter random, in eval mode."""
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
-    return randomize_parameters(model, seed=seed)
 
 
 def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -15,22 +15,12 @@ samples locally.
 from typing import TYPE_CHECKING
 
 from shared.lazy import lazy_attributes
+from user_client import errors as _errors
+from user_client.errors import *  # noqa: F403 (the exception tree: plain classes, no torch)
 
 if TYPE_CHECKING:
     from user_client.bundle import Bundle, BundleCache
     from user_client.client import Session, Step, StipClient, TopK
-    from user_client.errors import (
-        AuthError,
-        BadRequest,
-        BundleError,
-        KeyOutdated,
-        NotFound,
-        RateLimited,
-        ServerError,
-        SessionExpired,
-        StipError,
-        TransportError,
-    )
     from user_client.images import Classification, ImageEmbedding
     from user_client.sampling import SamplingParams
     from user_client.settings import ClientSettings
@@ -42,45 +32,21 @@ __getattr__ = lazy_attributes(
         **dict.fromkeys(["Bundle", "BundleCache"], "user_client.bundle"),
         **dict.fromkeys(["Session", "Step", "StipClient", "TopK"], "user_client.client"),
         **dict.fromkeys(["Classification", "ImageEmbedding"], "user_client.images"),
-        **dict.fromkeys(
-            [
-                "AuthError",
-                "BadRequest",
-                "BundleError",
-                "KeyOutdated",
-                "NotFound",
-                "RateLimited",
-                "ServerError",
-                "SessionExpired",
-                "StipError",
-                "TransportError",
-            ],
-            "user_client.errors",
-        ),
         "SamplingParams": "user_client.sampling",
         "ClientSettings": "user_client.settings",
     },
 )
 
 __all__ = [
-    "AuthError",
-    "BadRequest",
     "Bundle",
     "BundleCache",
-    "BundleError",
     "Classification",
     "ClientSettings",
     "ImageEmbedding",
-    "KeyOutdated",
-    "NotFound",
-    "RateLimited",
     "SamplingParams",
-    "ServerError",
     "Session",
-    "SessionExpired",
     "Step",
     "StipClient",
-    "StipError",
     "TopK",
-    "TransportError",
 ]
+__all__ += _errors.__all__

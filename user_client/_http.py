@@ -27,17 +27,8 @@ import httpx
 
 from shared import api
 from stip_http.tls import certificate_refused
-from user_client.errors import (
-    AuthError,
-    BadRequest,
-    KeyOutdated,
-    NotFound,
-    RateLimited,
-    ServerError,
-    SessionExpired,
-    StipError,
-    TransportError,
-)
+from user_client import errors
+from user_client.errors import StipError, TransportError
 
 log = logging.getLogger("stip.client")
 
@@ -97,19 +88,19 @@ def error_from_response(resp: httpx.Response, *, what: str) -> StipError:
     code, message = _error_body(resp)
     text = f"{what}: {status} {code or 'error'}: {message}"
     if code == api.E_KEY_OUTDATED:
-        return KeyOutdated(text, code=code, status=status)
+        return errors.KeyOutdated(text, code=code, status=status)
     if status in (401, 403) or code in (api.E_UNAUTHORIZED, api.E_FORBIDDEN):
-        return AuthError(text, code=code, status=status)
+        return errors.AuthError(text, code=code, status=status)
     if status == 410 or code == api.E_SESSION_EXPIRED:
-        return SessionExpired(text, code=code, status=status)
+        return errors.SessionExpired(text, code=code, status=status)
     if status == 404:
-        return NotFound(text, code=code, status=status)
+        return errors.NotFound(text, code=code, status=status)
     if status == 429:
-        return RateLimited(text, code=code, status=status, retry_after=_retry_after(resp))
+        return errors.RateLimited(text, code=code, status=status, retry_after=_retry_after(resp))
     if status in (400, 413, 422):
-        return BadRequest(text, code=code, status=status)
+        return errors.BadRequest(text, code=code, status=status)
     if status >= 500:
-        return ServerError(text, code=code, status=status)
+        return errors.ServerError(text, code=code, status=status)
     return StipError(text, code=code, status=status)
 
 

@@ -40,6 +40,7 @@ from shared import api
 from shared.errors import KeyFormatError
 from shared.families import Family, get_family
 from shared.keys import UserKey
+from shared.model_config import ModelConfig
 from shared.pooling import POOLING_MODES
 from user_client._http import ByteProgress, Http
 from user_client.errors import BundleError
@@ -129,11 +130,8 @@ class Bundle:
 
     @property
     def max_positions(self) -> int | None:
-        for name in ("n_positions", "max_position_embeddings"):
-            value = self.config.get(name)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        value = ModelConfig.from_json(self.config).max_position_embeddings  # read by the family's dims on load
+        return value if value is not None and value > 0 else None
 
     def eos_token_ids(self) -> frozenset[int]:
         """EOS ids: generation_config.json, else config.json, else the tokenizer's."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from typing import Any
 
 from tqdm import tqdm
 
 from user_client.client import StipClient
+from user_client.sampling import SamplingParams
 
 
 class DownloadBar:
@@ -63,24 +65,16 @@ def _client(args: argparse.Namespace) -> StipClient:
 
 def generate(args: argparse.Namespace) -> int:
     """Print the completion (only the new text) and a newline; `--stream` prints it piece by piece."""
-    options = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=args.stop or None,
-        eos=not args.no_eos,
-    )
+    params = SamplingParams(**{f.name: getattr(args, f.name) for f in fields(SamplingParams)})  # same dests
+    stop, eos = args.stop or None, not args.no_eos
     with _client(args) as client:
         if args.stream:
-            for piece in client.stream(args.prompt, **options):  # type: ignore[arg-type]
+            for piece in client.stream(args.prompt, params, stop=stop, eos=eos):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
         else:
-            sys.stdout.write(client.generate(args.prompt, **options) + "\n")  # type: ignore[arg-type]
+            sys.stdout.write(client.generate(args.prompt, params, stop=stop, eos=eos) + "\n")
     return 0
 
 

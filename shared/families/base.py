@@ -17,9 +17,11 @@ from torch import nn
 
 from shared.errors import CheckpointError
 from shared.keys import DeveloperKey, LayerKey, ModelDims
+from shared.model_config import ModelConfig
 
 Side = Literal["cloud", "user"]
 Config = dict[str, Any]  # the model's config.json
+Embedding = dict[str, torch.Tensor]  # the user's embedding module, by canonical name
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Family(ABC):
     architectures: tuple[str, ...]  # config.json "architectures" entries this family serves
     model_types: tuple[str, ...]  # config.json "model_type" values this family serves
     is_encoder: bool = False
+    has_cache: bool = False  # whether `cloud_forward` keeps a KV cache
 
     @abstractmethod
     def dims(self, config: Config) -> ModelDims:
@@ -104,7 +107,6 @@ class Family(ABC):
         module's (P2 keeps it an unloaded placeholder): one of `embedding_names`, under any prefix."""
         return any(name == e or name.endswith("." + e) for e in self.embedding_names(config))
 
-    @abstractmethod
     def embed(
         self,
         embedding: dict[str, torch.Tensor],
@@ -114,13 +116,24 @@ class Family(ABC):
         position_offset: int = 0,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """User side: token ids (B, S) -> x (B, S, d), not yet permuted."""
+        """User side: token ids (B, S) -> x (B, S, d), not yet permuted.
+
+        `position_offset`: how many tokens of the sequence were sent before (GPT-2 also takes a
+        (B,) tensor of per-row offsets, see `GPT2Family.embed_tokens`); `token_type_ids` (B, S):
+        BERT's segments.
+        """
+        return self.embed_tokens(embedding, config, input_ids, position_offset, token_type_ids)
+
+    def embed_tokens(
+        self, embedding: Embedding, config: Config, ids: torch.Tensor, offset: int, types: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`embed` with its options positional: what each family implements (or `embed` itself)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither embed_tokens nor embed")
 
     @abstractmethod
     def build_cloud_model(self, config: Config) -> nn.Module:
         """The stock class for θ′, built from the cloud config (on the current default device)."""
 
-    @abstractmethod
     def cloud_forward(
         self,
         model: nn.Module,
@@ -133,7 +146,36 @@ class Family(ABC):
 
         `last_only`: the caller reads the last position only (generation, top-k), so a family
         may compute and return just that, (B, 1, ·); the KV cache still covers every position.
+        A family without a KV cache (`has_cache` False) takes `cache=None` only, returns None
+        and reads the whole sequence on every call.
         """
+        if cache is not None and not self.has_cache:
+            raise ValueError(f"a {self.name} model keeps no KV cache: send the whole sequence")
+        return self.stock_forward(model, inputs_embeds, attention_mask, cache, last_only)
+
+    def stock_forward(
+        self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, cache: Any, last_only: bool
+    ) -> CloudOutput:
+        """`cloud_forward` with its arguments positional: what each family implements (or
+        `cloud_forward` itself)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither stock_forward nor cloud_forward")
+
+    def block_dims(self, config: Config, *, d_out: int, rope: bool, d_ff: int | None = None) -> ModelDims:
+        """ModelDims from the sizes every family's config.json gives (`ModelConfig`), `d_ff` in
+        place of its `intermediate_size`."""
+        cfg = ModelConfig.from_json(config)
+        d, n_heads, n_kv = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads
+        if cfg.head_dim is None and d % n_heads:
+            raise CheckpointError(f"hidden_size={d} is not a multiple of num_attention_heads={n_heads}")
+        if n_heads % n_kv:
+            raise CheckpointError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+        head_dim = d // n_heads if cfg.head_dim is None else cfg.head_dim
+        ffn = d_ff if d_ff is not None else cfg.intermediate_size
+        if ffn is None:
+            raise CheckpointError("config.json lacks intermediate_size")
+        # ModelDims' fields in order: family, d_model, d_out, n_layers, n_heads, n_kv_heads, head_dim, d_ff
+        layers = cfg.num_hidden_layers
+        return ModelDims(self.name, d, d_out, layers, n_heads, n_kv, head_dim, ffn, rope=rope, encoder=self.is_encoder)
 
 
 # --- index helpers shared by the transforms ---------------------------------------------
@@ -285,6 +327,8 @@ class CausalLMFamily(Family):
     cloud holds no embedding table to tie it to.
     """
 
+    has_cache = True
+
     def cloud_config(self, config: Config) -> Config:
         return dict(config, tie_word_embeddings=False)
 
@@ -325,19 +369,14 @@ class CausalLMFamily(Family):
         """Positions P2 passes to the stock class (None: its default, past length + arange)."""
         return None
 
-    def cloud_forward(
-        self,
-        model: nn.Module,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: Any = None,
-        last_only: bool = False,
+    def stock_forward(
+        self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, cache: Any, last_only: bool
     ) -> CloudOutput:
-        # inputs_embeds (B, S, d) permuted by π; attention_mask (B, past + S) as in HF
+        # x (B, S, d) permuted by π; mask (B, past + S) as in HF
         out = model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=self.position_ids(attention_mask, inputs_embeds.shape[1]),
+            inputs_embeds=x,
+            attention_mask=mask,
+            position_ids=self.position_ids(mask, x.shape[1]),
             cache=cache,
             use_cache=True,
             logits_to_keep=1 if last_only else 0,  # the head on one position, not (S, V) per row

@@ -28,10 +28,11 @@ import transformers
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
-from shared.errors import BadTensor, CheckpointError, UnsupportedModel
+from shared.errors import BadTensor, UnsupportedModel
 from shared.families.base import (
     CloudOutput,
     Config,
+    Embedding,
     Family,
     Piece,
     cols,
@@ -84,22 +85,8 @@ class BertFamily(Family):
         position_type = config.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise UnsupportedModel(f"BERT position_embedding_type {position_type!r} is not supported")
-        d = config_get(config, "hidden_size")
-        n_heads = config_get(config, "num_attention_heads")
-        if d % n_heads:
-            raise CheckpointError(f"hidden_size={d} is not a multiple of num_attention_heads={n_heads}")
-        return ModelDims(
-            family=self.name,
-            d_model=d,
-            d_out=d,  # the output is the residual stream: π_c = π
-            n_layers=config_get(config, "num_hidden_layers"),
-            n_heads=n_heads,
-            n_kv_heads=n_heads,
-            head_dim=d // n_heads,
-            d_ff=config_get(config, "intermediate_size"),
-            rope=False,
-            encoder=True,
-        )
+        # the output is the residual stream: π_c = π
+        return self.block_dims(config, d_out=config_get(config, "hidden_size"), rope=False)
 
     def embedding_names(self, config: Config) -> tuple[str, ...]:
         return EMBEDDING_NAMES
@@ -130,27 +117,18 @@ class BertFamily(Family):
         match = (int(m.group(1)), m.group(2)) if m else None
         return self.layer_pieces(name, tensor, key, match, LAYER_TENSORS, "encoder.layer")
 
-    def embed(
-        self,
-        embedding: dict[str, torch.Tensor],
-        config: Config,
-        input_ids: torch.Tensor,
-        *,
-        position_offset: int = 0,
-        token_type_ids: torch.Tensor | None = None,
+    def embed_tokens(
+        self, embedding: Embedding, config: Config, ids: torch.Tensor, offset: int, types: torch.Tensor | None
     ) -> torch.Tensor:
         """User side, exactly `BertEmbeddings` in eval mode: LN(word + token_type + position)."""
-        seq = input_ids.shape[1]
+        seq = ids.shape[1]
         n_positions = embedding[POSITION].shape[0]
-        if position_offset < 0 or position_offset + seq > n_positions:
-            raise BadTensor(
-                f"positions {position_offset}..{position_offset + seq - 1} exceed the model's {n_positions} positions"
-            )
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        positions = torch.arange(position_offset, position_offset + seq, device=input_ids.device)
-        x = nn.functional.embedding(input_ids, embedding[WORD])  # (B, S, d)
-        x = x + nn.functional.embedding(token_type_ids, embedding[TOKEN_TYPE])
+        if offset < 0 or offset + seq > n_positions:
+            raise BadTensor(f"positions {offset}..{offset + seq - 1} exceed the model's {n_positions} positions")
+        types = torch.zeros_like(ids) if types is None else types
+        positions = torch.arange(offset, offset + seq, device=ids.device)
+        x = nn.functional.embedding(ids, embedding[WORD])  # (B, S, d)
+        x = x + nn.functional.embedding(types, embedding[TOKEN_TYPE])
         x = x + nn.functional.embedding(positions, embedding[POSITION])[None]
         d = x.shape[-1]
         eps = float(config.get("layer_norm_eps", 1e-12))
@@ -163,28 +141,19 @@ class BertFamily(Family):
         pooler = bool(config.get("add_pooling_layer", True))
         return transformers.BertModel(cfg, add_pooling_layer=pooler).eval()
 
-    def cloud_forward(
-        self,
-        model: nn.Module,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: Any = None,
-        last_only: bool = False,
+    def stock_forward(
+        self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, cache: Any, last_only: bool
     ) -> CloudOutput:
         """x·π (B, S, d) -> hidden states (B, S, d) and pooled (B, d), both permuted by π.
 
         Feeds the stock encoder stack directly, with the mask built as `BertModel.forward`
         builds it (`create_bidirectional_mask` for the configured attention implementation).
-        An encoder has no KV cache: `cache` must be None and None is returned.
+        An encoder has no KV cache: `cache` is None and None is returned.
         """
-        if cache is not None:
-            raise ValueError("an encoder has no KV cache")
         if not isinstance(model, transformers.BertModel):
             raise TypeError(f"expected a BertModel, got {type(model).__name__}")
-        mask = create_bidirectional_mask(
-            config=model.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
-        )
-        hidden = model.encoder(inputs_embeds, attention_mask=mask).last_hidden_state  # (B, S, d) by π
+        full_mask = create_bidirectional_mask(config=model.config, inputs_embeds=x, attention_mask=mask)
+        hidden = model.encoder(x, attention_mask=full_mask).last_hidden_state  # (B, S, d) by π
         # the pooler reads the first position, so `last_only` cannot shorten the encoder's work
         pooled = model.pooler(hidden) if model.pooler is not None else None  # (B, d) by π
         return CloudOutput(output=hidden[:, -1:] if last_only else hidden, cache=None, pooled=pooled)

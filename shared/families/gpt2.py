@@ -30,6 +30,7 @@ from shared.families.base import (
     HEAD,
     CausalLMFamily,
     Config,
+    Embedding,
     Piece,
     cols,
     config_get,
@@ -37,6 +38,7 @@ from shared.families.base import (
     rows,
 )
 from shared.keys import DeveloperKey, ModelDims
+from shared.model_config import ModelConfig
 
 PREFIX = "transformer."
 WTE = "transformer.wte.weight"
@@ -66,21 +68,8 @@ class GPT2Family(CausalLMFamily):
     model_types = ("gpt2",)
 
     def dims(self, config: Config) -> ModelDims:
-        d = config_get(config, "n_embd", "hidden_size")
-        n_heads = config_get(config, "n_head", "num_attention_heads")
-        if d % n_heads:
-            raise CheckpointError(f"n_embd={d} is not a multiple of n_head={n_heads}")
-        return ModelDims(
-            family=self.name,
-            d_model=d,
-            d_out=config_get(config, "vocab_size"),
-            n_layers=config_get(config, "n_layer", "num_hidden_layers"),
-            n_heads=n_heads,
-            n_kv_heads=n_heads,
-            head_dim=d // n_heads,
-            d_ff=config_get(config, "n_inner", default=4 * d),
-            rope=False,
-        )
+        d_ff = config_get(config, "n_inner", default=4 * ModelConfig.from_json(config).hidden_size)
+        return self.block_dims(config, d_out=config_get(config, "vocab_size"), rope=False, d_ff=d_ff)
 
     def embedding_names(self, config: Config) -> tuple[str, ...]:
         return (WTE, WPE)
@@ -119,33 +108,27 @@ class GPT2Family(CausalLMFamily):
         zeros = torch.zeros(_n_positions(config), key.dims.d_model, dtype=_dtype(config))
         yield Piece("cloud", WPE, zeros)
 
-    def embed(
-        self,
-        embedding: dict[str, torch.Tensor],
-        config: Config,
-        input_ids: torch.Tensor,
-        *,
-        position_offset: int | torch.Tensor = 0,
-        token_type_ids: torch.Tensor | None = None,
+    def embed_tokens(
+        self, embedding: Embedding, config: Config, ids: torch.Tensor, offset: int | torch.Tensor, types: object
     ) -> torch.Tensor:
-        """User side: wte[ids] + wpe[position_offset + arange(S)], (B, S) -> (B, S, d), unpermuted.
+        """User side: wte[ids] + wpe[offset + arange(S)], (B, S) -> (B, S, d), unpermuted.
 
-        `position_offset` is the number of tokens of the sequence already sent (the session's
+        `offset` (`embed`'s `position_offset`) is the number of tokens of the sequence already sent (the session's
         length), the same for every row. For a left-padded batch, the positions of each row
         are the caller's concern, as in `generate()` (positions count the real tokens only):
         pass a (B,) tensor of per-row offsets, `past_length - n_pad[b]`; positions that come
         out negative (the padding itself, which the attention mask hides) are clamped to 0.
         """
         wte, wpe = embedding[WTE], embedding[WPE]
-        seq = torch.arange(input_ids.shape[-1], device=input_ids.device)
-        if isinstance(position_offset, torch.Tensor):
-            offset = position_offset.to(device=input_ids.device, dtype=torch.long).reshape(-1, 1)
-            positions = (offset + seq).clamp(min=0)  # (B, S)
+        seq = torch.arange(ids.shape[-1], device=ids.device)
+        if isinstance(offset, torch.Tensor):
+            per_row = offset.to(device=ids.device, dtype=torch.long).reshape(-1, 1)
+            positions = (per_row + seq).clamp(min=0)  # (B, S)
         else:
-            positions = (position_offset + seq).clamp(min=0).expand_as(input_ids)  # (B, S)
+            positions = (offset + seq).clamp(min=0).expand_as(ids)  # (B, S)
         if positions.numel() and int(positions.max()) >= wpe.shape[0]:
             raise ValueError(f"position {int(positions.max())} is beyond the model's {wpe.shape[0]} positions")
-        return nn.functional.embedding(input_ids, wte) + nn.functional.embedding(positions, wpe)
+        return nn.functional.embedding(ids, wte) + nn.functional.embedding(positions, wpe)
 
     # cloud_forward: CausalLMFamily's; positions were added by P3 and P2's position table is zero
 
@@ -156,7 +139,10 @@ def _tied(config: Config) -> bool:
 
 
 def _n_positions(config: Config) -> int:
-    return int(config_get(config, "n_positions", "max_position_embeddings"))
+    n = ModelConfig.from_json(config).max_position_embeddings
+    if n is None:
+        raise CheckpointError("config.json lacks n_positions")
+    return n
 
 
 def _dtype(config: Config) -> torch.dtype:

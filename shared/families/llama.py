@@ -8,12 +8,12 @@ Names follow the stock checkpoints: `model.layers.{i}.self_attn.q_proj.weight`, 
 import torch
 from torch import nn
 
-from shared.errors import CheckpointError
 from shared.families.base import (
     HEAD,
     PROJ_ATTENTION,
     CausalLMFamily,
     Config,
+    Embedding,
     Piece,
     config_get,
     expect_shape,
@@ -43,22 +43,7 @@ class LlamaFamily(CausalLMFamily):
     model_types: tuple[str, ...] = ("llama", "mistral", "qwen2")
 
     def dims(self, config: Config) -> ModelDims:
-        d = config_get(config, "hidden_size")
-        n_heads = config_get(config, "num_attention_heads")
-        n_kv = config_get(config, "num_key_value_heads", default=n_heads)
-        if n_heads % n_kv:
-            raise CheckpointError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
-        return ModelDims(
-            family=self.name,
-            d_model=d,
-            d_out=config_get(config, "vocab_size"),
-            n_layers=config_get(config, "num_hidden_layers"),
-            n_heads=n_heads,
-            n_kv_heads=n_kv,
-            head_dim=config_get(config, "head_dim", default=d // n_heads),
-            d_ff=config_get(config, "intermediate_size"),
-            rope=True,
-        )
+        return self.block_dims(config, d_out=config_get(config, "vocab_size"), rope=True)
 
     def embedding_names(self, config: Config) -> tuple[str, ...]:
         return (EMBED,)
@@ -77,17 +62,11 @@ class LlamaFamily(CausalLMFamily):
             return [Piece("cloud", "model.norm.weight", rows(tensor, key.pi))]
         return self.layer_pieces(name, tensor, key, m, LAYER_TENSORS, "model.layers")
 
-    def embed(
-        self,
-        embedding: dict[str, torch.Tensor],
-        config: Config,
-        input_ids: torch.Tensor,
-        *,
-        position_offset: int = 0,
-        token_type_ids: torch.Tensor | None = None,
+    def embed_tokens(
+        self, embedding: Embedding, config: Config, ids: torch.Tensor, offset: int, types: torch.Tensor | None
     ) -> torch.Tensor:
         # RoPE positions are applied by P2 from its cache length; nothing positional here.
-        return nn.functional.embedding(input_ids, embedding[EMBED])
+        return nn.functional.embedding(ids, embedding[EMBED])
 
     def position_ids(self, attention_mask: torch.Tensor | None, seq: int) -> torch.Tensor | None:
         if attention_mask is None:

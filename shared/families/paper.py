@@ -39,6 +39,7 @@ from shared.families.base import (
     PROJ_ATTENTION,
     CloudOutput,
     Config,
+    Embedding,
     Family,
     Piece,
     expect_shape,
@@ -228,18 +229,8 @@ class PaperFamily(Family):
     is_encoder = False  # both variants end in the vocabulary head: P2 returns logits permuted by π_c
 
     def dims(self, config: Config) -> ModelDims:
-        cfg = PaperConfig.from_json(config)
-        return ModelDims(
-            family=self.name,
-            d_model=cfg.hidden_size,
-            d_out=cfg.vocab_size,
-            n_layers=cfg.num_hidden_layers,
-            n_heads=cfg.num_attention_heads,
-            n_kv_heads=cfg.num_attention_heads,
-            head_dim=cfg.head_dim,
-            d_ff=cfg.intermediate_size,
-            rope=False,
-        )
+        cfg = PaperConfig.from_json(config)  # checked: positive sizes, whole heads
+        return self.block_dims(dataclasses.asdict(cfg), d_out=cfg.vocab_size, rope=False)
 
     def embedding_names(self, config: Config) -> tuple[str, ...]:
         return (EMBED, POSITIONS)
@@ -261,31 +252,18 @@ class PaperFamily(Family):
         m = layer_match("layers", name) if name.startswith("layers.") else None
         return self.layer_pieces(name, tensor, key, m, LAYER_TENSORS, "layers")
 
-    def embed(
-        self,
-        embedding: dict[str, torch.Tensor],
-        config: Config,
-        input_ids: torch.Tensor,
-        *,
-        position_offset: int = 0,
-        token_type_ids: torch.Tensor | None = None,
+    def embed_tokens(
+        self, embedding: Embedding, config: Config, ids: torch.Tensor, offset: int, types: torch.Tensor | None
     ) -> torch.Tensor:
-        return paper_embed(embedding[EMBED], embedding[POSITIONS], input_ids, position_offset)
+        return paper_embed(embedding[EMBED], embedding[POSITIONS], ids, offset)
 
     def build_cloud_model(self, config: Config) -> nn.Module:
         return PaperTransformer(PaperConfig.from_json(config), with_embedding=False).eval()
 
-    def cloud_forward(
-        self,
-        model: nn.Module,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: Any = None,
-        last_only: bool = False,
+    def stock_forward(
+        self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, cache: Any, last_only: bool
     ) -> CloudOutput:
-        """x·π (B, S, d) -> logits (B, S, vocab) permuted by π_c. No KV cache: `cache` must be
-        None, None is returned, and every call carries the whole sequence."""
-        if cache is not None:
-            raise ValueError("the paper's Transformer keeps no KV cache; send the whole sequence")
-        logits = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        """x·π (B, S, d) -> logits (B, S, vocab) permuted by π_c. No KV cache: `cache` is None,
+        None is returned, and every call carries the whole sequence."""
+        logits = model(inputs_embeds=x, attention_mask=mask)
         return CloudOutput(output=logits[:, -1:] if last_only else logits, cache=None)

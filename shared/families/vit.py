@@ -29,10 +29,11 @@ import transformers
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
-from shared.errors import BadTensor, CheckpointError, UnsupportedModel
+from shared.errors import BadTensor, UnsupportedModel
 from shared.families.base import (
     CloudOutput,
     Config,
+    Embedding,
     Family,
     Piece,
     config_get,
@@ -77,22 +78,7 @@ class _ViTFamily(Family):
     prefix: str  # the encoder's prefix in the stock class ("vit." in the classifier, "" in ViTModel)
 
     def dims(self, config: Config) -> ModelDims:
-        d = config_get(config, "hidden_size")
-        n_heads = config_get(config, "num_attention_heads")
-        if d % n_heads:
-            raise CheckpointError(f"hidden_size={d} is not a multiple of num_attention_heads={n_heads}")
-        return ModelDims(
-            family=self.name,
-            d_model=d,
-            d_out=self.d_out(config),
-            n_layers=config_get(config, "num_hidden_layers"),
-            n_heads=n_heads,
-            n_kv_heads=n_heads,
-            head_dim=config_get(config, "head_dim", default=d // n_heads),
-            d_ff=config_get(config, "intermediate_size"),
-            rope=False,
-            encoder=self.is_encoder,
-        )
+        return self.block_dims(config, d_out=self.d_out(config), rope=False)
 
     def d_out(self, config: Config) -> int:
         return int(config_get(config, "hidden_size"))
@@ -135,14 +121,8 @@ class _ViTFamily(Family):
             out[name] = t
         return out
 
-    def embed(
-        self,
-        embedding: dict[str, torch.Tensor],
-        config: Config,
-        input_ids: torch.Tensor,
-        *,
-        position_offset: int = 0,
-        token_type_ids: torch.Tensor | None = None,
+    def embed_tokens(
+        self, embedding: Embedding, config: Config, ids: torch.Tensor, offset: int, types: torch.Tensor | None
     ) -> torch.Tensor:
         raise BadTensor(f"a {self.name} model embeds images, not token ids: use embed_images")
 
@@ -163,14 +143,6 @@ class _ViTFamily(Family):
         patches = patches.flatten(2).transpose(1, 2)  # (B, N, d)
         cls = embedding[CLS].expand(pixels.shape[0], -1, -1)  # (B, 1, d)
         return torch.cat([cls, patches], dim=1) + embedding[POSITIONS]
-
-    def encode(self, vit: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """The stock ViTModel's layers and final norm on x·π (B, S, d) -> (B, S, d) permuted by π."""
-        mask = create_bidirectional_mask(config=vit.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-        hidden = inputs_embeds
-        for layer in vit.layers:
-            hidden = layer(hidden, mask)
-        return vit.layernorm(hidden)
 
 
 class ViTClassifierFamily(_ViTFamily):
@@ -204,20 +176,13 @@ class ViTClassifierFamily(_ViTFamily):
         cfg = stock_config(self.cloud_config(config))
         return transformers.ViTForImageClassification(cfg).eval()
 
-    def cloud_forward(
-        self,
-        model: nn.Module,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: Any = None,
-        last_only: bool = False,
+    def stock_forward(
+        self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, cache: Any, last_only: bool
     ) -> CloudOutput:
         """x·π (B, 1 + N, d) -> class logits (B, 1, C) permuted by π_c; no KV cache."""
-        if cache is not None:
-            raise ValueError("a ViT keeps no KV cache")
         if not isinstance(model, transformers.ViTForImageClassification):
             raise TypeError(f"expected a ViTForImageClassification, got {type(model).__name__}")
-        hidden = self.encode(model.vit, inputs_embeds, attention_mask)  # (B, S, d) permuted by π
+        hidden = encode(model.vit, x, mask)  # (B, S, d) permuted by π
         logits = model.classifier(hidden[:, 0])  # the class token: (B, C) permuted by π_c
         return CloudOutput(output=logits[:, None], cache=None)
 
@@ -254,22 +219,24 @@ class ViTEncoderFamily(_ViTFamily):
         cfg = stock_config(self.cloud_config(config))
         return transformers.ViTModel(cfg, add_pooling_layer=self.pooler(config)).eval()
 
-    def cloud_forward(
-        self,
-        model: nn.Module,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: Any = None,
-        last_only: bool = False,
+    def stock_forward(
+        self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, cache: Any, last_only: bool
     ) -> CloudOutput:
         """x·π (B, 1 + N, d) -> hidden states (B, 1 + N, d) and pooled (B, d), both permuted by π."""
-        if cache is not None:
-            raise ValueError("a ViT keeps no KV cache")
         if not isinstance(model, transformers.ViTModel):
             raise TypeError(f"expected a ViTModel, got {type(model).__name__}")
-        hidden = self.encode(model, inputs_embeds, attention_mask)
+        hidden = encode(model, x, mask)
         pooled = model.pooler(hidden) if model.pooler is not None else None
         return CloudOutput(output=hidden[:, -1:] if last_only else hidden, cache=None, pooled=pooled)
+
+
+def encode(vit: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The stock ViTModel's layers and final norm on x·π (B, S, d) -> (B, S, d) permuted by π."""
+    mask = create_bidirectional_mask(config=vit.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    hidden = inputs_embeds
+    for layer in vit.layers:
+        hidden = layer(hidden, mask)
+    return vit.layernorm(hidden)
 
 
 def n_patches(config: Config) -> int:

@@ -7,7 +7,7 @@ extensions that vLLM also accepts: `top_k` and `repetition_penalty`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -94,21 +94,34 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
+    """What every choice of a completion (or of a stream chunk) carries."""
+
     index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class Completion(BaseModel):
+C = TypeVar("C", bound=_Choice)
+
+
+class _Envelope(BaseModel, Generic[C]):
+    """What every completion response (and stream chunk) carries besides its `object`."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list[C]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class CompletionChoice(_Choice):
+    text: str
+    logprobs: CompletionLogprobs | None = None
+
+
+class Completion(_Envelope[CompletionChoice]):
+    object: Literal["text_completion"] = "text_completion"
 
 
 class TopLogprob(BaseModel):
@@ -132,21 +145,13 @@ class AssistantMessage(BaseModel):
     refusal: None = None
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(_Choice):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(_Envelope[ChatChoice]):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class ChatDelta(BaseModel):
@@ -154,21 +159,13 @@ class ChatDelta(BaseModel):
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int
+class ChatChunkChoice(_Choice):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Envelope[ChatChunkChoice]):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class Embedding(BaseModel):

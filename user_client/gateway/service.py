@@ -19,27 +19,18 @@ import secrets
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 
+from user_client import errors
 from user_client.bundle import Bundle
 from user_client.client import Step, StipClient
-from user_client.errors import (
-    AuthError,
-    BadRequest,
-    KeyOutdated,
-    NotFound,
-    RateLimited,
-    ServerError,
-    SessionExpired,
-    StipError,
-    TransportError,
-)
+from user_client.errors import StipError
 from user_client.gateway import schemas as s
 from user_client.gateway.settings import ModelSpec
-from user_client.sampling import TextAssembler
+from user_client.sampling import SamplingParams, TextAssembler
 from user_client.settings import ClientSettings
 
 log = logging.getLogger("stip.gateway")
@@ -75,24 +66,24 @@ class GatewayError(Exception):
 def from_stip(e: StipError, model: str) -> GatewayError:
     """The SDK's exception for `model` -> the OpenAI status a client of that API expects."""
     where = f"model {model!r}: {e.message}"
-    if isinstance(e, TransportError):  # P1 or P2 down or unreachable
+    if isinstance(e, errors.TransportError):  # P1 or P2 down or unreachable
         return GatewayError(503, where, type="server_error", code="upstream_unavailable")
-    if isinstance(e, KeyOutdated | SessionExpired):  # a rotation or restart that retries could not absorb
+    if isinstance(e, errors.KeyOutdated | errors.SessionExpired):  # a rotation or restart that retries could not absorb
         return GatewayError(503, f"{where}; retry shortly", type="server_error", code=e.code or "key_outdated")
-    if isinstance(e, RateLimited):
+    if isinstance(e, errors.RateLimited):
         return GatewayError(429, where, type="rate_limit_error", code="rate_limit_exceeded")
-    if isinstance(e, AuthError):
+    if isinstance(e, errors.AuthError):
         return GatewayError(
             403,
             f"{where} (the STIP credential this gateway holds for the model was refused: issue a new one)",
             type="permission_error",
             code="stip_credential_refused",
         )
-    if isinstance(e, BadRequest):
+    if isinstance(e, errors.BadRequest):
         return GatewayError(400, where, code=e.code)
-    if isinstance(e, ServerError) and e.status == 503:
+    if isinstance(e, errors.ServerError) and e.status == 503:
         return GatewayError(503, where, type="server_error", code=e.code or "upstream_unavailable")
-    if isinstance(e, ServerError | NotFound):
+    if isinstance(e, errors.ServerError | errors.NotFound):
         return GatewayError(502, where, type="server_error", code=e.code or "upstream_error")
     return GatewayError(502, where, type="server_error", code=e.code or "upstream_error")
 
@@ -119,12 +110,7 @@ class Piece:
 
 @dataclass(frozen=True)
 class GenOptions:
-    max_tokens: int
-    temperature: float
-    top_p: float | None
-    top_k: int | None
-    repetition_penalty: float
-    seed: int | None
+    sampling: SamplingParams  # its seed: the first choice's (choice j draws with seed + j)
     stop: tuple[str, ...]
     logprobs: int | None  # None: none; k >= 0: the chosen token's and the k most likely
 
@@ -217,7 +203,7 @@ class Gateway:
     def completion(self, req: s.CompletionRequest) -> s.Completion:
         model, prompts, opts = self._prepare_completion(req)
         choices, usage = [], s.Usage(prompt_tokens=0, total_tokens=0)
-        for index, (prompt, seed) in enumerate(_fan_out(prompts, req.n, opts.seed)):
+        for index, (prompt, seed) in enumerate(_fan_out(prompts, req.n, opts.sampling.seed)):
             text, infos, n_tokens, finish = _collect(self._run(model, prompt, opts, seed))
             choices.append(
                 s.CompletionChoice(
@@ -236,7 +222,7 @@ class Gateway:
         """SSE events; the first generation step runs before this returns, so that errors of
         the prefill (P2 down, bad credential) come back as an HTTP status, not mid-stream."""
         model, prompts, opts = self._prepare_completion(req)
-        runs = _fan_out(prompts, req.n, opts.seed)
+        runs = _fan_out(prompts, req.n, opts.sampling.seed)
         created, cid = int(time.time()), _id("cmpl")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         first = _primed(self._run(model, runs[0][0], opts, runs[0][1]))
@@ -290,7 +276,7 @@ class Gateway:
     def chat(self, req: s.ChatCompletionRequest) -> s.ChatCompletion:
         model, prompt, opts = self._prepare_chat(req)
         choices, completion_tokens = [], 0
-        for index, (ids, seed) in enumerate(_fan_out([prompt], req.n, opts.seed)):
+        for index, (ids, seed) in enumerate(_fan_out([prompt], req.n, opts.sampling.seed)):
             text, infos, n_tokens, finish = _collect(self._run(model, ids, opts, seed))
             choices.append(
                 s.ChatChoice(
@@ -313,7 +299,7 @@ class Gateway:
         """SSE events as OpenAI streams a chat: per choice a role chunk, content chunks, and a
         chunk with the finish reason; then the usage chunk if asked; the prefill runs first."""
         model, prompt, opts = self._prepare_chat(req)
-        runs = _fan_out([prompt], req.n, opts.seed)
+        runs = _fan_out([prompt], req.n, opts.sampling.seed)
         created, cid = int(time.time()), _id("chatcmpl")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         first = _primed(self._run(model, prompt, opts, runs[0][1]))
@@ -427,17 +413,8 @@ class Gateway:
             bundle = client.bundle
             tokenizer = bundle.tokenizer
             eos_ids = bundle.eos_token_ids()
-            steps = client.generate_steps(
-                prompt,
-                max_new_tokens=opts.max_tokens,
-                temperature=opts.temperature,
-                top_k=opts.top_k,
-                top_p=opts.top_p,
-                repetition_penalty=opts.repetition_penalty,
-                seed=seed,
-                eos=True,
-                full_scores=opts.logprobs is not None,
-            )
+            params = replace(opts.sampling, seed=seed)
+            steps = client.generate_steps(prompt, params, eos=True, full_scores=opts.logprobs is not None)
             assembler = TextAssembler(tokenizer, opts.stop)
             finish: FinishReason = "length"
             try:
@@ -463,16 +440,15 @@ def _options(req: s.CompletionRequest | s.ChatCompletionRequest, max_tokens: int
         _refuse(bool(getattr(req, name)), name, f"{name} is not supported (use repetition_penalty)")
     _refuse(bool(req.logit_bias), "logit_bias", "logit_bias is not supported")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    return GenOptions(
-        max_tokens=max_tokens,
+    sampling = SamplingParams(
+        max_new_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=req.top_p,
         top_k=req.top_k,
         repetition_penalty=req.repetition_penalty or 1.0,
         seed=req.seed,
-        stop=tuple(x for x in stop if x),
-        logprobs=logprobs,
     )
+    return GenOptions(sampling, stop=tuple(x for x in stop if x), logprobs=logprobs)
 
 
 def _refuse(condition: bool, param: str, message: str) -> None:
