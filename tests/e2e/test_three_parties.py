@@ -360,7 +360,7 @@ def test_the_user_container_command_runs_the_demo_against_the_services(cluster: 
 
 
 STEP_HEAD = re.compile(rb"POST /v1/deployments/[^/ ]+/forward\?[^ ]*session_id=[^ ]* HTTP/1\.1\r\n(.*?)\r\n\r\n", re.S)
-BEARER = re.compile(rb"^authorization: Bearer (\S+)$", re.I | re.M)
+BEARER = re.compile(rb"^authorization: Bearer (\S+)\r?$", re.I | re.M)
 
 
 def _step_tokens(received: bytes) -> list[str]:
