@@ -275,6 +275,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             "push": model.push_body(),
             "revocations": revocations,
             "other user": model.credential(OTHER_DEPLOYMENT),
+            "session": opened.json()["session_id"],  # the session of the "session token"
         }
         yield Service(client, tokens, state, data)
 
@@ -532,6 +533,9 @@ def test_tokens_are_compared_with_compare_digest(
     wrong = "wrong-token-of-the-same-length-"
     assert _push(cloud, _bearer(wrong)).status_code == 401
     assert (wrong.encode(), PUSH_TOKEN.encode()) in calls  # P2: the push token
+    calls.clear()
+    assert _step(cloud, cloud.data["session"], wrong).status_code == 401
+    assert (wrong.encode(), cloud.tokens["session token"].encode()) in calls  # P2: a session's token
     calls.clear()
     assert developer.client.get("/v1/models", headers=_bearer(wrong)).status_code == 401
     assert (wrong.encode(), ADMIN.encode()) in calls  # P1: the admin token

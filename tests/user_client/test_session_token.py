@@ -63,28 +63,28 @@ def test_every_step_of_a_generation_sends_the_session_token(
     assert CREDENTIAL not in token
 
 
+def _lose_the_session(world: World) -> type[Exception]:
+    world.cloud.sessions.clear()  # P2 lost the session: the credential hears that it expired
+    return SessionExpired
+
+
+def _revoke_the_credential(world: World) -> type[Exception]:
+    world.cloud.credential = "another"  # the fake P2 no longer accepts the client's credential
+    return AuthError
+
+
+@pytest.mark.parametrize("lose", [_lose_the_session, _revoke_the_credential])
 def test_a_refused_token_is_followed_by_one_step_with_the_credential(
-    gate: TokenGate, make_client: Callable[..., StipClient], world: World
+    gate: TokenGate,
+    make_client: Callable[..., StipClient],
+    world: World,
+    lose: Callable[[World], type[Exception]],
 ) -> None:
     client = make_client(cloud_transport=gate)
     with client.session() as session:
         client.forward([PROMPT], session=session)
         gate.refuse = True
-        world.cloud.sessions.clear()  # P2 lost the session: the credential hears that it expired
-        with pytest.raises(SessionExpired):
+        with pytest.raises(lose(world)):
             client.forward([[2023]], session=session)
     token = gate.tokens[session.session_id]
-    assert gate.steps == [f"Bearer {token}", f"Bearer {token}", f"Bearer {CREDENTIAL}"]
-
-
-def test_a_revoked_credential_is_reported_after_the_token_is_refused(
-    gate: TokenGate, make_client: Callable[..., StipClient], world: World
-) -> None:
-    client = make_client(cloud_transport=gate)
-    with client.session() as session:
-        client.forward([PROMPT], session=session)
-        gate.refuse = True
-        world.cloud.credential = "revoked"  # the fake P2 accepts another credential now
-        with pytest.raises(AuthError):
-            client.forward([[2023]], session=session)
-        assert len(gate.steps) == 3  # once with the token, once with the credential: no more
+    assert gate.steps == [f"Bearer {token}", f"Bearer {token}", f"Bearer {CREDENTIAL}"]  # no more
