@@ -305,11 +305,7 @@ class CloudService:
             raise Unauthorized("a user credential is required: Authorization: Bearer <credential>")
         cached = self._verified.get((dep.deployment_id, dep.verify_key, token))
         if cached is not None:  # signature checked before: expiry and revocation are checked on every use
-            if int(time.time()) >= cached.exp:
-                raise Unauthorized("invalid user credential: credential has expired")
-            if cached.jti in self._revoked.get(dep.deployment_id, {}):
-                raise Unauthorized("the user credential has been revoked by the model owner")
-            return cached
+            return self._in_force(dep, cached)
         try:
             claims = credentials.verify(token, dep.verify_key, deployment_id=dep.deployment_id)
         except CredentialError as e:
@@ -331,6 +327,32 @@ class CloudService:
             f"the credential is for another deployment ({other!r}, not {dep.deployment_id!r}): use it with "
             f"{other!r}, or ask the model owner for a credential for {dep.deployment_id!r}"
         )
+
+    def authorize_step(self, dep: Deployment, token: str | None, session_id: str | None) -> Claims:
+        """`authorize_user` for a forward, which may also carry the token of its session instead
+        of the credential (sessions.py): a token without a dot (a credential has two) with a
+        `session_id` is checked against that session of this deployment, then the claims of the
+        credential that opened it against expiry and revocation, as for the credential itself."""
+        if session_id is None or not token or "." in token:
+            return self.authorize_user(dep, token)
+        session = self.sessions.authenticate(session_id, token)
+        if session is None or session.claims is None or session.deployment_id != dep.deployment_id:
+            raise Unauthorized(
+                "invalid session token: it opens only the live session it was issued with (the session_token "
+                "of POST /v1/deployments/{id}/sessions); otherwise send the user credential: "
+                "Authorization: Bearer <credential>"
+            )
+        if session.verify_key != dep.verify_key:
+            raise Unauthorized("the session was opened under another key of the model owner: open a new session")
+        return self._in_force(dep, session.claims)
+
+    def _in_force(self, dep: Deployment, claims: Claims) -> Claims:
+        """Claims whose signature verified earlier, checked again for expiry and revocation."""
+        if int(time.time()) >= claims.exp:
+            raise Unauthorized("invalid user credential: credential has expired")
+        if claims.jti in self._revoked.get(dep.deployment_id, {}):
+            raise Unauthorized("the user credential has been revoked by the model owner")
+        return claims
 
     def set_revocations(self, deployment_id: str, revocations: Revocations) -> RevocationsResult:
         """Replace a deployment's revoked credentials with P1's list, durably (blocking: disk).
@@ -564,9 +586,16 @@ class CloudService:
                 f"the {dep.family.name} model of {dep.deployment_id!r} keeps no KV cache: "
                 "send each sequence whole, without a session"
             )
-        session = self.sessions.create(deployment_id=dep.deployment_id, subject=claims.sub, key_version=dep.key_version)
+        session = self.sessions.create(
+            deployment_id=dep.deployment_id,
+            subject=claims.sub,
+            key_version=dep.key_version,
+            claims=claims,
+            verify_key=dep.verify_key,
+        )
         return SessionCreated(
             session_id=session.session_id,
+            session_token=session.token,
             deployment_id=dep.deployment_id,
             key_version=dep.key_version,
             idle_ttl_s=int(self.sessions.idle_ttl_s),

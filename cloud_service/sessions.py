@@ -6,6 +6,13 @@ in number and in approximate cache memory, in all and per user (a deployment and
 subject: one user cannot take every slot); an idle one expires after the TTL. An expired
 session leaves a small tombstone, so its owner hears "expired" (410) rather than "unknown".
 
+Each session has a short random token (SESSION_TOKEN_BYTES, base64url), returned once when it
+is opened: its forward steps may authenticate with it instead of the user credential (a
+decode step's credential header was a quarter of its bytes). The session keeps the claims of the
+credential that opened it, so P2 keeps checking their expiry and revocation on every step
+(`CloudService.authorize_step`). The token is compared in constant time and is bound to its
+session: `authenticate` answers only for the session it was issued with.
+
 Thread-safe: forwards run in worker threads. Callers serialise forwards of one deployment
 (its model lock), so a session is never extended by two threads at once.
 """
@@ -15,12 +22,15 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from cloud_service.errors import KeyOutdated, SessionExpired, TooManySessions, UnknownSession
+from shared.credentials import Claims
+
+SESSION_TOKEN_BYTES = 16  # 22 base64url characters on the wire
 
 Clock = Callable[[], float]
 
@@ -37,6 +47,9 @@ class Session:
     cache_bytes: int = 0  # measured after each forward
     reserved: int = 0  # reserved for a forward in flight
     stale: bool = False  # its key version was replaced: the cache is freed
+    claims: Claims | None = None  # of the credential that opened it: checked on every token step
+    verify_key: str = ""  # P1's key that verified those claims
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(SESSION_TOKEN_BYTES), repr=False)
 
     @property
     def length(self) -> int:
@@ -107,7 +120,16 @@ class SessionStore:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    def create(self, *, deployment_id: str, subject: str, key_version: int) -> Session:
+    def create(
+        self,
+        *,
+        deployment_id: str,
+        subject: str,
+        key_version: int,
+        claims: Claims | None = None,
+        verify_key: str = "",
+    ) -> Session:
+        """A new session; `claims` (verified under `verify_key`) let its token authenticate its steps."""
         with self._lock:
             full = len(self._live) >= self.max_sessions or self._used() >= self.memory_bytes
             mine = self._of_user(deployment_id, subject)
@@ -135,6 +157,8 @@ class SessionStore:
                 subject=subject,
                 key_version=key_version,
                 last_used=self.clock(),
+                claims=claims,
+                verify_key=verify_key,
             )
             self._live[session.session_id] = session
             return session
@@ -154,6 +178,17 @@ class SessionStore:
             if tomb is not None:
                 return tomb
         raise UnknownSession("unknown session")
+
+    def authenticate(self, session_id: str, token: str) -> Session | None:
+        """The live session `session_id` when `token` is its token (compared in constant time),
+        else None: unknown, expired, ended, or another session's token."""
+        try:
+            found = self.lookup(session_id, touch=False)
+        except UnknownSession:
+            return None
+        if isinstance(found, Tombstone) or found.claims is None:
+            return None
+        return found if secrets.compare_digest(token.encode(), found.token.encode()) else None
 
     def get(self, session_id: str) -> Session:
         found = self.lookup(session_id)

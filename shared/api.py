@@ -186,6 +186,9 @@ class SessionCreated(BaseModel):
     deployment_id: str
     key_version: int
     idle_ttl_s: int
+    # forward steps of this session may send `Authorization: Bearer <session_token>` instead of the
+    # credential (22 characters against about 240); a P2 that predates it sends none
+    session_token: str | None = None
 
 
 class GenerateRequest(BaseModel):

@@ -52,7 +52,7 @@ from user_client import generation
 from user_client import images as images_
 from user_client._http import ByteProgress, Http
 from user_client.bundle import Bundle, BundleCache
-from user_client.errors import KeyOutdated, NotFound, SessionExpired, StipError, TransportError
+from user_client.errors import AuthError, KeyOutdated, NotFound, SessionExpired, StipError, TransportError
 from user_client.generation import SamplingKwargs, Step, sampling_params
 from user_client.sampling import SamplingParams
 from user_client.settings import ClientSettings
@@ -93,6 +93,7 @@ class Session:
         idle_ttl_s: int,
     ):
         self._client = client
+        self._token: str | None = None  # P2's session token: the steps send it instead of the credential
         self.session_id = session_id
         self.deployment_id = deployment_id
         self.key_version = key_version
@@ -401,6 +402,7 @@ class StipClient:
             key_version=created.key_version,
             idle_ttl_s=created.idle_ttl_s,
         )
+        session._token = created.session_token  # None from a P2 that hands out no session tokens
         self._sessions.add(session)
         return session
 
@@ -481,18 +483,10 @@ class StipClient:
         if session is not None:
             params["session_id"] = session.session_id
         path = api.path(api.FORWARD_PATH, deployment_id=self.deployment_id)
+        headers = {"Content-Type": wire.CONTENT_TYPE, api.KEY_VERSION_HEADER: str(bundle.key_version)}
+        body = wire.encode(tensors)
         try:
-            resp = self._cloud_http().request(
-                "POST",
-                path,
-                idempotent=session is None,  # a stateless forward is a pure function of its input
-                params=params,
-                content=wire.encode(tensors),
-                headers={
-                    "Content-Type": wire.CONTENT_TYPE,
-                    api.KEY_VERSION_HEADER: str(bundle.key_version),
-                },
-            )
+            resp = self._send_forward(path, params, body, headers, session)
         except NotFound as e:
             if session is None:
                 raise
@@ -529,6 +523,28 @@ class StipClient:
                 raise StipError(f"P2 reports a session length of {reported}, the client expected {expected}")
             session.length = expected
         return out
+
+    def _send_forward(
+        self, path: str, params: dict[str, str | int], body: bytes, headers: dict[str, str], session: Session | None
+    ) -> httpx.Response:
+        """POST one forward. A session's step authenticates with the session's token (22 characters
+        instead of the credential's 240 on every step), which P2 checks as it would the credential."""
+        http = self._cloud_http()
+        if session is None or session._token is None:
+            # a stateless forward is a pure function of its input: it may be resent
+            return http.request("POST", path, idempotent=session is None, params=params, content=body, headers=headers)
+        try:
+            return http.request(
+                "POST", path, idempotent=False, params=params, content=body, headers=_bearer(headers, session._token)
+            )
+        except AuthError as e:
+            if e.status != 401:
+                raise
+        # P2 refused the token at the door (a 401 precedes any work on the step): the session ended
+        # or expired, or so did the credential. Once more with the credential, whose answer says
+        # which (SessionExpired, NotFound, AuthError); the session's later steps send it too.
+        session._token = None
+        return http.request("POST", path, idempotent=False, params=params, content=body, headers=headers)
 
     def _wire_dtype(self, bundle: Bundle) -> torch.dtype:
         """The dtype x·π travels in: P2's own when it runs in half precision (it rounds x·π to it
@@ -850,6 +866,11 @@ class StipClient:
             torch.cat([p.hidden_states for p in parts]),
             None if any(p is None for p in pooled) else torch.cat(pooled),  # type: ignore[arg-type]
         )
+
+
+def _bearer(headers: dict[str, str], token: str) -> dict[str, str]:
+    """`headers` with `Authorization: Bearer <token>` in place of the client's credential."""
+    return {**headers, "Authorization": f"Bearer {token}"}
 
 
 def _as_batch(value: Any, name: str) -> torch.Tensor:

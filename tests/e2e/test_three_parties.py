@@ -4,13 +4,16 @@ P3 through the SDK, every byte P2 receives recorded by a proxy.
 Checks: MiniLM embeddings equal sentence-transformers'; greedy generation on a randomised
 Llama (GQA, tied head) and GPT-2 equals the original model's `generate()` token for token; the
 KV-cache path equals the no-cache path; nothing P2 received holds a permutation, the embedding
-table or a token id; key rotation under traffic; restarts of P2 and P1; `stip demo` attached to
-the running services.
+table or a token id; decode steps authenticate with their session's short token; key rotation
+under traffic; restarts of P2 and P1; `stip demo` attached to the running services; no token in
+the services' logs.
 """
 
+import re
 import secrets
 import subprocess
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,6 +359,27 @@ def test_the_user_container_command_runs_the_demo_against_the_services(cluster: 
     assert "min cosine to plaintext" in result.stdout and "32/32 equal to plaintext" in result.stdout
 
 
+STEP_HEAD = re.compile(rb"POST /v1/deployments/[^/ ]+/forward\?[^ ]*session_id=[^ ]* HTTP/1\.1\r\n(.*?)\r\n\r\n", re.S)
+BEARER = re.compile(rb"^authorization: Bearer (\S+)\r?$", re.I | re.M)
+
+
+def _step_tokens(received: bytes) -> list[str]:
+    """The bearer token of every session step P2 received (a session token or a credential)."""
+    return [m.group(1).decode() for head in STEP_HEAD.findall(received) if (m := BEARER.search(head))]
+
+
+def test_decode_steps_send_the_session_token_not_the_credential(cluster: Cluster) -> None:
+    ids = _prompt_ids(cluster.model_dirs["llama"])
+    with cluster.client("llama", cache="session-token") as client:
+        before = Counter(_step_tokens(cluster.proxy.received))
+        client.generate_ids(ids, max_new_tokens=8, eos=False)
+        sent = Counter(_step_tokens(cluster.proxy.received)) - before
+        ((token, steps),) = sent.items()  # one session, one token
+        assert steps == 8  # the prompt, then one step per new token but the last
+        assert len(token) == 22 and "." not in token  # 16 random bytes; a credential has two dots
+        assert token not in client._credential.get_secret_value()
+
+
 def test_no_token_or_credential_in_the_services_logs(cluster: Cluster) -> None:
     """Last in the module: the DEBUG logs of everything above (pushes, rotations, restarts,
     revocations, refused calls) name no admin token, push token or user credential."""
@@ -363,7 +387,11 @@ def test_no_token_or_credential_in_the_services_logs(cluster: Cluster) -> None:
     assert all(len(text) > 1000 for text in logs.values())  # the services did log, at DEBUG
     secrets_ = [cluster.env_dev["STIP_DEVELOPER_ADMIN_TOKEN"], cluster.env_dev["STIP_DEVELOPER_PUSH_TOKEN"]]
     assert len(cluster.issued) >= 5
+    session_tokens = {t for t in _step_tokens(cluster.proxy.received) if "." not in t}
+    assert len(session_tokens) >= 5  # every generation above opened a session and sent its token
     for name, text in logs.items():
         for secret in secrets_ + cluster.issued:
             assert secret not in text, f"{name} holds a token"
             assert secret.rpartition(".")[2] not in text, f"{name} holds a credential's signature"
+        for token in session_tokens:
+            assert token not in text, f"{name} holds a session token"

@@ -36,7 +36,14 @@ from fastapi.testclient import TestClient
 from cloud_service.app import create_app as create_cloud
 from developer_service.app import create_app as create_developer
 from shared import wire
-from shared.api import DIGEST_HEADER, E_FORBIDDEN, E_UNAUTHORIZED, KEY_VERSION_HEADER
+from shared.api import (
+    DIGEST_HEADER,
+    E_FORBIDDEN,
+    E_UNAUTHORIZED,
+    INPUTS_EMBEDS,
+    KEY_VERSION_HEADER,
+    META_SESSION_LENGTH,
+)
 from shared.credentials import Signer
 from tests.cloud_service.helpers import DEPLOYMENT, PUSH_TOKEN, Reply, push, serve
 from tests.cloud_service.helpers import settings_for as cloud_settings
@@ -117,7 +124,9 @@ COMMON_KINDS = [
 VICTIM = "dep-victim"  # what the accepted DELETE of a deployment removes (refused ones leave it)
 # cross-signed: for deployment A, signed with the key of another P1 whose deployment P2 also serves;
 # foreign deployment: a genuine credential of that other P1's deployment
-CLOUD_KINDS = [*COMMON_KINDS, "revoked", "cross-signed", "foreign deployment"]
+# session token: the token of a live session of user A, which opens only that session's forward
+# steps (test_a_session_token_opens_its_own_sessions_steps_only), no route as the credential does
+CLOUD_KINDS = [*COMMON_KINDS, "revoked", "cross-signed", "foreign deployment", "session token"]
 DEVELOPER_KINDS = [*COMMON_KINDS, "revoked"]
 
 
@@ -238,8 +247,11 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         revocations = {"revoked": [{"jti": claims.jti, "expires_at": claims.exp}]}
         reply = client.put(f"/v1/deployments/{DEPLOYMENT}/revocations", json=revocations, headers=_bearer(PUSH_TOKEN))
         assert reply.status_code == 200, reply.text
+        opened = client.post(f"/v1/deployments/{DEPLOYMENT}/sessions", headers=_bearer(user))
+        assert opened.status_code == 201, opened.text
         tokens = {
             "user": user,
+            "session token": opened.json()["session_token"],
             "push": PUSH_TOKEN,
             "admin": ADMIN,  # P1's admin token has no power on P2
             "forged": forged,
@@ -258,7 +270,13 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             infos = [client.get(f"/v1/deployments/{d}").json() for d in (DEPLOYMENT, OTHER_DEPLOYMENT)]
             return [(i["deployment_id"], i["key_version"]) for i in infos], revoked_file.read_text()
 
-        data = {"request": model.valid_request()[0], "push": model.push_body(), "revocations": revocations}
+        data = {
+            "request": model.valid_request()[0],
+            "push": model.push_body(),
+            "revocations": revocations,
+            "other user": model.credential(OTHER_DEPLOYMENT),
+            "session": opened.json()["session_id"],  # the session of the "session token"
+        }
         yield Service(client, tokens, state, data)
 
 
@@ -385,6 +403,49 @@ def test_developer(developer: Service, route: tuple[str, str], kind: str) -> Non
     check(developer, DEVELOPER_ROUTES[route], kind)
 
 
+def _step(s: Service, session_id: str, token: str, deployment_id: str = DEPLOYMENT) -> Reply:
+    return s.client.post(
+        f"/v1/deployments/{deployment_id}/forward",
+        params={"session_id": session_id},
+        content=s.data["request"],
+        headers=_bearer(token),
+    )
+
+
+def test_a_session_token_opens_its_own_sessions_steps_only(cloud: Service) -> None:
+    """The token a session was opened with authenticates that session's forward steps, on its own
+    deployment; another session's token, a token of another deployment's session, a made-up one
+    and the right one on the wrong deployment get 401 in the one error shape, without a side effect."""
+
+    def opened(deployment_id: str, credential: str) -> tuple[str, str]:
+        reply = cloud.client.post(f"/v1/deployments/{deployment_id}/sessions", headers=_bearer(credential))
+        assert reply.status_code == 201, reply.text
+        return reply.json()["session_id"], reply.json()["session_token"]
+
+    user, foreign_user = cloud.tokens["user"], cloud.data["other user"]
+    mine, other, foreign = opened(DEPLOYMENT, user), opened(DEPLOYMENT, user), opened(OTHER_DEPLOYMENT, foreign_user)
+    refused = {
+        "another session's token": (mine[0], other[1], DEPLOYMENT),
+        "a token of another deployment's session": (mine[0], foreign[1], DEPLOYMENT),
+        "a made-up token": (mine[0], secrets.token_urlsafe(16), DEPLOYMENT),
+        "another deployment's session, its own token, this deployment": (foreign[0], foreign[1], DEPLOYMENT),
+        "this session, its own token, another deployment": (mine[0], mine[1], OTHER_DEPLOYMENT),
+    }
+    for case, (session_id, token, deployment_id) in refused.items():
+        reply = _step(cloud, session_id, token, deployment_id)
+        assert reply.status_code == 401, (case, reply.status_code, reply.text)
+        assert reply.json()["error"]["code"] == E_UNAUTHORIZED, case
+        assert reply.headers["www-authenticate"] == "Bearer"
+        assert all(t not in reply.text for t in (*mine, *other, *foreign)), case
+    seq = wire.decode(cloud.data["request"])[0][INPUTS_EMBEDS].shape[1]
+    for (session_id, token), deployment_id in ((mine, DEPLOYMENT), (foreign, OTHER_DEPLOYMENT)):
+        reply = _step(cloud, session_id, token, deployment_id)
+        assert reply.status_code == 200, reply.text
+        assert wire.decode(reply.content)[1][META_SESSION_LENGTH] == str(seq)  # the refused steps extended nothing
+    for (session_id, _), credential in ((mine, user), (other, user), (foreign, foreign_user)):
+        assert cloud.client.delete(f"/v1/sessions/{session_id}", headers=_bearer(credential)).is_success
+
+
 def test_credentials_are_checked_before_the_request_is(cloud: Service, developer: Service) -> None:
     """A caller without the right credential learns nothing of what a valid request looks like:
     malformed headers, queries and bodies get 401 from every protected route, not 400/422."""
@@ -472,6 +533,9 @@ def test_tokens_are_compared_with_compare_digest(
     wrong = "wrong-token-of-the-same-length-"
     assert _push(cloud, _bearer(wrong)).status_code == 401
     assert (wrong.encode(), PUSH_TOKEN.encode()) in calls  # P2: the push token
+    calls.clear()
+    assert _step(cloud, cloud.data["session"], wrong).status_code == 401
+    assert (wrong.encode(), cloud.tokens["session token"].encode()) in calls  # P2: a session's token
     calls.clear()
     assert developer.client.get("/v1/models", headers=_bearer(wrong)).status_code == 401
     assert (wrong.encode(), ADMIN.encode()) in calls  # P1: the admin token
