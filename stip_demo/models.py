@@ -61,12 +61,13 @@ def randomize_parameters(
 
 
 def make_random_llama(path: Path, *, seed: int = 0) -> Path:
-    """A small Llama with RANDOM weights (GQA 8:2, tied head), with MiniLM's WordPiece tokenizer."""
+    """A small Llama with RANDOM weights (GQA 4:2, head size 32, tied head), with MiniLM's WordPiece
+    tokenizer (head size 32: vLLM's CPU attention takes 32, 64, 80, ..., so the vllm engine runs it)."""
     import transformers
 
     if (path / "config.json").exists():
         return path
-    heads: dict[str, Any] = dict(num_attention_heads=8, num_key_value_heads=2)
+    heads: dict[str, Any] = dict(num_attention_heads=4, num_key_value_heads=2)
     config = transformers.LlamaConfig(**WORDPIECE, **DEMO_DIMS, **heads, tie_word_embeddings=True)
     return _save_random(transformers.LlamaForCausalLM(config), path, seed, "Llama")
 

@@ -28,6 +28,8 @@ from shared.permutation import permute
 from stip_demo.models import make_random_gpt2, make_random_llama, minilm_path
 from tests.e2e.processes import CLOUD, DEVELOPER, USER, fill, free_port, start, stop, wait_for, wait_ready
 from tests.e2e.proxy import RecordingProxy, int_patterns
+from tests.e2e.reference import stock_generate
+from tests.vllm.engine import P2_READY_S
 from user_client import AuthError, StipClient
 
 SENTENCES = [
@@ -114,7 +116,7 @@ class Cluster:
             )
             url = self.developer_url
         self.procs[which] = proc
-        wait_ready(url, self.procs[which])
+        wait_ready(url, self.procs[which], P2_READY_S if which == "cloud" else 180)
 
 
 @pytest.fixture(scope="module")
@@ -181,12 +183,7 @@ def test_greedy_generation_equals_generate(cluster: Cluster, name: str) -> None:
     ids = _prompt_ids(model_dir)
     with cluster.client(name) as client:
         private = client.generate_ids(ids, max_new_tokens=NEW_TOKENS, temperature=0.0, eos=False)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
-        )
-    assert private == out[0, len(ids) :].tolist()
+    assert private == stock_generate(model_dir, ids, NEW_TOKENS)
     assert len(set(private)) > 3  # a real continuation, not one token repeated
 
 
