@@ -535,7 +535,9 @@ class CloudService:
                 work_dir=work_dir,
                 on_progress=partial(self._report, manifest, "loading"),
             )
-            loaded = self._installing[manifest.deployment_id].total
+            # a reload at start has no push in progress, and a vLLM server reports no loading progress
+            progress = self._installing.get(manifest.deployment_id)
+            loaded = progress.total if progress is not None else 0
             self._report(manifest, "testing", loaded, loaded)
             x = torch.zeros(1, 1, model.dims.d_model)
             probe = model.forward(x, torch.ones(1, 1, dtype=torch.long), None, last_only=True)

@@ -289,6 +289,8 @@ def test_restart_of_p2_then_p1_keeps_everything(cluster: Cluster) -> None:
         stop(cluster.procs.pop("cloud"))
         cluster.start("cloud")
         assert client.generate_ids(ids, max_new_tokens=8, eos=False) == before
+        for dep in cluster.deployments.values():  # P2 reloaded every deployment, not only this one
+            assert httpx.get(f"{cluster.cloud_url}/v1/deployments/{dep}").json()["status"] == "active"
         stop(cluster.procs.pop("developer"))
         cluster.start("developer")
         statuses = {d.deployment_id: d for d in cluster.admin.deployments()}
