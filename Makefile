@@ -49,9 +49,10 @@ typecheck: $(STAMP)
 unit: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/pytest -q
 
-# The end-to-end suites once more with every P2 on the vLLM engine (STIP_TEST_ENGINE, tests/vllm/engine.py)
+# The end-to-end suites once more with every P2 on the vLLM engine (STIP_TEST_ENGINE, tests/vllm/engine.py).
+# A module fixture that starts vLLM servers (minutes each on a loaded machine) outlasts the 600 s per test.
 e2e-vllm: $(STAMP) $(VLLM_STAMP)
-	STIP_TEST_ENGINE=vllm $(BIN)/pytest -q tests/e2e
+	STIP_TEST_ENGINE=vllm $(BIN)/pytest -q --timeout 1800 tests/e2e
 
 test: lint typecheck unit e2e-vllm
 
