@@ -80,7 +80,8 @@ def end():
     sys.stdin.buffer.read()  # returns at EOF: P2 closed the pipe or died
     os.killpg(0, signal.SIGTERM)
 threading.Thread(target=end, daemon=True).start()
-sys.exit(child.wait())
+code = child.wait()
+os._exit(code if code >= 0 else 128 - code)  # not sys.exit: the stdin thread would abort the finalisation
 """
 
 
@@ -172,7 +173,7 @@ class VllmServer:
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",
-            str(model_dir),
+            str(model_dir.resolve()),  # absolute: the server runs in work_dir, and a relative path reads as a hub id
             "--served-model-name",
             name,
             "--host",
