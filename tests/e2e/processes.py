@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stip_demo.services import free_port, wait_ready  # noqa: F401  (re-exported for the tests)
+from tests.vllm.engine import p2_engine_env
 
 BIN = Path(sys.executable).parent
 
@@ -39,7 +40,10 @@ def fill(template: Sequence[str], **values: object) -> list[str]:
 
 
 def start(template: Sequence[str], env: dict[str, str], log: Path, **values: object) -> subprocess.Popen:
-    """Start one service in the background, its output appended to `log`; `stop` ends it."""
+    """Start one service in the background, its output appended to `log`; `stop` ends it.
+    P2 runs on the engine `STIP_TEST_ENGINE` chooses (tests/vllm/engine.py)."""
+    if template is CLOUD:
+        env = p2_engine_env(Path(str(values["data_dir"]))) | env
     with log.open("ab") as out:
         return subprocess.Popen(
             fill(template, **values), env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT

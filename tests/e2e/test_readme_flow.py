@@ -20,6 +20,7 @@ import torch
 import transformers
 
 from tests.e2e.processes import free_port
+from tests.vllm.engine import p2_engine_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("readme_flow.sh")
@@ -69,6 +70,7 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if name.startswith(("STIP_CLIENT_", "STIP_DEVELOPER_", "STIP_CLOUD_")):
             del env[name]
     env["STIP_CLIENT_CACHE_DIR"] = str(work / "client-cache")
+    env |= p2_engine_env(work / "data" / "cloud")  # the engine STIP_TEST_ENGINE chooses
     log = work / "flow.log"
     with log.open("wb") as sink:
         proc = subprocess.Popen(

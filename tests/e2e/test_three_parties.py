@@ -28,25 +28,23 @@ from developer_service.client import DeveloperAdminClient
 from shared.api import CredentialIssued
 from shared.keys import DeveloperKey
 from shared.permutation import permute
+from stip_demo.demo import SENTENCES as DEMO_SENTENCES
 from stip_demo.models import make_random_gpt2, make_random_llama, minilm_path
 from tests.e2e.processes import CLOUD, DEVELOPER, USER, fill, free_port, start, stop, wait_for, wait_ready
 from tests.e2e.proxy import RecordingProxy, int_patterns
+from tests.e2e.reference import stock_generate
+from tests.vllm.engine import P2_READY_S
 from user_client import AuthError, StipClient
 
+# the demo's sentences, a very short and a long one: padding in one batch
 SENTENCES = [
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The girl is carrying a baby.",
-    "A man is riding a horse.",
-    "A woman is playing violin.",
-    "Two men pushed carts through the woods.",
-    "A monkey is playing drums.",
-    "Secure inference keeps both the model and the data private.",
+    *DEMO_SENTENCES,
     "Short.",
     "A considerably longer sentence, with punctuation, numbers like 1763 and several clauses, to test padding.",
 ]
 PROMPT = "private inference on permuted weights"
 NEW_TOKENS = 32
+SERVICES = {"cloud": (CLOUD, "cloud"), "developer": (DEVELOPER, "dev")}  # which: (command, log and data dir name)
 
 
 @dataclass
@@ -55,10 +53,8 @@ class Cluster:
     admin: DeveloperAdminClient
     developer_url: str
     proxy: RecordingProxy
-    cloud_port: int
-    dev_port: int
-    env_cloud: dict[str, str]
-    env_dev: dict[str, str]
+    ports: dict[str, int]  # "cloud" (P2, behind the proxy), "developer" (P1)
+    envs: dict[str, dict[str, str]]  # the same keys: each service's environment
     procs: dict[str, subprocess.Popen]
     deployments: dict[str, str]  # name -> deployment id
     model_dirs: dict[str, Path]
@@ -96,28 +92,19 @@ class Cluster:
         )
 
     def start(self, which: str) -> None:
-        if which == "cloud":
-            proc = start(
-                CLOUD,
-                self.env_cloud,
-                self.work / "cloud.log",
-                host="127.0.0.1",
-                port=self.cloud_port,
-                data_dir=self.work / "cloud",
-            )
-            url = f"http://127.0.0.1:{self.cloud_port}"
-        else:
-            proc = start(
-                DEVELOPER,
-                self.env_dev,
-                self.work / "dev.log",
-                host="127.0.0.1",
-                port=self.dev_port,
-                data_dir=self.work / "dev",
-            )
-            url = self.developer_url
+        """Start P2 (`which="cloud"`) or P1 (`"developer"`) and wait until it is ready."""
+        template, name = SERVICES[which]
+        port = self.ports[which]
+        proc = start(
+            template,
+            self.envs[which],
+            self.work / f"{name}.log",
+            host="127.0.0.1",
+            port=port,
+            data_dir=self.work / name,
+        )
         self.procs[which] = proc
-        wait_ready(url, self.procs[which])
+        wait_ready(f"http://127.0.0.1:{port}", proc, P2_READY_S if which == "cloud" else 180)
 
 
 @pytest.fixture(scope="module")
@@ -136,13 +123,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             admin=DeveloperAdminClient(f"http://127.0.0.1:{dev_port}", admin_token=admin_token),
             developer_url=f"http://127.0.0.1:{dev_port}",
             proxy=proxy,
-            cloud_port=cloud_port,
-            dev_port=dev_port,
-            env_cloud={"STIP_CLOUD_PUSH_TOKEN": push_token, "STIP_CLOUD_LOG_LEVEL": "DEBUG"},
-            env_dev={
-                "STIP_DEVELOPER_ADMIN_TOKEN": admin_token,
-                "STIP_DEVELOPER_PUSH_TOKEN": push_token,
-                "STIP_DEVELOPER_LOG_LEVEL": "DEBUG",
+            ports={"cloud": cloud_port, "developer": dev_port},
+            envs={
+                "cloud": {"STIP_CLOUD_PUSH_TOKEN": push_token, "STIP_CLOUD_LOG_LEVEL": "DEBUG"},
+                "developer": {
+                    "STIP_DEVELOPER_ADMIN_TOKEN": admin_token,
+                    "STIP_DEVELOPER_PUSH_TOKEN": push_token,
+                    "STIP_DEVELOPER_LOG_LEVEL": "DEBUG",
+                },
             },
             procs={},
             deployments={},
@@ -184,12 +172,7 @@ def test_greedy_generation_equals_generate(cluster: Cluster, name: str) -> None:
     ids = _prompt_ids(model_dir)
     with cluster.client(name) as client:
         private = client.generate_ids(ids, max_new_tokens=NEW_TOKENS, temperature=0.0, eos=False)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
-        )
-    assert private == out[0, len(ids) :].tolist()
+    assert private == stock_generate(model_dir, ids, NEW_TOKENS)
     assert len(set(private)) > 3  # a real continuation, not one token repeated
 
 
@@ -309,6 +292,8 @@ def test_restart_of_p2_then_p1_keeps_everything(cluster: Cluster) -> None:
         stop(cluster.procs.pop("cloud"))
         cluster.start("cloud")
         assert client.generate_ids(ids, max_new_tokens=8, eos=False) == before
+        for dep in cluster.deployments.values():  # P2 reloaded every deployment, not only this one
+            assert httpx.get(f"{cluster.cloud_url}/v1/deployments/{dep}").json()["status"] == "active"
         stop(cluster.procs.pop("developer"))
         cluster.start("developer")
         statuses = {d.deployment_id: d for d in cluster.admin.deployments()}
@@ -349,7 +334,7 @@ def test_the_user_container_command_runs_the_demo_against_the_services(cluster: 
     cmd = fill(
         USER, developer_url=cluster.developer_url, cloud_url=cluster.cloud_url, models_dir=cluster.work / "demo-models"
     )
-    env = {"STIP_CLIENT_ADMIN_TOKEN": cluster.env_dev["STIP_DEVELOPER_ADMIN_TOKEN"], "HF_HUB_OFFLINE": "1"}
+    env = {"STIP_CLIENT_ADMIN_TOKEN": cluster.envs["developer"]["STIP_DEVELOPER_ADMIN_TOKEN"], "HF_HUB_OFFLINE": "1"}
     import os
 
     result = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
@@ -385,7 +370,8 @@ def test_no_token_or_credential_in_the_services_logs(cluster: Cluster) -> None:
     revocations, refused calls) name no admin token, push token or user credential."""
     logs = {name: (cluster.work / name).read_text(errors="replace") for name in ("cloud.log", "dev.log")}
     assert all(len(text) > 1000 for text in logs.values())  # the services did log, at DEBUG
-    secrets_ = [cluster.env_dev["STIP_DEVELOPER_ADMIN_TOKEN"], cluster.env_dev["STIP_DEVELOPER_PUSH_TOKEN"]]
+    dev_env = cluster.envs["developer"]
+    secrets_ = [dev_env["STIP_DEVELOPER_ADMIN_TOKEN"], dev_env["STIP_DEVELOPER_PUSH_TOKEN"]]
     assert len(cluster.issued) >= 5
     session_tokens = {t for t in _step_tokens(cluster.proxy.received) if "." not in t}
     assert len(session_tokens) >= 5  # every generation above opened a session and sent its token

@@ -53,6 +53,7 @@ from shared.api import (
 from shared.credentials import Signer
 from shared.permutation import permute, unpermute
 from tests.cloud_service.helpers import CONFIG, DEPLOYMENT, PUSH_TOKEN, Deployed, settings_for
+from tests.e2e.processes import wait_for
 from tests.support import max_abs_diff, random_causal_lm
 
 TOL = 1e-4
@@ -146,14 +147,6 @@ class LiveP2:
     def settle(self, rejected: float, timeout: float = 10.0) -> None:
         """Wait until P2 has refused `rejected` pushes in all and removed their temp files."""
         wait_for(lambda: self.pushes("rejected") >= rejected and not self.temps(), timeout, "P2 to drop the push")
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout} s for {what}")
-        time.sleep(0.01)
 
 
 @contextmanager

@@ -1,19 +1,17 @@
 """A P2 process on the vLLM engine for tests and benchmarks: the vLLM environment, its settings,
-and the engine processes a P2 runs (found by their command line, which names P2's data dir)."""
+the switch that puts the end-to-end suites' P2 on it (`STIP_TEST_ENGINE=vllm`), and the engine
+processes a P2 runs (found by their command line, which names P2's data dir)."""
 
 import os
 from pathlib import Path
-from typing import Any
-
-from tests.support import TINY_LLAMA
 
 ROOT = Path(__file__).resolve().parents[2]
 MAKE_TARGET = "make vllm-env"
-
-# vLLM's CPU attention takes head sizes 32, 64, 80, ...: the tiny Llama with head_dim 32 (GQA 4:2)
-CONFIG: dict[str, Any] = dict(
-    TINY_LLAMA, hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2
-)
+# the engine of every P2 process the end-to-end tests start: transformers (the default) or vllm
+ENGINE_SWITCH = "STIP_TEST_ENGINE"
+ENGINE = os.environ.get(ENGINE_SWITCH, "transformers")
+# how long a P2 that reloads deployments may take to be ready: on vllm each Llama starts a server
+P2_READY_S = 600.0 if ENGINE == "vllm" else 180.0
 
 
 def vllm_python() -> Path:
@@ -37,6 +35,15 @@ def engine_env(python: Path, data_dir: Path) -> dict[str, str]:
         "STIP_CLOUD_DEVICE": "cpu",
         "STIP_CLOUD_DATA_DIR": str(data_dir),
     }
+
+
+def p2_engine_env(data_dir: Path) -> dict[str, str]:
+    """STIP_CLOUD_* that a test's P2 process on `data_dir` adds for the engine STIP_TEST_ENGINE chooses."""
+    if ENGINE == "transformers":
+        return {}
+    if ENGINE == "vllm":
+        return engine_env(vllm_python(), data_dir)
+    raise ValueError(f"{ENGINE_SWITCH} must be transformers or vllm, not {ENGINE!r}")
 
 
 def engine_groups(data_dir: Path) -> set[int]:
