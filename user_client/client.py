@@ -91,9 +91,10 @@ class Session:
         deployment_id: str,
         key_version: int,
         idle_ttl_s: int,
+        token: str | None = None,
     ):
         self._client = client
-        self._token: str | None = None  # P2's session token: the steps send it instead of the credential
+        self._token = token  # P2's session token: the steps send it instead of the credential
         self.session_id = session_id
         self.deployment_id = deployment_id
         self.key_version = key_version
@@ -401,8 +402,8 @@ class StipClient:
             deployment_id=created.deployment_id,
             key_version=created.key_version,
             idle_ttl_s=created.idle_ttl_s,
+            token=created.session_token,  # None from a P2 that hands out no session tokens
         )
-        session._token = created.session_token  # None from a P2 that hands out no session tokens
         self._sessions.add(session)
         return session
 
